@@ -1,0 +1,240 @@
+"""params.yaml -> typed, validated config objects. The one place that knows the parameter schema.
+
+Unknown keys, wrong types and values outside a field's choices fail at start with the full key name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+BENCHMARKS = ("synthetic", "pascal", "coco")
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, missing or invalid; the message names the key."""
+
+
+def _choices(*values):
+    return {"choices": values}
+
+
+@dataclass
+class SyntheticCfg:
+    num_train: int = 1000
+    num_val: int = 300
+    image_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataCfg:
+    benchmark: str = field(default="synthetic", metadata=_choices(*BENCHMARKS))
+    root: str = "data"
+    coco_split: str = field(default="interleaved", metadata=_choices("interleaved", "consecutive"))
+    synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
+    backbones: list = field(default_factory=lambda: ["resnet50"])  # ImageNet weights fetched by `download`
+    workers: int = 2
+
+
+@dataclass
+class SplitCfg:
+    folds: list = field(default_factory=lambda: [0])
+    min_pixels: int = 2048            # 2 x 32 x 32, the PFENet/BAM rule
+    filter: str = field(default="bam", metadata=_choices("bam", "pfenet"))
+
+
+@dataclass
+class ModelCfg:
+    head: str = field(default="pfenet", metadata=_choices("pfenet"))
+    backbone: str = field(default="resnet50", metadata=_choices("resnet18", "resnet34", "resnet50", "resnet101"))
+    pretrained: str = "imagenet"      # imagenet | random | path to a torchvision checkpoint
+    output_stride: int = field(default=8, metadata=_choices(8, 32))
+    finetune: str = field(default="svf", metadata=_choices("frozen", "svf", "full"))
+    svf_form: str = field(default="rebuild", metadata=_choices("rebuild", "factorised"))
+    reduce_dim: int = 256
+    bins: list = field(default_factory=lambda: [60, 30, 15, 8])  # ints: cells; floats <= 1: fraction of the feature size
+    init_seed: int = 0                # seeds the head init and a random backbone
+
+
+@dataclass
+class TrainCfg:
+    iterations: int = 1000
+    batch_size: int = 4
+    shots: int = 1
+    lr: float = 0.0025
+    backbone_lr_scale: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    aux_weight: float = 1.0
+    crop_size: int = 473
+    scale: list = field(default_factory=lambda: [0.9, 1.1])
+    rotate: float = 10.0
+    seed: int = 123
+    device: str = "auto"
+    amp: bool = True
+    sync_bn: bool = False
+    checkpoint_every: int = 200
+    val_every: int = 200
+    val_episodes: int = 200
+    log_every: int = 20
+    workers: int = 2
+
+
+@dataclass
+class EvalCfg:
+    shots: list = field(default_factory=lambda: [1, 5])
+    episodes: int = 1000
+    seeds: list = field(default_factory=lambda: [510, 365, 382, 322, 988])
+    test_size: int = 473
+    device: str = "auto"
+    figure_episodes: int = 4
+
+
+@dataclass
+class ExportCfg:
+    opset: int = 18
+    shots: list = field(default_factory=lambda: [1, 5])
+    rtol: float = 1e-4
+    parity_episodes: int = 4
+    merge_tolerance: float = 1e-4
+    fp16: bool = True
+    max_batch: int = 8
+
+
+@dataclass
+class TrackingCfg:
+    uri: str = ""                     # empty: sqlite:///<repo root>/mlflow.db
+    experiment: str = "svf-fss"
+    registered_model: str = "svf-fss-pfenet"
+
+
+@dataclass
+class Config:
+    data: DataCfg = field(default_factory=DataCfg)
+    split: SplitCfg = field(default_factory=SplitCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for experiment trackers."""
+        out = {}
+
+        def walk(prefix, d):
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    out[f"{prefix}{k}"] = v
+        walk("", self.to_dict())
+        return out
+
+    def fingerprint(self, *sections: str) -> str:
+        d = self.to_dict()
+        return json.dumps({s: d[s] for s in sections}, sort_keys=True)
+
+
+def _coerce(value, typ, key):
+    origin = get_origin(typ)
+    if origin is Union:
+        typ = [t for t in get_args(typ) if t is not type(None)][0]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if typ is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"known under '{prefix.rstrip('.') or '<top>'}': {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        f, typ, key = fields[name], hints[name], prefix + name
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value or {}, key + ".")
+            continue
+        value = _coerce(value, typ, key)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> Config:
+    for fold in cfg.split.folds:
+        if fold not in (0, 1, 2, 3):
+            raise ConfigError(f"split.folds: fold {fold!r} does not exist; choose from [0, 1, 2, 3]")
+    for k in cfg.eval.shots + cfg.export.shots + [cfg.train.shots]:
+        if not isinstance(k, int) or k < 1:
+            raise ConfigError(f"shots must be positive integers, got {k!r}")
+    if not cfg.model.bins:
+        raise ConfigError("model.bins: at least one pyramid bin is needed")
+    for b in cfg.model.bins:
+        if not (isinstance(b, (int, float)) and b > 0):
+            raise ConfigError(f"model.bins: {b!r} is neither a cell count (int > 1) nor a fraction (0 < f <= 1)")
+    if len(cfg.train.scale) != 2 or not 0 < cfg.train.scale[0] <= cfg.train.scale[1]:
+        raise ConfigError(f"train.scale: expected [min, max] with 0 < min <= max, got {cfg.train.scale}")
+    if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
+        raise ConfigError(f"train.device: {cfg.train.device!r}; choose auto, cpu, cuda or cuda:N")
+    return cfg
+
+
+def load_config(source: Union[str, Path, dict, None] = "params.yaml") -> Config:
+    """Build the config from a params.yaml path or an already-parsed mapping."""
+    if source is None:
+        data = {}
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"parameter file {path} not found (run from the project root)")
+        data = yaml.safe_load(path.read_text()) or {}
+    return _validate(_build(Config, data, ""))
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved with ``Config.to_dict()`` (checkpoints carry it as JSON)."""
+    return load_config(d)
+
+
+def diff_configs(a: dict, b: dict, sections=("data", "split", "model", "train")) -> list[str]:
+    """Dotted keys whose values differ between two saved configs, restricted to ``sections``."""
+    fa = {k: v for k, v in Config.flat(config_from_dict(a)).items() if k.split(".")[0] in sections}
+    fb = {k: v for k, v in Config.flat(config_from_dict(b)).items() if k.split(".")[0] in sections}
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
