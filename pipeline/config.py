@@ -35,6 +35,7 @@ class SyntheticCfg:
 class DataCfg:
     benchmark: str = field(default="synthetic", metadata=_choices(*BENCHMARKS))
     root: str = "data"
+    mirror: str = ""                  # base URL serving the archives under their file names (else official URLs)
     coco_split: str = field(default="interleaved", metadata=_choices("interleaved", "consecutive"))
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
     backbones: list = field(default_factory=lambda: ["resnet50"])  # ImageNet weights fetched by `download`

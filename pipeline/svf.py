@@ -8,12 +8,15 @@ Folding back (``to_conv`` / ``merge_svf``) gives a plain dense conv of the origi
 Forward form. Two equivalent forms exist:
   * ``rebuild``: W = U diag(S) V^T is rebuilt from the factors on every call, then one dense conv;
   * ``factorised``: conv_V (kh x kw, in -> r) -> scale channels by S -> conv_U (1x1, r -> out).
-``benchmarks/svf_forms.py`` measures both. On a 2-core CPU (ResNet-50 backbone, batch 4 at
-128 px, forward + backward through layer2-4) ``rebuild`` took 0.44x the time of ``factorised``
-for a training step (2.3x faster), and 0.40x for inference: rebuilding costs one small matmul per
-layer, independent of batch and image size, whereas the factorised form runs an extra 1x1 conv
-over every pixel of an r-channel (r >= out) intermediate map. ``rebuild`` is therefore the default;
-``factorised`` stays available (it is the paper's literal form) and is tested to be equal.
+``benchmarks/svf_forms.py`` measures both (training step = forward + backward + SGD step of
+layer2-4 of a ResNet-50 in the `svf` regime; 2-core CPU):
+  * 473 x 473, batch 2 (the protocol's crop): rebuild 4.36 s, factorised 4.72 s -> rebuild 1.08x faster;
+    inference unmerged/merged: rebuild 1.04x, factorised 1.19x;
+  * 128 x 128, batch 4 (the synthetic default): rebuild 0.72 s, factorised 0.47 s -> factorised 1.54x faster.
+Rebuilding costs one matmul per layer whatever the batch and image size; the factorised form pays
+an extra 1x1 conv over every pixel of an r-channel map. So ``rebuild`` wins once a step carries
+many pixels (the real recipes: 473/641 px crops, batch 8) and is the default; at tiny CPU images
+the factorised form wins and ``model.svf_form: factorised`` selects it. Both are tested equal.
 """
 from __future__ import annotations
 

@@ -1,0 +1,187 @@
+"""Verified, resumable downloads and safe archive extraction."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+class ChecksumError(DownloadError):
+    pass
+
+
+class UnsafeArchiveError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A file at ``url``, saved as ``filename``, verified by md5 or sha256 (a full digest or a prefix)."""
+    url: str
+    filename: str
+    md5: str | None = None
+    sha256: str | None = None
+
+    def with_url(self, url: str) -> "Resource":
+        return Resource(url, self.filename, self.md5, self.sha256)
+
+
+def file_digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check(res: Resource, path: Path) -> tuple[bool, str, str]:
+    if res.sha256:
+        actual = file_digest(path, "sha256")
+        return actual.startswith(res.sha256), res.sha256, actual
+    if res.md5:
+        actual = file_digest(path, "md5")
+        return actual == res.md5, res.md5, actual
+    return True, "", ""
+
+
+def download(res: Resource, dest_dir: str | Path, timeout: float = 60.0, progress: bool = True) -> Path:
+    """Fetch ``res`` into ``dest_dir``, resuming a partial ``.part`` file with an HTTP Range request.
+
+    A file already present and verified is not fetched again. On a checksum mismatch the file is
+    removed and ``ChecksumError`` names the URL and both digests.
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final = dest_dir / res.filename
+    if final.exists():
+        ok, _, _ = _check(res, final)
+        if ok:
+            log.info("%s already present and verified", final)
+            return final
+        log.warning("%s exists but fails its checksum; downloading again", final)
+        final.unlink()
+    part = final.with_name(final.name + ".part")
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "svf-fss"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(res.url, headers=headers), timeout=timeout) as r:
+            if offset and r.status != 206:
+                log.warning("%s ignored the resume request; starting over", res.url)
+                offset = 0
+            length = r.headers.get("Content-Length")
+            total = int(length) + offset if length is not None else None
+            with open(part, "ab" if offset else "wb") as f, tqdm(
+                    total=total, initial=offset, unit="B", unit_scale=True, desc=res.filename,
+                    disable=not progress, mininterval=1.0) as bar:
+                while True:
+                    block = r.read(CHUNK)
+                    if not block:
+                        break
+                    f.write(block)
+                    bar.update(len(block))
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:   # the partial file is already complete
+            pass
+        else:
+            raise DownloadError(f"download of {res.url} failed: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(f"download of {res.url} interrupted ({e}); {part} keeps "
+                            f"{part.stat().st_size if part.exists() else 0} bytes and the next run resumes") from e
+    if total is not None and part.stat().st_size < total:
+        raise DownloadError(f"download of {res.url} ended early at {part.stat().st_size} of {total} bytes; "
+                            "run again to resume")
+    ok, expected, actual = _check(res, part)
+    if not ok:
+        part.unlink()
+        raise ChecksumError(f"checksum mismatch for {res.url}: expected {expected}, got {actual}; "
+                            "the file was removed")
+    os.replace(part, final)
+    return final
+
+
+def _safe_member_path(target: Path, name: str) -> Path:
+    p = PurePosixPath(name)
+    if p.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise UnsafeArchiveError(f"archive member {name!r} has an absolute path; refusing to extract")
+    dest = (target / p).resolve()
+    if dest != target and target not in dest.parents:
+        raise UnsafeArchiveError(f"archive member {name!r} would land outside {target}; refusing to extract")
+    return dest
+
+
+def _check_tar(tf: tarfile.TarFile, target: Path) -> None:
+    for m in tf.getmembers():
+        dest = _safe_member_path(target, m.name)
+        if m.issym() or m.islnk():
+            link = PurePosixPath(m.linkname)
+            base = dest.parent if m.issym() else target
+            if link.is_absolute():
+                raise UnsafeArchiveError(f"archive link {m.name!r} -> {m.linkname!r} is absolute; refusing")
+            resolved = (base / link).resolve()
+            if resolved != target and target not in resolved.parents:
+                raise UnsafeArchiveError(f"archive link {m.name!r} -> {m.linkname!r} escapes {target}; refusing")
+        elif not (m.isfile() or m.isdir()):
+            raise UnsafeArchiveError(f"archive member {m.name!r} is a device or fifo; refusing")
+
+
+def extract(archive: str | Path, target: str | Path, marker: str | None = None) -> Path:
+    """Extract a .tar/.tgz/.zip into ``target`` after checking every member; nothing lands outside.
+
+    Extraction goes to a temporary sibling directory, whose content is then moved into ``target``,
+    so an interrupted extraction leaves no half-written tree. ``marker`` (a relative path expected
+    after extraction) makes a repeated call a no-op.
+    """
+    archive, target = Path(archive), Path(target).resolve()
+    if marker and (target / marker).exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.extracting"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    _safe_member_path(target, info.filename)
+                    if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                        raise UnsafeArchiveError(f"archive member {info.filename!r} is a symbolic link; refusing")
+                for info in tqdm(zf.infolist(), desc=f"extract {archive.name}", unit="file", mininterval=1.0):
+                    zf.extract(info, tmp)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                _check_tar(tf, target)
+                # every member was checked above; the stdlib "data" filter (where present) checks again
+                kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                for m in tqdm(tf.getmembers(), desc=f"extract {archive.name}", unit="file", mininterval=1.0):
+                    tf.extract(m, tmp, **kw)
+        else:
+            raise UnsafeArchiveError(f"{archive} is neither a tar nor a zip archive")
+        for child in tmp.iterdir():
+            dest = target / child.name
+            if dest.exists():
+                if dest.is_dir():
+                    shutil.rmtree(dest)
+                else:
+                    dest.unlink()
+            os.replace(child, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,210 @@
+"""Episodes (query + k supports) and the joint image/mask transforms of the protocol.
+
+Every random choice of an episode (which pair, which supports, every augmentation) is drawn from
+generators seeded by (seed, epoch, index), so an episode is the same in any worker, any process
+and after a resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+
+from .split import read_pairs
+
+log = logging.getLogger(__name__)
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+MEAN_255 = [round(m * 255) for m in MEAN]
+IGNORE = 255
+
+
+def binarize(label: torch.Tensor, cls: int) -> torch.Tensor:
+    """Episode label: the episode's class -> 1, 255 stays 255, every other class -> 0."""
+    out = torch.zeros_like(label)
+    out[label == cls] = 1
+    out[label == IGNORE] = IGNORE
+    return out
+
+
+def normalize(img: torch.Tensor) -> torch.Tensor:
+    return TF.normalize(img.float() / 255.0, MEAN, STD)
+
+
+class TrainTransform:
+    """PFENet/BAM training augmentation, image and mask moved together.
+
+    Random scale, rotation (p 0.5), Gaussian blur (p 0.5), horizontal flip, then a crop of
+    ``crop`` x ``crop`` (padding with the mean colour and the ignore label) that keeps most of the
+    foreground. Draws from torch's global generator: seed it (EpisodeDataset does) for determinism.
+    """
+
+    def __init__(self, crop: int, scale=(0.9, 1.1), rotate: float = 10.0, tries: int = 10, keep: float = 0.85):
+        self.crop, self.scale, self.rotate, self.tries, self.keep = crop, tuple(scale), rotate, tries, keep
+        self.blur = v2.GaussianBlur(5, sigma=(0.1, 2.0))
+
+    @staticmethod
+    def _u(lo, hi):
+        return lo + (hi - lo) * float(torch.rand(()))
+
+    def __call__(self, img: torch.Tensor, mask: torch.Tensor):
+        img, mask = tv_tensors.Image(img), tv_tensors.Mask(mask)
+        h, w = img.shape[-2:]
+        s = self._u(*self.scale)
+        size = [max(1, round(h * s)), max(1, round(w * s))]
+        img = TF.resize(img, size, antialias=True)
+        mask = TF.resize(mask, size, interpolation=InterpolationMode.NEAREST)
+        if torch.rand(()) < 0.5:
+            angle = self._u(-self.rotate, self.rotate)
+            img = TF.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=MEAN_255)
+            mask = TF.rotate(mask, angle, fill=[IGNORE])
+        if torch.rand(()) < 0.5:
+            img = self.blur(img)
+        if torch.rand(()) < 0.5:
+            img, mask = TF.horizontal_flip(img), TF.horizontal_flip(mask)
+        img, mask = self._crop(img, mask)
+        return normalize(img), mask.as_subclass(torch.Tensor)
+
+    def _crop(self, img, mask):
+        c = self.crop
+        h, w = mask.shape[-2:]
+        ph, pw = max(c - h, 0), max(c - w, 0)
+        if ph or pw:
+            pad = [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2]
+            img = TF.pad(img, pad, fill=MEAN_255)
+            mask = TF.pad(mask, pad, fill=IGNORE)
+        h, w = mask.shape[-2:]
+        total = int((mask == 1).sum())
+        best, best_fg = None, -1
+        for _ in range(self.tries):
+            y = int(torch.randint(0, h - c + 1, ()))
+            x = int(torch.randint(0, w - c + 1, ()))
+            fg = int((mask[..., y:y + c, x:x + c] == 1).sum())
+            if fg > best_fg:
+                best, best_fg = (y, x), fg
+            if total == 0 or fg >= self.keep * total:
+                break
+        y, x = best
+        return img[..., y:y + c, x:x + c], mask[..., y:y + c, x:x + c]
+
+
+def test_transform(img: torch.Tensor, mask: torch.Tensor, size: int):
+    """Longer side resized to ``size`` (aspect kept), padded right/bottom to size x size with the mean
+    colour and the ignore label. Returns (normalised image, resized mask, (valid h, valid w))."""
+    h, w = img.shape[-2:]
+    s = size / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    img = TF.resize(tv_tensors.Image(img), [nh, nw], antialias=True)
+    mask = TF.resize(tv_tensors.Mask(mask), [nh, nw], interpolation=InterpolationMode.NEAREST)
+    pad = [0, 0, size - nw, size - nh]
+    img = TF.pad(img, pad, fill=MEAN_255)
+    mask = TF.pad(mask, pad, fill=IGNORE)
+    return normalize(img), mask.as_subclass(torch.Tensor), (nh, nw)
+
+
+def load_image(path: Path) -> torch.Tensor:
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except Exception as e:
+        raise RuntimeError(f"cannot read image {path}: {e}") from e
+
+
+def load_label(path: Path) -> torch.Tensor:
+    from PIL import Image
+    return torch.from_numpy(np.array(Image.open(path), dtype=np.uint8))
+
+
+class EpisodeDataset(Dataset):
+    """Few-shot episodes over the (image, class) pairs of one fold split.
+
+    ``mode='train'``: one episode per pair (the pair is the query), augmented with TrainTransform;
+    ``mode='test'``: ``episodes`` episodes, the query pair drawn at random, resized and padded to
+    ``size`` with the original-resolution label kept for scoring.
+    Supports: ``shots`` distinct images holding the episode's class (same pixel rule), none the query.
+    """
+
+    def __init__(self, prepared: str | Path, pairs_file: str | Path, shots: int, mode: str = "train",
+                 size: int = 473, seed: int = 0, episodes: int | None = None, scale=(0.9, 1.1), rotate: float = 10.0):
+        if mode not in ("train", "test"):
+            raise ValueError(f"unknown episode mode {mode!r}; choose 'train' or 'test'")
+        self.root = Path(prepared)
+        if not (self.root / "images").is_dir():
+            raise FileNotFoundError(f"prepared data {self.root} is missing; run `dvc repro prepare` first")
+        self.pairs = read_pairs(pairs_file)
+        self.shots, self.mode, self.size, self.seed, self.epoch = shots, mode, size, seed, 0
+        by_class: dict[int, list[str]] = {}
+        for i, c in self.pairs:
+            by_class.setdefault(c, []).append(i)
+        short = sorted(c for c, ids in by_class.items() if len(set(ids)) < shots + 1)
+        if short:
+            log.warning("classes %s have fewer than %d images in %s; their episodes are skipped", short, shots + 1,
+                        pairs_file)
+            self.pairs = [(i, c) for i, c in self.pairs if c not in short]
+        if not self.pairs:
+            raise ValueError(f"{pairs_file}: no class has {shots + 1} images, no {shots}-shot episode can be formed")
+        self.by_class = {c: sorted(set(ids)) for c, ids in by_class.items() if c not in short}
+        self.classes = sorted(self.by_class)
+        self.episodes = episodes if episodes is not None else len(self.pairs)
+        self.train_tf = TrainTransform(size, scale, rotate) if mode == "train" else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.mode == "train" else self.episodes
+
+    def episode(self, index: int):
+        """(query id, class, support ids) of episode ``index``: deterministic from (seed, epoch, index)."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.mode == "train":
+            qid, cls = self.pairs[index]
+        else:
+            qid, cls = self.pairs[int(rng.integers(len(self.pairs)))]
+        candidates = [i for i in self.by_class[cls] if i != qid]
+        sup = [candidates[j] for j in rng.choice(len(candidates), size=self.shots, replace=False)]
+        return qid, cls, sup, int(rng.integers(2 ** 31))
+
+    def _pair(self, image_id: str, cls: int):
+        img = load_image(self.root / "images" / f"{image_id}.jpg")
+        label = load_label(self.root / "labels" / f"{image_id}.png")
+        if label.shape != img.shape[-2:]:
+            raise RuntimeError(f"label of {image_id} is {tuple(label.shape)}, its image {tuple(img.shape[-2:])}")
+        return img, binarize(label, cls)
+
+    def __getitem__(self, index: int) -> dict:
+        qid, cls, sup_ids, tseed = self.episode(index)
+        q_img, q_lab = self._pair(qid, cls)
+        sups = [self._pair(s, cls) for s in sup_ids]
+        out = {"class": cls, "index": index}
+        if self.mode == "train":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(tseed)
+                q, qm = self.train_tf(q_img, q_lab)
+                s = [self.train_tf(i, m) for i, m in sups]
+            out.update(query=q, query_mask=qm.long(), support=torch.stack([a for a, _ in s]),
+                       support_mask=torch.stack([b for _, b in s]).float())
+            return out
+        q, qm, valid = test_transform(q_img, q_lab, self.size)
+        s = [test_transform(i, m, self.size)[:2] for i, m in sups]
+        out.update(query=q, query_mask=qm.long(), support=torch.stack([a for a, _ in s]),
+                   support_mask=torch.stack([b for _, b in s]).float(), label=q_lab.long(),
+                   valid=torch.tensor(valid))
+        return out
+
+
+def class_names(prepared: str | Path) -> list[str]:
+    return json.loads((Path(prepared) / "classes.json").read_text())["names"]
+
+
+def steps_per_epoch(n_pairs: int, batch: int, world: int = 1) -> int:
+    return max(1, math.ceil(n_pairs / (batch * world)))

@@ -1,0 +1,70 @@
+"""Fold splits: (image, class) pairs under the 2048-pixel rule, PFENet's or BAM's image filter."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .benchmarks import base_classes, novel_classes
+
+
+def fold_pairs(class_pixels: dict, train_ids: list[str], val_ids: list[str], novel: list[int], base: list[int],
+               min_pixels: int = 2048, rule: str = "bam") -> tuple[list, list]:
+    """Train pairs over base classes, val pairs over novel classes.
+
+    A pair is kept when the class covers at least ``min_pixels`` pixels of the image. With ``rule='bam'``
+    (``filter_intersection``), a training image holding any pixel of a novel class is dropped entirely.
+    """
+    if rule not in ("bam", "pfenet"):
+        raise ValueError(f"unknown split filter {rule!r}; choose 'bam' or 'pfenet'")
+    novel_set = set(novel)
+    train = []
+    for i in train_ids:
+        counts = {int(k): v for k, v in class_pixels[i].items()}
+        if rule == "bam" and any(c in novel_set for c in counts):
+            continue
+        train += [(i, c) for c in base if counts.get(c, 0) >= min_pixels]
+    val = []
+    for i in val_ids:
+        counts = {int(k): v for k, v in class_pixels[i].items()}
+        val += [(i, c) for c in novel if counts.get(c, 0) >= min_pixels]
+    return train, val
+
+
+def _write_jsonl(path: Path, pairs) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"image": i, "class": c}) + "\n" for i, c in pairs))
+    os.replace(tmp, path)
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, int]]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"split file {path} is missing; run `dvc repro split` first")
+    return [(d["image"], int(d["class"])) for d in map(json.loads, path.read_text().splitlines()) if d]
+
+
+def make_splits(prepared: str | Path, out: str | Path, benchmark: str, folds, min_pixels: int, rule: str,
+                coco_split: str = "interleaved") -> dict:
+    prepared, out = Path(prepared), Path(out)
+    if not (prepared / "class_pixels.json").exists():
+        raise FileNotFoundError(f"{prepared}/class_pixels.json is missing; run `dvc repro prepare` first")
+    pixels = json.loads((prepared / "class_pixels.json").read_text())
+    train_ids = (prepared / "train.txt").read_text().split()
+    val_ids = (prepared / "val.txt").read_text().split()
+    summary = {}
+    for fold in folds:
+        novel, base = novel_classes(benchmark, fold, coco_split), base_classes(benchmark, fold, coco_split)
+        train, val = fold_pairs(pixels, train_ids, val_ids, novel, base, min_pixels, rule)
+        d = out / f"fold{fold}"
+        d.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(d / "train.jsonl", train)
+        _write_jsonl(d / "val.jsonl", val)
+        (d / "classes.json").write_text(json.dumps({"novel": novel, "base": base}))
+        per_class = {}
+        for _, c in train + val:
+            per_class[str(c)] = per_class.get(str(c), 0) + 1
+        summary[f"fold{fold}"] = {"train_pairs": len(train), "val_pairs": len(val),
+                                  "train_images": len({i for i, _ in train}), "val_images": len({i for i, _ in val}),
+                                  "pairs_per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0])))}
+    return summary

@@ -1,0 +1,24 @@
+"""DVC stage `split`: per-fold (image, class) pairs with the pixel rule and the chosen image filter."""
+from __future__ import annotations
+
+from pipeline.data.benchmarks import prepared_dir, split_dir
+from pipeline.data.split import make_splits
+from stages.common import run, setup, write_json
+
+
+def main():
+    _, cfg = setup(__doc__)
+    d, s = cfg.data, cfg.split
+    out = split_dir(d.root, d.benchmark)
+    summary = make_splits(prepared_dir(d.root, d.benchmark), out, d.benchmark, range(4), s.min_pixels, s.filter,
+                          d.coco_split)
+    write_json("metrics/split.json", {"benchmark": d.benchmark, "filter": s.filter, "min_pixels": s.min_pixels,
+                                      **summary})
+    for fold, v in summary.items():
+        print(f"split {fold}: {v['train_pairs']} train pairs ({v['train_images']} images), "
+              f"{v['val_pairs']} val pairs ({v['val_images']} images)")
+    print(f"split: lists in {out}, counts in metrics/split.json")
+
+
+if __name__ == "__main__":
+    run(main)
