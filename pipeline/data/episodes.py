@@ -98,7 +98,7 @@ class TrainTransform:
         return img[..., y:y + c, x:x + c], mask[..., y:y + c, x:x + c]
 
 
-def test_transform(img: torch.Tensor, mask: torch.Tensor, size: int):
+def eval_transform(img: torch.Tensor, mask: torch.Tensor, size: int):
     """Longer side resized to ``size`` (aspect kept), padded right/bottom to size x size with the mean
     colour and the ignore label. Returns (normalised image, resized mask, (valid h, valid w))."""
     h, w = img.shape[-2:]
@@ -194,8 +194,8 @@ class EpisodeDataset(Dataset):
             out.update(query=q, query_mask=qm.long(), support=torch.stack([a for a, _ in s]),
                        support_mask=torch.stack([b for _, b in s]).float())
             return out
-        q, qm, valid = test_transform(q_img, q_lab, self.size)
-        s = [test_transform(i, m, self.size)[:2] for i, m in sups]
+        q, qm, valid = eval_transform(q_img, q_lab, self.size)
+        s = [eval_transform(i, m, self.size)[:2] for i, m in sups]
         out.update(query=q, query_mask=qm.long(), support=torch.stack([a for a, _ in s]),
                    support_mask=torch.stack([b for _, b in s]).float(), label=q_lab.long(),
                    valid=torch.tensor(valid))

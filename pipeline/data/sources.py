@@ -1,7 +1,15 @@
 """Where the real benchmarks and backbone weights come from (official URLs and checksums)."""
 from __future__ import annotations
 
-from .download import Resource
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .benchmarks import check_benchmark, raw_dir
+from .download import Resource, download, extract
+
+log = logging.getLogger(__name__)
 
 VOC2012 = Resource("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
                    "VOCtrainval_11-May-2012.tar", md5="6cd6e144f989b92b3379bac3b3de84fd")
@@ -29,3 +37,54 @@ def backbone_resource(arch: str) -> Resource:
     url = getattr(torchvision.models, WEIGHT_ENUMS[arch]).IMAGENET1K_V1.url
     name = url.rsplit("/", 1)[-1]
     return Resource(url, name, sha256=name.rsplit("-", 1)[-1].split(".")[0])
+
+
+def mirrored(res: Resource, mirror: str) -> Resource:
+    """The same file fetched from ``mirror`` (a base URL serving it under its file name)."""
+    return res.with_url(mirror.rstrip("/") + "/" + res.filename) if mirror else res
+
+
+def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, workers: int = 2,
+                    resources=None) -> Path:
+    """Download, verify and extract a real benchmark, or generate the synthetic one, into raw/<benchmark>.
+
+    ``resources`` replaces the official (resource, marker) list, e.g. for a private mirror with
+    its own checksums.
+    """
+    raw = raw_dir(root, check_benchmark(benchmark))
+    if benchmark == "synthetic":
+        from .synthetic import generate
+        if synthetic is None:
+            raise ValueError("the synthetic benchmark needs its data.synthetic parameters")
+        tmp = raw.parent / f".{raw.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        counts = generate(tmp, synthetic.num_train, synthetic.num_val, synthetic.image_size, synthetic.seed, workers)
+        shutil.rmtree(raw, ignore_errors=True)
+        os.replace(tmp, raw)
+        log.info("generated the synthetic benchmark (%s) in %s", counts, raw)
+        return raw
+    if resources is None:
+        resources = PASCAL if benchmark == "pascal" else COCO
+    for res, marker in resources:
+        path = download(mirrored(res, mirror), raw / "archives")
+        if marker:
+            extract(path, raw, marker)
+        else:
+            shutil.copyfile(path, raw / res.filename)
+    log.info("%s downloaded, verified and extracted in %s", benchmark, raw)
+    return raw
+
+
+def fetch_weights(archs, root, mirror: str = "", resources: dict | None = None) -> dict:
+    """Download torchvision's ImageNet checkpoints (sha256-verified) to where the train stage looks."""
+    from ..models.backbone import weights_path
+    got = {}
+    for arch in archs:
+        res = (resources or {}).get(arch) or mirrored(backbone_resource(arch), mirror)
+        path = download(res, Path(root) / "weights" / "archives")
+        dest = weights_path(root, arch)
+        if dest.exists():
+            dest.unlink()
+        os.link(path, dest)
+        got[arch] = {"file": str(dest), "url": res.url, "sha256": res.sha256}
+    return got

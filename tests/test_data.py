@@ -1,0 +1,323 @@
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal
+from pipeline.data import sources
+from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, raw_dir, split_dir
+from pipeline.data.download import ChecksumError, DownloadError, Resource, UnsafeArchiveError, download, extract
+from pipeline.data.episodes import EpisodeDataset, TrainTransform, binarize, eval_transform
+from pipeline.data.prepare import PrepareError, prepare
+from pipeline.data.split import fold_pairs, make_splits, read_pairs
+
+
+# ------------------------------------------------------------------ protocol facts
+def test_pascal_fold_classes():
+    for i in range(4):
+        assert novel_classes("pascal", i) == [5 * i + 1, 5 * i + 2, 5 * i + 3, 5 * i + 4, 5 * i + 5]
+        assert sorted(base_classes("pascal", i) + novel_classes("pascal", i)) == list(range(1, 21))
+        assert len(base_classes("pascal", i)) == 15
+
+
+def test_coco_fold_classes():
+    for i in range(4):
+        novel = novel_classes("coco", i)
+        assert novel == [i + 1 + 4 * k for k in range(20)] and novel[-1] == i + 77
+        assert novel_classes("coco", i, "consecutive") == list(range(20 * i + 1, 20 * i + 21))
+        assert len(base_classes("coco", i)) == 60
+    assert novel_classes("coco", 0)[:3] == [1, 5, 9]
+
+
+def test_unknown_benchmark_or_fold_lists_choices():
+    with pytest.raises(ValueError, match=r"synthetic.*pascal.*coco"):
+        novel_classes("ade20k", 0)
+    with pytest.raises(ValueError, match=r"\[0, 1, 2, 3\]"):
+        novel_classes("pascal", 4)
+    with pytest.raises(ValueError, match="interleaved"):
+        novel_classes("coco", 0, "random")
+    from pipeline.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"data.benchmark.*synthetic"):
+        load_config({"data": {"benchmark": "voc"}})
+    with pytest.raises(ConfigError, match=r"split.folds.*\[0, 1, 2, 3\]"):
+        load_config({"split": {"folds": [5]}})
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) train.lr_typo"):
+        load_config({"train": {"lr_typo": 1}})
+
+
+def test_pixel_rule_and_intersection_filter():
+    pixels = {"a": {"1": 2048, "2": 2047}, "b": {"3": 5000, "6": 1}, "c": {"7": 3000}, "v": {"6": 2048, "8": 100}}
+    novel, base = novel_classes("pascal", 1), base_classes("pascal", 1)   # novel 6..10
+    train, val = fold_pairs(pixels, ["a", "b", "c"], ["v"], novel, base, 2048, "pfenet")
+    assert train == [("a", 1), ("b", 3)] and val == [("v", 6)]
+    train_bam, _ = fold_pairs(pixels, ["a", "b", "c"], ["v"], novel, base, 2048, "bam")
+    assert train_bam == [("a", 1)]   # b holds one pixel of novel class 6, c is all novel (7)
+    with pytest.raises(ValueError, match="bam"):
+        fold_pairs(pixels, [], [], novel, base, 2048, "hsnet")
+
+
+# ------------------------------------------------------------------ downloads
+@pytest.fixture
+def served(tmp_path):
+    files = tmp_path / "srv"
+    files.mkdir()
+    (files / "blob.bin").write_bytes(bytes(range(256)) * 4096)   # 1 MiB
+    with ArchiveServer(files) as srv:
+        yield srv, files
+
+
+def test_checksum_mismatch_removes_file_and_names_both(served, tmp_path):
+    srv, files = served
+    res = Resource(srv.url + "/blob.bin", "blob.bin", md5="0" * 32)
+    with pytest.raises(ChecksumError) as e:
+        download(res, tmp_path / "dl", progress=False)
+    msg = str(e.value)
+    actual = __import__("hashlib").md5((files / "blob.bin").read_bytes()).hexdigest()
+    assert res.url in msg and "0" * 32 in msg and actual in msg
+    assert not any((tmp_path / "dl").iterdir())
+
+
+def test_interrupted_download_resumes(served, tmp_path):
+    srv, files = served
+    data = (files / "blob.bin").read_bytes()
+    res = Resource(srv.url + "/blob.bin", "blob.bin", sha256=__import__("hashlib").sha256(data).hexdigest())
+    srv.cut_after = 300_000
+    with pytest.raises(DownloadError, match="resume|interrupted|early"):
+        download(res, tmp_path / "dl", progress=False, timeout=5)
+    part = tmp_path / "dl" / "blob.bin.part"
+    assert part.exists() and 0 < part.stat().st_size < len(data)
+    got = download(res, tmp_path / "dl", progress=False)
+    assert got.read_bytes() == data and not part.exists()
+    assert srv.requests[-1][1] == f"bytes={300_000}-"
+    n = len(srv.requests)
+    download(res, tmp_path / "dl", progress=False)   # verified file present: nothing fetched
+    assert len(srv.requests) == n
+
+
+def _evil_tar(path: Path, kind: str):
+    with tarfile.open(path, "w") as tf:
+        ok = tarfile.TarInfo("good/file.txt")
+        ok.size = 2
+        tf.addfile(ok, io.BytesIO(b"ok"))
+        if kind == "dotdot":
+            bad = tarfile.TarInfo("../escaped.txt")
+            bad.size = 3
+            tf.addfile(bad, io.BytesIO(b"bad"))
+        elif kind == "absolute":
+            bad = tarfile.TarInfo("/tmp/svf_fss_absolute.txt")
+            bad.size = 3
+            tf.addfile(bad, io.BytesIO(b"bad"))
+        elif kind == "symlink":
+            bad = tarfile.TarInfo("good/link")
+            bad.type, bad.linkname = tarfile.SYMTYPE, "../../outside"
+            tf.addfile(bad)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_unsafe_tar_members_refused_and_nothing_written(tmp_path, kind):
+    arc = tmp_path / "evil.tar"
+    _evil_tar(arc, kind)
+    target = tmp_path / "out" / "target"
+    with pytest.raises(UnsafeArchiveError):
+        extract(arc, target)
+    assert not (tmp_path / "out" / "escaped.txt").exists()
+    assert not Path("/tmp/svf_fss_absolute.txt").exists()
+    assert not (target / "good").exists()     # checked before anything was written
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["target"]
+
+
+def test_unsafe_zip_refused(tmp_path):
+    arc = tmp_path / "evil.zip"
+    with zipfile.ZipFile(arc, "w") as zf:
+        zf.writestr("ok.txt", "ok")
+        zf.writestr("../../escaped.txt", "bad")
+    with pytest.raises(UnsafeArchiveError, match="outside"):
+        extract(arc, tmp_path / "t")
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "t" / "ok.txt").exists()
+
+
+# ------------------------------------------------------------------ PASCAL end to end
+@pytest.fixture
+def pascal_raw(tmp_path):
+    archives = tmp_path / "mirror"
+    digests = build_pascal(archives)
+    res = [(Resource("", r.filename, md5=digests[r.filename]), marker) for r, marker in sources.PASCAL]
+    with ArchiveServer(archives) as srv:
+        res = [(r.with_url(f"{srv.url}/{r.filename}"), m) for r, m in res]
+        raw = sources.fetch_benchmark("pascal", tmp_path / "data", resources=res)
+        assert {p for p, _ in srv.requests} == {"/VOCtrainval_11-May-2012.tar", "/benchmark.tgz", "/train_noval.txt"}
+    return tmp_path / "data", raw
+
+
+def test_pascal_download_prepare_split(pascal_raw):
+    root, raw = pascal_raw
+    assert (raw / "VOCdevkit/VOC2012/JPEGImages/2007_a.jpg").exists()
+    out = prepared_dir(root, "pascal")
+    counts = prepare("pascal", raw, out, workers=1)
+    train = (out / "train.txt").read_text().split()
+    val = (out / "val.txt").read_text().split()
+    # VOC train + SBD train_noval with the duplicate removed, VOC val never in train
+    assert train == ["2007_a", "2007_b", "2008_s1", "2008_s2"] and val == ["2009_v1", "2009_v2"]
+    assert counts == {"train_images": 4, "val_images": 2}
+    lab_b = np.array(Image.open(out / "labels/2007_b.png"))
+    assert lab_b.dtype == np.uint8 and set(np.unique(lab_b)) == {0, 7, 255}      # VOC png with its 255 band
+    lab_s1 = np.array(Image.open(out / "labels/2008_s1.png"))                    # converted from SBD .mat
+    assert np.array_equal(lab_s1, PASCAL_LABELS["2008_s1"])
+    names = json.loads((out / "classes.json").read_text())["names"]
+    assert names[0] == "aeroplane" and len(names) == 20
+    pixels = json.loads((out / "class_pixels.json").read_text())
+    assert pixels["2007_a"] == {"1": 2048, "2": 2047}
+    assert pixels["2007_b"] == {"7": 64 * 40 - 40}      # the 255 row took 40 pixels of class 7
+
+    summary = make_splits(out, split_dir(root, "pascal"), "pascal", range(4), min_pixels=2048, rule="pfenet")
+    f0_train = read_pairs(split_dir(root, "pascal", 0) / "train.jsonl")
+    f0_val = read_pairs(split_dir(root, "pascal", 0) / "val.jsonl")
+    assert f0_train == [("2007_b", 7), ("2008_s2", 12)]     # 2008_s1's class 6 covers 16 px only
+    assert f0_val == [("2009_v1", 1), ("2009_v2", 2)]
+    assert summary["fold0"]["train_pairs"] == 2
+    assert read_pairs(split_dir(root, "pascal", 1) / "train.jsonl") == [("2007_a", 1), ("2008_s1", 3), ("2008_s2", 12)]
+    make_splits(out, split_dir(root, "pascal"), "pascal", [1], min_pixels=2048, rule="bam")
+    f1_train = read_pairs(split_dir(root, "pascal", 1) / "train.jsonl")
+    # fold 1 novel 6..10: 2007_b (class 7) and 2008_s1 (16 pixels of class 6) are dropped by BAM's rule;
+    # 2007_a keeps class 1 (2048 px) and loses class 2 (2047 px)
+    assert f1_train == [("2007_a", 1), ("2008_s2", 12)]
+
+
+def test_corrupt_image_and_label_are_named(pascal_raw):
+    root, raw = pascal_raw
+    bad = raw / "VOCdevkit/VOC2012/JPEGImages/2007_b.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(PrepareError, match="2007_b.jpg"):
+        prepare("pascal", raw, prepared_dir(root, "pascal"), workers=1)
+    assert not prepared_dir(root, "pascal").exists()
+    bad.write_bytes(Path(raw / "VOCdevkit/VOC2012/JPEGImages/2007_a.jpg").read_bytes())
+    (raw / "benchmark_RELEASE/dataset/cls/2008_s2.mat").write_bytes(b"garbage")
+    with pytest.raises(PrepareError, match="2008_s2.mat"):
+        prepare("pascal", raw, prepared_dir(root, "pascal"), workers=1)
+
+
+def test_missing_raw_names_the_stage(tmp_path):
+    with pytest.raises(PrepareError, match="dvc repro download"):
+        prepare("pascal", tmp_path / "nothing", tmp_path / "out")
+
+
+# ------------------------------------------------------------------ COCO end to end
+def test_coco_download_prepare_split(tmp_path):
+    archives = tmp_path / "mirror"
+    digests = build_coco(archives)
+    with ArchiveServer(archives) as srv:
+        res = [(Resource(f"{srv.url}/{r.filename}", r.filename, md5=digests[r.filename]), m) for r, m in sources.COCO]
+        raw = sources.fetch_benchmark("coco", tmp_path / "data", resources=res)
+    out = prepared_dir(tmp_path / "data", "coco")
+    prepare("coco", raw, out, workers=1)
+    assert (out / "train.txt").read_text().split() == ["COCO_train2014_000000000001", "COCO_train2014_000000000002"]
+    l1 = np.array(Image.open(out / "labels/COCO_train2014_000000000001.png"))
+    assert l1.shape == (48, 64)
+    assert set(np.unique(l1)) == {0, 1, 80}            # category 90 -> 80, category 1 -> 1
+    assert (l1[24:, 32:] == 1).all() and (l1[:47, :31] == 80).all()
+    l2 = np.array(Image.open(out / "labels/COCO_train2014_000000000002.png"))
+    assert set(np.unique(l2)) == {0, COCO_CAT_IDS.index(13) + 1}   # the crowd region stays background
+    assert COCO_CAT_IDS.index(13) + 1 == 12
+    names = json.loads((out / "classes.json").read_text())["names"]
+    assert len(names) == 80 and names[79] == "cat90"
+    make_splits(out, split_dir(tmp_path / "data", "coco"), "coco", [0, 3], 100, "pfenet")
+    # fold 0 novel = {1, 5, ..., 77}: class 1 is novel, 80 (fold 3) base; class 2 of val is base in fold 0
+    assert read_pairs(split_dir(tmp_path / "data", "coco", 0) / "train.jsonl") == [
+        ("COCO_train2014_000000000001", 80), ("COCO_train2014_000000000002", 12)]
+    assert read_pairs(split_dir(tmp_path / "data", "coco", 0) / "val.jsonl") == []
+    assert read_pairs(split_dir(tmp_path / "data", "coco", 3) / "train.jsonl") == [
+        ("COCO_train2014_000000000001", 1)]
+
+
+def test_weights_download_verifies_sha256_prefix(tmp_path):
+    srv_dir = tmp_path / "srv"
+    srv_dir.mkdir()
+    state = {"conv1.weight": torch.zeros(1)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    import hashlib
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    name = f"resnet18-{digest[:8]}.pth"
+    (srv_dir / name).write_bytes(buf.getvalue())
+    with ArchiveServer(srv_dir) as srv:
+        got = sources.fetch_weights(["resnet18"], tmp_path / "data",
+                                    resources={"resnet18": Resource(f"{srv.url}/{name}", name, sha256=digest[:8])})
+        assert Path(got["resnet18"]["file"]).exists()
+        with pytest.raises(ChecksumError, match=name):
+            sources.fetch_weights(["resnet18"], tmp_path / "d2",
+                                  resources={"resnet18": Resource(f"{srv.url}/{name}", name, sha256="deadbeef")})
+    assert sources.backbone_resource("resnet50").url.endswith("resnet50-0676ba61.pth")
+    assert sources.backbone_resource("resnet50").sha256 == "0676ba61"
+
+
+# ------------------------------------------------------------------ synthetic + episodes
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from pipeline.config import SyntheticCfg
+    root = tmp_path_factory.mktemp("syn")
+    raw = sources.fetch_benchmark("synthetic", root, synthetic=SyntheticCfg(num_train=60, num_val=30, image_size=64,
+                                                                           seed=3), workers=1)
+    prepare("synthetic", raw, prepared_dir(root, "synthetic"), workers=1)
+    make_splits(prepared_dir(root, "synthetic"), split_dir(root, "synthetic"), "synthetic", [0], 50, "bam")
+    return root
+
+
+def test_synthetic_is_deterministic_and_valid(synthetic, tmp_path):
+    from pipeline.data.synthetic import generate_image
+    a_img, a_lab = generate_image(5, "train", 64, 3)
+    b_img, b_lab = generate_image(5, "train", 64, 3)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
+    assert not np.array_equal(generate_image(5, "train", 64, 4)[1], a_lab)
+    lab = np.array(Image.open(prepared_dir(synthetic, "synthetic") / "labels/train_00005.png"))
+    assert np.array_equal(lab, a_lab)
+    assert set(np.unique(lab)) <= set(range(21)) | {255} and (lab == 255).any()
+    pixels = json.loads((prepared_dir(synthetic, "synthetic") / "class_pixels.json").read_text())
+    present = {int(c) for v in pixels.values() for c in v}
+    assert present == set(range(1, 21))
+
+
+def test_episodes_deterministic_distinct_supports(synthetic):
+    pre, sp = prepared_dir(synthetic, "synthetic"), split_dir(synthetic, "synthetic", 0)
+    ds = EpisodeDataset(pre, sp / "val.jsonl", shots=2, mode="test", size=48, seed=510, episodes=20)
+    ds2 = EpisodeDataset(pre, sp / "val.jsonl", shots=2, mode="test", size=48, seed=510, episodes=20)
+    assert [ds.episode(i) for i in range(20)] == [ds2.episode(i) for i in range(20)]
+    other = EpisodeDataset(pre, sp / "val.jsonl", shots=2, mode="test", size=48, seed=365, episodes=20)
+    assert [ds.episode(i)[:3] for i in range(20)] != [other.episode(i)[:3] for i in range(20)]
+    for i in range(20):
+        q, c, sup, _ = ds.episode(i)
+        assert len(set(sup)) == 2 and q not in sup
+        assert c in novel_classes("synthetic", 0)
+    ep = ds[0]
+    assert ep["query"].shape == (3, 48, 48) and ep["support"].shape == (2, 3, 48, 48)
+    assert ep["support_mask"].shape == (2, 48, 48)
+    assert ep["label"].shape == (64, 64)      # original resolution kept for scoring
+    assert set(ep["label"].unique().tolist()) <= {0, 1, 255}
+    assert (ep["label"] == 1).any()
+
+    tr = EpisodeDataset(pre, sp / "train.jsonl", shots=1, mode="train", size=48, seed=1)
+    a, b = tr[3], tr[3]
+    assert torch.equal(a["query"], b["query"]) and torch.equal(a["support_mask"], b["support_mask"])
+    tr.set_epoch(1)
+    assert not torch.equal(tr[3]["query"], a["query"])
+    assert a["query"].shape == (3, 48, 48) and set(a["query_mask"].unique().tolist()) <= {0, 1, 255}
+
+
+def test_binarize_and_transforms():
+    lab = torch.tensor([[0, 3, 3], [255, 5, 3]], dtype=torch.uint8)
+    assert binarize(lab, 3).tolist() == [[0, 1, 1], [255, 0, 1]]
+    img = torch.randint(0, 255, (3, 30, 60), dtype=torch.uint8)
+    mask = torch.ones(30, 60, dtype=torch.uint8)
+    x, m, valid = eval_transform(img, mask, 40)
+    assert x.shape == (3, 40, 40) and valid == (20, 40)
+    assert (m[20:] == 255).all() and (m[:20] == 1).all()
+    assert x[:, 20:].abs().max() < 0.02      # mean-colour padding normalises to ~0
+    torch.manual_seed(0)
+    xi, mi = TrainTransform(50)(img, mask)
+    assert xi.shape == (3, 50, 50) and mi.shape == (50, 50)
+    assert set(mi.unique().tolist()) <= {1, 255}
