@@ -79,3 +79,12 @@ def test_output_stride_8_on_resnet50_and_bad_shapes():
     assert f4.shape == (1, 2048, 8, 8)
     with pytest.raises(ValueError, match="support mask size"):
         model(x, x.unsqueeze(1), torch.zeros(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("n_in,n_out", [(60, 8), (60, 15), (16, 16), (13, 5), (7, 9)])
+def test_matrix_pooling_equals_adaptive_avg_pool(n_in, n_out):
+    import torch.nn.functional as F
+    from pipeline.models.pfenet import adaptive_pool
+    x = torch.randn(2, 3, n_in, n_in + 1)
+    ref = F.adaptive_avg_pool2d(x, n_out)
+    assert torch.allclose(adaptive_pool(x, n_out), ref, atol=1e-5)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -163,9 +162,11 @@ class EpisodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs) if self.mode == "train" else self.episodes
 
-    def episode(self, index: int):
-        """(query id, class, support ids) of episode ``index``: deterministic from (seed, epoch, index)."""
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def episode(self, index):
+        """(query id, class, support ids, transform seed) of episode ``index``, deterministic from
+        (seed, epoch, index). ``index`` may be an (epoch, index) pair, as the training sampler yields."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        rng = np.random.default_rng([self.seed, epoch, index])
         if self.mode == "train":
             qid, cls = self.pairs[index]
         else:
@@ -181,8 +182,9 @@ class EpisodeDataset(Dataset):
             raise RuntimeError(f"label of {image_id} is {tuple(label.shape)}, its image {tuple(img.shape[-2:])}")
         return img, binarize(label, cls)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
         qid, cls, sup_ids, tseed = self.episode(index)
+        index = index[1] if isinstance(index, tuple) else index
         q_img, q_lab = self._pair(qid, cls)
         sups = [self._pair(s, cls) for s in sup_ids]
         out = {"class": cls, "index": index}
@@ -207,4 +209,47 @@ def class_names(prepared: str | Path) -> list[str]:
 
 
 def steps_per_epoch(n_pairs: int, batch: int, world: int = 1) -> int:
-    return max(1, math.ceil(n_pairs / (batch * world)))
+    """Full global batches per epoch (the last incomplete one is dropped)."""
+    return max(1, n_pairs // (batch * world))
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (epoch, index) for one epoch of one rank, from step ``start`` on.
+
+    The epoch's order is a permutation seeded by (seed, epoch); global batch b holds positions
+    [b*B*W, (b+1)*B*W) and rank r takes its B of them. Starting at any step gives exactly the
+    batches an uninterrupted run would have seen, which is what makes resume exact.
+    """
+
+    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, epoch: int, start: int = 0):
+        self.batch, self.world, self.rank, self.epoch, self.start = batch, world, rank, epoch, start
+        perm = np.random.default_rng([seed, 7919, epoch]).permutation(n)
+        per_step = batch * world
+        if n < per_step:
+            perm = np.resize(perm, per_step)
+        self.perm, self.steps = perm, steps_per_epoch(len(perm), batch, world)
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self):
+        per_step = self.batch * self.world
+        for b in range(self.start, self.steps):
+            g = self.perm[b * per_step:(b + 1) * per_step]
+            yield [(self.epoch, int(i)) for i in g[self.rank * self.batch:(self.rank + 1) * self.batch]]
+
+
+def fixed_batches(prepared, pairs_file, size: int, shots_list, per_shots: int = 2, seed: int = 0):
+    """Deterministic (query, support, support_mask) batches from the val episodes for parity checks:
+    for each shot count, ``per_shots`` batches alternating batch size 1 and 2."""
+    out = []
+    for k in shots_list:
+        ds = EpisodeDataset(prepared, pairs_file, k, "test", size, seed=seed, episodes=3 * per_shots)
+        j = 0
+        for n in range(per_shots):
+            b = 1 + n % 2
+            eps = [ds[j + t] for t in range(b)]
+            j += b
+            out.append((torch.stack([e["query"] for e in eps]), torch.stack([e["support"] for e in eps]),
+                        torch.stack([e["support_mask"] for e in eps])))
+    return out

@@ -107,7 +107,7 @@ def _background(size, rng):
 
 def _shape_mask(c, size, rng):
     outer, holes = SHAPES[SYNTHETIC_CLASSES[c - 1]]
-    scale = rng.uniform(0.16, 0.34) * size
+    scale = rng.uniform(0.24, 0.42) * size
     angle = rng.uniform(0, 2 * math.pi)
     cx, cy = rng.uniform(0.2 * size, 0.8 * size, 2)
     ca, sa = math.cos(angle), math.sin(angle)
@@ -170,3 +170,42 @@ def generate(out_dir: str | Path, num_train: int, num_val: int, size: int, seed:
     (out / "train.txt").write_text("\n".join(n for n in names if n.startswith("train_")) + "\n")
     (out / "val.txt").write_text("\n".join(n for n in names if n.startswith("val_")) + "\n")
     return {"train": num_train, "val": num_val}
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone pretraining set: the offline stand-in for ImageNet. Random blob-shaped objects with
+# random continuous colours and textures; the targets are class-agnostic (objectness, colour bin,
+# texture kind), so the backbone never sees the benchmark's classes or their labels.
+HUE_BINS = 12
+
+
+def _blob(size, rng):
+    n = int(rng.integers(5, 11))
+    r = rng.uniform(0.5, 1.0, n)
+    pts = [(float(r[k] * math.cos(2 * math.pi * k / n)), float(r[k] * math.sin(2 * math.pi * k / n))) for k in range(n)]
+    scale, angle = rng.uniform(0.12, 0.32) * size, rng.uniform(0, 2 * math.pi)
+    cx, cy = rng.uniform(0.15 * size, 0.85 * size, 2)
+    ca, sa = math.cos(angle), math.sin(angle)
+    m = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(m).polygon([(cx + scale * (x * ca - y * sa), cy + scale * (x * sa + y * ca)) for x, y in pts], fill=255)
+    return np.asarray(m) > 127
+
+
+def generate_pretrain_image(index: int, size: int, seed: int):
+    """(image uint8 HxWx3, targets uint8 3xHxW: objectness, hue bin, texture id; 255 = ignore)."""
+    rng = np.random.default_rng([seed, 2, index])
+    img = _background(size, rng)
+    obj = np.zeros((size, size), np.uint8)
+    hue = np.full((size, size), 255, np.uint8)
+    tex = np.full((size, size), 255, np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        mask = _blob(size, rng)
+        h = rng.uniform(0, 1)
+        rgb = np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))) * 255
+        kind = int(rng.integers(len(TEXTURES)))
+        t = _texture(TEXTURES[kind], int(rng.integers(3, 7)), size, size, rng)[..., None]
+        pix = np.clip(rgb * (0.65 + 0.35 * t) + rng.normal(0, 6, size=(size, size, 3)), 0, 255)
+        img[mask] = pix[mask]
+        obj[mask], hue[mask], tex[mask] = 1, int(h * HUE_BINS) % HUE_BINS, kind
+    img = np.asarray(Image.fromarray(img.astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6)))
+    return img, np.stack([obj, hue, tex])

@@ -21,8 +21,11 @@ def build_model(cfg, finetune: str | None = None, pretrained: str | None = None)
         raise ValueError(f"unknown head {m.head!r}; choose one of {HEADS}")
     torch.manual_seed(m.init_seed)
     backbone = load_backbone(m.backbone, pretrained or m.pretrained, m.output_stride, m.init_seed, root)
+    fingerprint = state_fingerprint(backbone)
     torch.manual_seed(m.init_seed + 1)
-    return build_pfenet(backbone, finetune or m.finetune, m.reduce_dim, m.bins, m.svf_form)
+    model, counts = build_pfenet(backbone, finetune or m.finetune, m.reduce_dim, m.bins, m.svf_form)
+    model.backbone_fingerprint = fingerprint   # the base weights this model starts from
+    return model, counts
 
 
 __all__ = ["ARCHS", "Backbone", "HEADS", "PFENet", "build_model", "load_backbone", "pfenet_loss",

@@ -87,6 +87,8 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
     """
     torch.manual_seed(seed)
     bb = Backbone(arch, output_stride)
+    if pretrained == "none":   # the caller loads a full state_dict next (merged models)
+        return bb
     if pretrained == "random":
         log.warning("backbone %s is randomly initialised (seed %d): fine for offline runs and tests, "
                     "not for results comparable with the literature", arch, seed)

@@ -45,18 +45,41 @@ def masked_average_pool(feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def prior_mask(query_feat4: torch.Tensor, support_feat4: torch.Tensor) -> torch.Tensor:
     """Training-free prior: max cosine similarity of each query position to the masked support
-    positions, min-max normalised over the query positions. Inputs [B,C,h,w]; output [B,1,h,w] in [0,1]."""
+    positions, min-max normalised over the query positions, averaged over shots.
+
+    query_feat4 [B,C,h,w]; support_feat4 [B,C,hs,ws] or [B,K,C,hs,ws]. Output [B,1,h,w] in [0,1].
+    Vectorised over shots, so an exported graph keeps K dynamic.
+    """
+    if support_feat4.dim() == 4:
+        support_feat4 = support_feat4.unsqueeze(1)
     b, c, h, w = query_feat4.shape
-    q = query_feat4.flatten(2)                       # B, C, hw
-    s = support_feat4.flatten(2)                     # B, C, hw_s
+    q = query_feat4.flatten(2)                              # B, C, hw
+    s = support_feat4.flatten(3)                            # B, K, C, hw_s
     q = q / (q.norm(dim=1, keepdim=True) + EPS)
-    s = s / (s.norm(dim=1, keepdim=True) + EPS)
-    sim = torch.bmm(q.transpose(1, 2), s)            # B, hw, hw_s
-    sim = sim.max(dim=2).values                      # B, hw
-    lo = sim.min(dim=1, keepdim=True).values
-    hi = sim.max(dim=1, keepdim=True).values
+    s = s / (s.norm(dim=2, keepdim=True) + EPS)
+    sim = torch.einsum("bcq,bkcs->bkqs", q, s)             # B, K, hw, hw_s
+    sim = sim.max(dim=3).values                             # B, K, hw
+    lo = sim.min(dim=2, keepdim=True).values
+    hi = sim.max(dim=2, keepdim=True).values
     sim = (sim - lo) / (hi - lo + EPS)
-    return sim.view(b, 1, h, w)
+    return sim.mean(dim=1).view(b, 1, h, w)
+
+
+def _pool_matrix(n_in: int, n_out: int, device, dtype) -> torch.Tensor:
+    """Rows average the windows [floor(i*n/m), ceil((i+1)*n/m)) exactly as adaptive_avg_pool does."""
+    m = torch.zeros(n_out, n_in, device=device, dtype=dtype)
+    for i in range(n_out):
+        a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
+def adaptive_pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """adaptive_avg_pool2d(x, size) as two small matmuls: identical numbers, and it exports to ONNX
+    and TensorRT for any input/output ratio (PFENet's bin 8 of a 60x60 map does not divide)."""
+    ph = _pool_matrix(x.shape[-2], size, x.device, x.dtype)
+    pw = _pool_matrix(x.shape[-1], size, x.device, x.dtype)
+    return torch.einsum("ih,bchw,jw->bcij", ph, x, pw)
 
 
 class PFENet(nn.Module):
@@ -101,7 +124,7 @@ class PFENet(nn.Module):
     def encode_support(self, support: torch.Tensor, support_mask: torch.Tensor):
         """support [B,K,3,H,W], support_mask [B,K,H,W] (1 = object; 0 and 255 = not) ->
         (prototype [B,d,1,1] averaged over shots, masked layer4 features [B,K,C4,h,w])."""
-        b, k = support.shape[:2]
+        b, k = support.shape[0], support.shape[1]
         x = support.flatten(0, 1)
         m = (support_mask.flatten(0, 1) == 1).to(x.dtype).unsqueeze(1)
         mid, f4 = self._features(x, m)
@@ -115,15 +138,12 @@ class PFENet(nn.Module):
         h, w = query.shape[-2:]
         mid, q4 = self._features(query)
         q = self.down_query(mid)
-        k = support_feat4.shape[1]
-        priors = [prior_mask(q4, support_feat4[:, i]) for i in range(k)]
-        prior = torch.stack(priors, 0).mean(0)
-        prior = _resize(prior, q.shape[-2:])
+        prior = _resize(prior_mask(q4, support_feat4), q.shape[-2:])
         fh, fw = q.shape[-2:]
         feats, aux = [], []
         for i, b in enumerate(self.bins):
             size = self._bin_size(b, fh)
-            qb = F.adaptive_avg_pool2d(q, size)
+            qb = adaptive_pool(q, size)
             sb = prototype.expand(-1, -1, qb.shape[2], qb.shape[3])
             pb = _resize(prior, qb.shape[-2:])
             merged = self.init_merge[i](torch.cat([qb, sb, pb], 1))

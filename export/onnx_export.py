@@ -1,0 +1,128 @@
+"""Merged PyTorch model -> ONNX, with metadata, checker, and parity through ONNX Runtime.
+
+One graph serves every shot count: batch and K are dynamic axes (the prior and the prototypes
+are vectorised over shots), the image size is fixed (the pyramid bins depend on it) and recorded
+in the metadata.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+log = logging.getLogger(__name__)
+INPUTS = ("query", "support", "support_mask")
+OUTPUTS = ("logits",)
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, size: int, opset: int = 18,
+                metadata: dict | None = None) -> Path:
+    """Export ``model`` (eval mode; the 3-input few-shot signature) to ``path``; checked by onnx.checker."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randn(2, 3, size, size, generator=g), torch.randn(2, 3, 3, size, size, generator=g),
+               (torch.rand(2, 3, size, size, generator=g) > 0.5).float())
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    shots = torch.export.Dim("shots", min=1, max=64)
+    dynamic = {"query": {0: batch}, "support": {0: batch, 1: shots}, "support_mask": {0: batch, 1: shots}}
+    tmp = path.with_name(path.name + ".tmp")
+    with torch.no_grad():
+        torch.onnx.export(model, example, str(tmp), dynamo=True, dynamic_shapes=dynamic, input_names=list(INPUTS),
+                          output_names=list(OUTPUTS), opset_version=opset, external_data=False, verbose=False)
+    proto = onnx.load(str(tmp))
+    onnx.checker.check_model(proto, full_check=True)
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v if isinstance(v, str) else json.dumps(v)
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    proto = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
+
+
+def providers(prefer_cuda: bool = True) -> list[str]:
+    import onnxruntime as ort
+    avail = ort.get_available_providers()
+    chosen = []
+    if prefer_cuda and "CUDAExecutionProvider" in avail and torch.cuda.is_available():
+        chosen.append("CUDAExecutionProvider")
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def session(path: str | Path, prefer_cuda: bool = True, threads: int | None = None):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers(prefer_cuda))
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b.astype(np.float64)) /
+                 max(np.linalg.norm(b.astype(np.float64)), 1e-30))
+
+
+def check_parity(model: torch.nn.Module, sess, episodes: list[tuple], rtol: float, fail_dir: str | Path | None = None,
+                 label: str = "onnx") -> dict:
+    """Compare ``model`` and an ONNX Runtime session on episodes (query, support, mask) tensors.
+
+    Relative error = ||a - b|| / ||b|| over the logits of each episode. Beyond ``rtol`` the inputs
+    are kept in ``fail_dir/<label>_parity_failure.npz`` and ParityError is raised.
+    """
+    worst_rel, worst_abs, rows = 0.0, 0.0, []
+    model.eval()
+    for i, (q, s, m) in enumerate(episodes):
+        with torch.no_grad():
+            ref = model(q, s, m).numpy()
+        got = sess.run(None, {"query": q.numpy(), "support": s.numpy(), "support_mask": m.numpy()})[0]
+        rel, ab = rel_error(got, ref), float(np.abs(got - ref).max())
+        rows.append({"batch": int(q.shape[0]), "shots": int(s.shape[1]), "rel": rel, "max_abs": ab})
+        worst_rel, worst_abs = max(worst_rel, rel), max(worst_abs, ab)
+        if rel > rtol:
+            where = ""
+            if fail_dir is not None:
+                f = Path(fail_dir) / f"{label}_parity_failure.npz"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(f, query=q.numpy(), support=s.numpy(), support_mask=m.numpy(), expected=ref, got=got)
+                where = f"; inputs and both outputs kept in {f}"
+            raise ParityError(f"{label} parity failed on episode {i} (batch {q.shape[0]}, {s.shape[1]} shots): "
+                              f"relative error {rel:.3g} > tolerance {rtol:g}, max abs {ab:.3g}{where}")
+    return {"max_rel": worst_rel, "max_abs": worst_abs, "rtol": rtol, "episodes": rows}
+
+
+def latency(fn, runs: int = 10, warmup: int = 2, sync=None) -> dict:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return {"median_ms": 1000 * ts[len(ts) // 2], "min_ms": 1000 * ts[0], "runs": runs}

@@ -1,0 +1,147 @@
+"""The only module that talks to MLflow.
+
+One MLflow run per fold per pipeline execution: the train stage opens it and records its id in
+``models/fold<i>/mlflow_run.json`` (a stage output); evaluate, merge and export reopen that run and
+add to it. The tracking URI defaults to a SQLite file at the repository root, also when the stage
+runs inside a `dvc exp run` temporary workspace (.dvc/tmp/exps/...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The project root: the real one even from a DVC experiment's temporary copy."""
+    p = Path(start or os.getcwd()).resolve()
+    parts = p.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    for q in [p, *p.parents]:
+        if (q / "dvc.yaml").exists() or (q / ".dvc").is_dir():
+            return q
+    return p
+
+
+def tracking_uri(cfg=None) -> str:
+    uri = (cfg.tracking.uri if cfg is not None else "") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _mlflow(cfg):
+    import logging
+
+    import mlflow
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return mlflow
+
+
+def _experiment(mlflow, name: str) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = (repo_root() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.getcwd()).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def dvc_lock_hashes(path: str | Path = "dvc.lock") -> dict[str, str]:
+    """{'dvc.<stage>.<out>': md5} of the outputs recorded in dvc.lock (what this run was built from)."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    lock = yaml.safe_load(p.read_text()) or {}
+    tags = {}
+    for stage, body in (lock.get("stages") or {}).items():
+        for out in body.get("outs", []) or []:
+            h = out.get("md5") or out.get("hash")
+            if h:
+                tags[f"dvc.{stage}.{Path(out['path']).name}"[:250]] = str(h)
+    return tags
+
+
+def run_file(model_dir: str | Path) -> Path:
+    return Path(model_dir) / "mlflow_run.json"
+
+
+def start_run(cfg, fold: int, model_dir: str | Path) -> str:
+    """Open a new run for this fold, log params and tags, and record its id next to the model."""
+    mlflow = _mlflow(cfg)
+    exp_id = _experiment(mlflow, cfg.tracking.experiment)
+    name = f"fold{fold}-{cfg.model.head}-{cfg.model.finetune}"
+    with mlflow.start_run(experiment_id=exp_id, run_name=name) as run:
+        flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in cfg.flat().items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 90):
+            mlflow.log_params(dict(items[i:i + 90]))
+        mlflow.log_param("fold", fold)
+        mlflow.set_tags({"git_commit": git_commit(), "fold": str(fold), "benchmark": cfg.data.benchmark,
+                         "finetune": cfg.model.finetune, **dvc_lock_hashes()})
+        run_id = run.info.run_id
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    run_file(model_dir).write_text(json.dumps({"run_id": run_id, "experiment_id": exp_id,
+                                               "tracking_uri": tracking_uri(cfg)}) + "\n")
+    return run_id
+
+
+@contextmanager
+def resume_run(cfg, model_dir: str | Path, stage: str):
+    """Reopen the fold's run (written by the train stage) for a later stage."""
+    rf = run_file(model_dir)
+    if not rf.exists():
+        raise FileNotFoundError(f"{rf} is missing; run the train stage (`dvc repro train`) first")
+    run_id = json.loads(rf.read_text())["run_id"]
+    mlflow = _mlflow(cfg)
+    with mlflow.start_run(run_id=run_id) as run:
+        mlflow.set_tags({f"stage.{stage}": "done", **dvc_lock_hashes()})
+        yield Tracker(mlflow, run.info.run_id)
+
+
+class Tracker:
+    """Thin handle over an active run: metrics with steps, files, folders."""
+
+    def __init__(self, mlflow, run_id: str):
+        self.mlflow, self.run_id = mlflow, run_id
+
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
+        if clean:
+            self.mlflow.log_metrics(clean, step=step)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.mlflow.log_artifacts(str(p), artifact_path=folder)
+        elif p.exists():
+            self.mlflow.log_artifact(str(p), artifact_path=folder)
+
+    def tags(self, values: dict) -> None:
+        self.mlflow.set_tags({k: str(v) for k, v in values.items()})
+
+
+@contextmanager
+def open_run(cfg, model_dir: str | Path, stage: str, enabled: bool = True):
+    """``resume_run`` or, when tracking is off for this process (a non-zero DDP rank), a no-op."""
+    if not enabled:
+        yield None
+        return
+    with resume_run(cfg, model_dir, stage) as t:
+        yield t

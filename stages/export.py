@@ -1,0 +1,106 @@
+"""DVC stage `export`: merged model -> ONNX (+ parity through ONNX Runtime) -> TensorRT engine where
+possible, a Triton model repository, and the model registered in MLflow."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import onnx_export, tensorrt_engine, triton
+from pipeline import adapter as adapter_io
+from pipeline import tracking
+from pipeline.data.benchmarks import novel_classes, prepared_dir, split_dir
+from pipeline.data.episodes import MEAN, STD, class_names, fixed_batches
+from stages.common import run, setup, write_json
+
+log = logging.getLogger("export")
+
+
+def log_to_mlflow(cfg, out: Path, onnx_path: Path, example, engine: Path | None, report: dict, fold: int):
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+    with tracking.resume_run(cfg, out, "export") as t:
+        t.metrics({"onnx_max_rel": report["onnx"]["parity"]["max_rel"],
+                   "onnx_latency_ms": report["latency"]["onnxruntime"]["median_ms"],
+                   "torch_latency_ms": report["latency"]["torch"]["median_ms"]})
+        inputs = {"query": example[0].numpy(), "support": example[1].numpy(), "support_mask": example[2].numpy()}
+        sess = onnx_export.session(onnx_path, prefer_cuda=False)
+        outputs = sess.run(None, inputs)[0]
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx_model",
+                                     signature=infer_signature(inputs, outputs), input_example=inputs,
+                                     registered_model_name=cfg.tracking.registered_model)
+        version = getattr(info, "registered_model_version", None)
+        if version is not None:
+            alias = f"{cfg.data.benchmark}-fold{fold}"
+            mlflow.MlflowClient().set_registered_model_alias(cfg.tracking.registered_model, alias, version)
+            report["mlflow"] = {"registered_model": cfg.tracking.registered_model, "version": int(version),
+                                "alias": alias, "run_id": t.run_id}
+        if engine is not None and engine.exists():
+            t.artifact(engine, "tensorrt")
+        t.artifact(out / "export.json", "export")
+
+
+def main():
+    args, cfg = setup(__doc__, fold=True)
+    out = Path("models") / f"fold{args.fold}"
+    model, mcfg = adapter_io.load_merged(out / "merged.pt")
+    size = cfg.eval.test_size
+    prepared = prepared_dir(cfg.data.root, cfg.data.benchmark)
+    meta = {"format": "svf-fss/1", "head": mcfg.model.head, "backbone": mcfg.model.backbone,
+            "finetune": mcfg.model.finetune, "benchmark": cfg.data.benchmark, "fold": args.fold,
+            "class_names": class_names(prepared),
+            "novel_classes": novel_classes(cfg.data.benchmark, args.fold, cfg.data.coco_split),
+            "input_size": [size, size], "normalisation": {"mean": list(MEAN), "std": list(STD), "scale": 1 / 255},
+            "inputs": "query[B,3,S,S], support[B,K,3,S,S], support_mask[B,K,S,S] (1 object, 0 or 255 not)",
+            "outputs": "logits[B,2,S,S] (background, object)"}
+    onnx_path = onnx_export.export_onnx(model, out / "model.onnx", size, cfg.export.opset, meta)
+    sess = onnx_export.session(onnx_path)
+    batches = fixed_batches(prepared, split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl",
+                            size, cfg.export.shots, cfg.export.parity_episodes)
+    parity = onnx_export.check_parity(model, sess, batches, cfg.export.rtol, fail_dir=out, label="onnx")
+    q, s, m = batches[0]
+    with torch.no_grad():
+        lat_torch = onnx_export.latency(lambda: model(q, s, m))
+    feed = {"query": q.numpy(), "support": s.numpy(), "support_mask": m.numpy()}
+    lat_ort = onnx_export.latency(lambda: sess.run(None, feed))
+    report = {"fold": args.fold, "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size,
+                                          "opset": cfg.export.opset, "providers": sess.get_providers(),
+                                          "dynamic_axes": "batch, shots", "parity": parity},
+              "latency": {"batch": int(q.shape[0]), "shots": int(s.shape[1]), "torch": lat_torch,
+                          "onnxruntime": lat_ort}}
+    engine = None
+    reason = tensorrt_engine.unavailable_reason()
+    if reason is None:
+        engine = out / "model.engine"
+        info = tensorrt_engine.build_engine(onnx_path, engine, size, cfg.export.max_batch, max(cfg.export.shots),
+                                            cfg.export.fp16, timing_cache=out / "timing.cache")
+        runner = tensorrt_engine.TRTRunner(engine)
+        worst = 0.0
+        for bq, bs, bm in batches:
+            ref = sess.run(None, {"query": bq.numpy(), "support": bs.numpy(), "support_mask": bm.numpy()})[0]
+            got = runner(bq, bs, bm).cpu().numpy()
+            worst = max(worst, onnx_export.rel_error(got, ref))
+        tol = 2e-2 if "fp16" in info["precision"] else 1e-3
+        if worst > tol:
+            raise onnx_export.ParityError(f"TensorRT engine differs from ONNX Runtime: relative error {worst:.3g} > {tol}")
+        report["tensorrt"] = {"built": True, "engine": str(engine), **info, "parity_vs_onnxruntime": worst,
+                              "tolerance": tol,
+                              "latency": onnx_export.latency(lambda: runner(q, s, m), sync=torch.cuda.synchronize)}
+    else:
+        report["tensorrt"] = {"built": False, "reason": reason}
+        log.info("no TensorRT engine: %s", reason)
+    report["triton"] = [str(p) for p in triton.write_repository(out / "triton", onnx_path, size, engine)]
+    write_json(out / "export.json", report)
+    log_to_mlflow(cfg, out, onnx_path, (q, s, m), engine, report, args.fold)
+    write_json(out / "export.json", report)
+    print(f"export fold {args.fold}: {onnx_path} (parity max rel {parity['max_rel']:.2e} <= {cfg.export.rtol:g}; "
+          f"torch {lat_torch['median_ms']:.1f} ms, ONNX Runtime {lat_ort['median_ms']:.1f} ms per episode), "
+          f"TensorRT: {'built ' + str(engine) if engine else 'not built (' + reason + ')'}; "
+          f"Triton repository {out / 'triton'}")
+
+
+if __name__ == "__main__":
+    run(main)
