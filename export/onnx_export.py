@@ -25,22 +25,36 @@ class ParityError(RuntimeError):
     pass
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, size: int, opset: int = 18,
-                metadata: dict | None = None) -> Path:
-    """Export ``model`` (eval mode; the 3-input few-shot signature) to ``path``; checked by onnx.checker."""
+class SupportEncoder(torch.nn.Module):
+    """support[B,K,3,S,S], support_mask[B,K,S,S] -> prototype[B,d,1,1], support_feat4[B,K,C,h,w]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, support, support_mask):
+        return self.model.encode_support(support, support_mask)
+
+
+class QueryDecoder(torch.nn.Module):
+    """query[B,3,S,S], prototype, support_feat4 -> logits[B,2,S,S]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, query, prototype, support_feat4):
+        return self.model.decode(query, prototype, support_feat4)
+
+
+def _export(module, example, dynamic, names_in, names_out, path: Path, opset: int, metadata: dict | None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    g = torch.Generator().manual_seed(0)
-    example = (torch.randn(2, 3, size, size, generator=g), torch.randn(2, 3, 3, size, size, generator=g),
-               (torch.rand(2, 3, size, size, generator=g) > 0.5).float())
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    shots = torch.export.Dim("shots", min=1, max=64)
-    dynamic = {"query": {0: batch}, "support": {0: batch, 1: shots}, "support_mask": {0: batch, 1: shots}}
     tmp = path.with_name(path.name + ".tmp")
     with torch.no_grad():
-        torch.onnx.export(model, example, str(tmp), dynamo=True, dynamic_shapes=dynamic, input_names=list(INPUTS),
-                          output_names=list(OUTPUTS), opset_version=opset, external_data=False, verbose=False)
+        torch.onnx.export(module.eval(), example, str(tmp), dynamo=True, dynamic_shapes=dynamic,
+                          input_names=list(names_in), output_names=list(names_out), opset_version=opset,
+                          external_data=False, verbose=False)
     proto = onnx.load(str(tmp))
     onnx.checker.check_model(proto, full_check=True)
     for k, v in (metadata or {}).items():
@@ -49,6 +63,41 @@ def export_onnx(model: torch.nn.Module, path: str | Path, size: int, opset: int 
     onnx.save(proto, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def _example(size: int):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 3, size, size, generator=g), torch.randn(2, 3, 3, size, size, generator=g),
+            (torch.rand(2, 3, size, size, generator=g) > 0.5).float())
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, size: int, opset: int = 18,
+                metadata: dict | None = None) -> Path:
+    """Export ``model`` (eval mode; the 3-input few-shot signature) to ``path``; checked by onnx.checker."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    shots = torch.export.Dim("shots", min=1, max=64)
+    dynamic = {"query": {0: batch}, "support": {0: batch, 1: shots}, "support_mask": {0: batch, 1: shots}}
+    return _export(model.eval(), _example(size), dynamic, INPUTS, OUTPUTS, Path(path), opset, metadata)
+
+
+def export_split(model: torch.nn.Module, out_dir: str | Path, size: int, opset: int = 18,
+                 metadata: dict | None = None) -> tuple[Path, Path]:
+    """The same network as two graphs, so a server computes a support set's features once:
+    ``support_encoder.onnx`` and ``query_decoder.onnx`` (batch and shots dynamic in both)."""
+    out_dir = Path(out_dir)
+    q, s, m = _example(size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    shots = torch.export.Dim("shots", min=1, max=64)
+    enc = _export(SupportEncoder(model), (s, m), {"support": {0: batch, 1: shots},
+                                                  "support_mask": {0: batch, 1: shots}},
+                  ("support", "support_mask"), ("prototype", "support_feat4"), out_dir / "support_encoder.onnx",
+                  opset, metadata)
+    with torch.no_grad():
+        proto, f4 = model.eval().encode_support(s, m)
+    dec = _export(QueryDecoder(model), (q, proto, f4), {"query": {0: batch}, "prototype": {0: batch},
+                                                        "support_feat4": {0: batch, 1: shots}},
+                  ("query", "prototype", "support_feat4"), ("logits",), out_dir / "query_decoder.onnx", opset, metadata)
+    return enc, dec
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -126,3 +175,24 @@ def latency(fn, runs: int = 10, warmup: int = 2, sync=None) -> dict:
         ts.append(time.perf_counter() - t)
     ts.sort()
     return {"median_ms": 1000 * ts[len(ts) // 2], "min_ms": 1000 * ts[0], "runs": runs}
+
+
+class SplitSession:
+    """ONNX Runtime over the split graphs; ``run`` keeps the full graph's 3-input signature."""
+
+    def __init__(self, encoder: str | Path, decoder: str | Path, prefer_cuda: bool = True, threads: int | None = None):
+        self.enc = session(encoder, prefer_cuda, threads)
+        self.dec = session(decoder, prefer_cuda, threads)
+
+    def encode(self, support: np.ndarray, support_mask: np.ndarray):
+        return self.enc.run(None, {"support": support, "support_mask": support_mask})
+
+    def decode(self, query: np.ndarray, prototype: np.ndarray, support_feat4: np.ndarray) -> np.ndarray:
+        return self.dec.run(None, {"query": query, "prototype": prototype, "support_feat4": support_feat4})[0]
+
+    def run(self, _names, feed: dict):
+        proto, f4 = self.encode(feed["support"], feed["support_mask"])
+        return [self.decode(feed["query"], proto, f4)]
+
+    def get_providers(self):
+        return self.dec.get_providers()

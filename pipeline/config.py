@@ -29,6 +29,9 @@ class SyntheticCfg:
     num_val: int = 300
     image_size: int = 128
     seed: int = 0
+    pretrain_iterations: int = 300    # backbone pretraining (model.pretrained: synthetic), pipeline/pretrain.py
+    pretrain_size: int = 64
+    pretrain_batch: int = 32
 
 
 @dataclass
@@ -53,7 +56,7 @@ class SplitCfg:
 class ModelCfg:
     head: str = field(default="pfenet", metadata=_choices("pfenet"))
     backbone: str = field(default="resnet50", metadata=_choices("resnet18", "resnet34", "resnet50", "resnet101"))
-    pretrained: str = "imagenet"      # imagenet | random | path to a torchvision checkpoint
+    pretrained: str = "imagenet"      # imagenet | synthetic | random | path to a torchvision checkpoint
     output_stride: int = field(default=8, metadata=_choices(8, 32))
     finetune: str = field(default="svf", metadata=_choices("frozen", "svf", "full"))
     svf_form: str = field(default="rebuild", metadata=_choices("rebuild", "factorised"))

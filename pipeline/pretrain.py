@@ -50,7 +50,7 @@ def pretrain(arch: str, out_path: str | Path, iterations: int = 300, batch: int 
     def sample(i):
         if i not in cache:
             img, tgt = generate_pretrain_image(i, size, seed)
-            x = normalize(torch.from_numpy(img).permute(2, 0, 1))
+            x = normalize(torch.from_numpy(np.array(img)).permute(2, 0, 1))
             cache[i] = (x, torch.from_numpy(tgt).long())
         return cache[i]
 
@@ -77,7 +77,7 @@ def pretrain(arch: str, out_path: str | Path, iterations: int = 300, batch: int 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if it % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     out_path = Path(out_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,7 +75,8 @@ def dvc_lock_hashes(path: str | Path = "dvc.lock") -> dict[str, str]:
         for out in body.get("outs", []) or []:
             h = out.get("md5") or out.get("hash")
             if h:
-                tags[f"dvc.{stage}.{Path(out['path']).name}"[:250]] = str(h)
+                key = re.sub(r"[^\w\-. :/]", "_", f"dvc.{stage}.{Path(out['path']).name}")[:250]
+                tags[key] = str(h)
     return tags
 
 

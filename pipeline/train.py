@@ -181,16 +181,16 @@ def train(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_metric
         if not torch.isfinite(loss):
             where = f"; the last good checkpoint {ckpt_file} (iteration {last_good}) is kept" if last_good is not None \
                 else "; no checkpoint had been written yet"
-            raise NaNLossError(f"loss became {float(loss)} at iteration {it} (fold {fold}){where}. Lower train.lr "
+            raise NaNLossError(f"loss became {loss.item()} at iteration {it} (fold {fold}){where}. Lower train.lr "
                                "or disable train.amp")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         seen += q.shape[0] * world
-        if main and ((it + 1) % tc.log_every == 0 or it == start):
-            row = {"iteration": it + 1, "loss": round(float(loss), 5), "main_loss": round(float(main_loss), 5),
-                   "aux_loss": round(float(aux_loss), 5), "lr": opt.param_groups[0]["lr"]}
+        if main and ((it + 1) % tc.log_every == 0 or it == 0):
+            row = {"iteration": it + 1, "loss": round(loss.item(), 5), "main_loss": round(main_loss.item(), 5),
+                   "aux_loss": round(aux_loss.item(), 5), "lr": opt.param_groups[0]["lr"]}
             history["train"].append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
             _write_csv(plots_dir / "train.csv", history["train"])

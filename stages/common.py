@@ -19,6 +19,8 @@ def setup(description: str, fold: bool = False):
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "alembic", "mlflow.onnx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         cfg = load_config(args.params)
     except ConfigError as e:

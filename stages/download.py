@@ -16,6 +16,12 @@ def main():
     wdir.mkdir(parents=True, exist_ok=True)
     if cfg.model.pretrained == "imagenet":
         weights = fetch_weights(sorted(set(d.backbones) | {cfg.model.backbone}), d.root, d.mirror)
+    elif cfg.model.pretrained == "synthetic":
+        from pipeline.models.backbone import weights_path
+        from pipeline.pretrain import pretrain
+        s = d.synthetic
+        weights = {cfg.model.backbone: pretrain(cfg.model.backbone, weights_path(d.root, cfg.model.backbone, "synthetic"),
+                                                s.pretrain_iterations, s.pretrain_batch, s.pretrain_size, s.seed)}
     else:
         weights = {"note": f"model.pretrained is {cfg.model.pretrained!r}: no ImageNet weights needed"}
     write_json(wdir / "weights.json", weights)

@@ -31,7 +31,8 @@ def log_to_mlflow(cfg, out: Path, onnx_path: Path, example, engine: Path | None,
         outputs = sess.run(None, inputs)[0]
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx_model",
                                      signature=infer_signature(inputs, outputs), input_example=inputs,
-                                     registered_model_name=cfg.tracking.registered_model)
+                                     registered_model_name=cfg.tracking.registered_model,
+                                     onnx_execution_providers=onnx_export.providers())
         version = getattr(info, "registered_model_version", None)
         if version is not None:
             alias = f"{cfg.data.benchmark}-fold{fold}"
@@ -61,6 +62,9 @@ def main():
     batches = fixed_batches(prepared, split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl",
                             size, cfg.export.shots, cfg.export.parity_episodes)
     parity = onnx_export.check_parity(model, sess, batches, cfg.export.rtol, fail_dir=out, label="onnx")
+    enc, dec = onnx_export.export_split(model, out, size, cfg.export.opset, meta)
+    split_parity = onnx_export.check_parity(model, onnx_export.SplitSession(enc, dec), batches, cfg.export.rtol,
+                                            fail_dir=out, label="onnx_split")
     q, s, m = batches[0]
     with torch.no_grad():
         lat_torch = onnx_export.latency(lambda: model(q, s, m))
@@ -68,7 +72,9 @@ def main():
     lat_ort = onnx_export.latency(lambda: sess.run(None, feed))
     report = {"fold": args.fold, "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size,
                                           "opset": cfg.export.opset, "providers": sess.get_providers(),
-                                          "dynamic_axes": "batch, shots", "parity": parity},
+                                          "dynamic_axes": "batch, shots", "parity": parity,
+                                          "split_graphs": {"support_encoder": str(enc), "query_decoder": str(dec),
+                                                           "parity": split_parity}},
               "latency": {"batch": int(q.shape[0]), "shots": int(s.shape[1]), "torch": lat_torch,
                           "onnxruntime": lat_ort}}
     engine = None

@@ -35,7 +35,10 @@ def env(tmp: Path, **extra) -> dict:
 
 
 def write_params(d: Path, data_root: Path | None = None, **overrides) -> Path:
-    p = json.loads(json.dumps(TINY))
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())   # every key, as dvc.yaml's templates need
+    for section, values in TINY.items():
+        for k, v in values.items():
+            p[section][k] = {**p[section][k], **v} if isinstance(v, dict) else v
     if data_root is not None:
         p["data"]["root"] = str(data_root)
     for key, value in overrides.items():

@@ -73,8 +73,8 @@ class Backbone(nn.Module):
             raise ValueError(f"checkpoint does not fit {self.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def weights_path(root: str | Path, arch: str) -> Path:
-    return Path(root) / "weights" / f"{arch}_imagenet.pth"
+def weights_path(root: str | Path, arch: str, source: str = "imagenet") -> Path:
+    return Path(root) / "weights" / f"{arch}_{source}.pth"
 
 
 def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int = 0,
@@ -82,7 +82,8 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
     """Build the backbone and load its weights.
 
     ``pretrained``: ``imagenet`` (the file the download stage wrote, else torchvision's weight enum,
-    fetched by torch.hub where the network allows), ``random`` (seeded; for offline runs and tests), or
+    fetched by torch.hub where the network allows), ``synthetic`` (pretrained offline by the download
+    stage on a generated set disjoint from the benchmark, pipeline/pretrain.py), ``random`` (seeded; for offline runs and tests), or
     a path to a torchvision checkpoint file.
     """
     torch.manual_seed(seed)
@@ -93,7 +94,13 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
         log.warning("backbone %s is randomly initialised (seed %d): fine for offline runs and tests, "
                     "not for results comparable with the literature", arch, seed)
         return bb
-    if pretrained == "imagenet":
+    if pretrained == "synthetic":
+        local = weights_path(weights_root, arch, "synthetic")
+        if not local.exists():
+            raise FileNotFoundError(f"pretrained synthetic backbone {local} is missing; run the download stage "
+                                    "(`dvc repro download`), which pretrains it offline")
+        state = torch.load(local, map_location="cpu", weights_only=True)
+    elif pretrained == "imagenet":
         local = weights_path(weights_root, arch)
         if local.exists():
             state = torch.load(local, map_location="cpu", weights_only=True)

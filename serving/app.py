@@ -1,0 +1,311 @@
+"""The inference service (FastAPI): few-shot segmentation over the exported model.
+
+POST /v1/segment                      query + k supports + k masks (multipart) -> PNG mask or JSON (COCO RLE)
+PUT  /v1/support-sets/{name}          register a support set: its features are computed once and cached
+POST /v1/support-sets/{name}/segment  segment a query against a registered set
+DELETE /v1/support-sets/{name}
+GET  /healthz (liveness)  /readyz (model loaded and warmed up)  /metrics (Prometheus)
+
+Every user error answers 4xx with {"error": "..."}; inference runs in a worker thread behind a
+micro-batcher that stacks concurrent requests with the same shot count into one backend call.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from pipeline.data.episodes import eval_transform
+from pipeline.evaluate import predict_original
+
+from .backends import Backend, load_backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    max_upload_bytes: int = 20 * 1024 * 1024      # whole request body
+    max_pixels: int = 4096 * 4096                # per image
+    max_shots: int = 10
+    timeout_s: float = 30.0
+    max_batch: int = 8
+    batch_window_ms: float = 5.0
+
+
+class UserError(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------ input decoding
+def read_image(data: bytes, what: str, limits: Limits) -> np.ndarray:
+    if not data:
+        raise UserError(f"{what} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > limits.max_pixels:
+                raise UserError(f"{what} has {im.width}x{im.height} pixels, more than the limit of {limits.max_pixels}",
+                                413)
+            im.load()
+            return np.array(im.convert("RGB"))
+    except UserError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{what} is not a readable image ({type(e).__name__})") from e
+
+
+def read_mask(data: bytes, what: str, shape: tuple[int, int], limits: Limits) -> np.ndarray:
+    """A binary mask: values {0,1} (255 = ignore allowed) or {0,255}. Returns uint8 with 1 object,
+    0 background, 255 ignore."""
+    if not data:
+        raise UserError(f"{what} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > limits.max_pixels:
+                raise UserError(f"{what} is larger than the limit of {limits.max_pixels} pixels", 413)
+            if im.mode not in ("L", "P", "1", "I", "I;16"):
+                im = im.convert("L")
+            m = np.array(im)
+    except UserError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{what} is not a readable mask image ({type(e).__name__})") from e
+    if m.dtype == bool:
+        m = m.astype(np.uint8)
+    if m.ndim != 2:
+        raise UserError(f"{what} must be a single-channel image")
+    if m.shape != shape:
+        raise UserError(f"{what} is {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    values = set(np.unique(m).tolist())
+    if values <= {0, 255} and 1 not in values:
+        return (m == 255).astype(np.uint8)
+    if values <= {0, 1, 255}:
+        return m.astype(np.uint8)
+    bad = sorted(values - {0, 1, 255})[:5]
+    raise UserError(f"{what} is not binary: it holds values {bad}; use 0/1 (255 = ignore) or 0/255")
+
+
+def rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_utils
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(x) for x in r["size"]], "counts": r["counts"].decode("ascii")}
+
+
+# ------------------------------------------------------------------ batching
+class Batcher:
+    """Collects concurrent decode requests for ``window`` ms and runs them as one batch per shot count."""
+
+    def __init__(self, backend: Backend, limits: Limits, batch_hist):
+        self.backend, self.limits, self.batch_hist = backend, limits, batch_hist
+        self.queue: asyncio.Queue | None = None
+        self.task = None
+
+    def start(self):
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self):
+        if self.task:
+            self.task.cancel()
+
+    async def decode(self, query: np.ndarray, feats) -> np.ndarray:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((query, feats, fut))
+        return await asyncio.wait_for(fut, timeout=self.limits.timeout_s)
+
+    async def _loop(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            items = [first]
+            deadline = loop.time() + self.limits.batch_window_ms / 1000
+            while len(items) < self.limits.max_batch:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict = {}
+            for it in items:
+                groups.setdefault(tuple(f.shape[1:] for f in it[1]), []).append(it)
+            for group in groups.values():
+                live = [g for g in group if not g[2].done()]
+                if not live:
+                    continue
+                self.batch_hist.observe(len(live))
+                try:
+                    q = np.concatenate([g[0] for g in live], 0)
+                    feats = Backend.concat([g[1] for g in live])
+                    out = await loop.run_in_executor(None, self.backend.decode, q, feats)
+                    for i, g in enumerate(live):
+                        if not g[2].done():
+                            g[2].set_result(out[i:i + 1])
+                except Exception as e:    # a backend failure answers those requests, the loop goes on
+                    log.exception("batch failed")
+                    for g in live:
+                        if not g[2].done():
+                            g[2].set_exception(e)
+
+
+# ------------------------------------------------------------------ app
+def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    registry = CollectorRegistry()
+    requests = Counter("svf_requests_total", "Requests by endpoint and status", ["endpoint", "status"],
+                       registry=registry)
+    latency = Histogram("svf_request_latency_seconds", "Request latency", ["endpoint"], registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    batch_sizes = Histogram("svf_batch_size", "Queries per backend call", registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32))
+    app = FastAPI(title="svf-fss", version="0.1.0",
+                  description="Few-shot segmentation (PFENet + SVF) over the exported model.")
+    state = {"ready": False, "sets": {}}
+
+    @app.on_event("startup")
+    async def _startup():
+        b = await asyncio.get_running_loop().run_in_executor(None, load_backend, Path(model_dir), backend)
+        state["backend"] = b
+        state["batcher"] = Batcher(b, limits, batch_sizes)
+        state["batcher"].start()
+        s = b.size
+        x = np.zeros((1, 3, s, s), np.float32)
+        feats = b.encode(np.zeros((1, 1, 3, s, s), np.float32), np.ones((1, 1, s, s), np.float32))
+        b.decode(x, feats)    # warm-up
+        state["ready"] = True
+        log.info("ready: backend %s, input %dx%d", b.name, s, s)
+
+    @app.on_event("shutdown")
+    async def _shutdown():
+        if "batcher" in state:
+            await state["batcher"].stop()
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        t = time.perf_counter()
+        endpoint = request.url.path.split("/support-sets/")[0] + ("/support-sets" if "/support-sets/" in request.url.path else "")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limits.max_upload_bytes:
+            resp = JSONResponse({"error": f"upload of {length} bytes exceeds the limit of {limits.max_upload_bytes}"},
+                                status_code=413)
+        else:
+            try:
+                resp = await call_next(request)
+            except Exception:   # never a dead worker; report and go on
+                log.exception("unhandled error")
+                resp = JSONResponse({"error": "internal error"}, status_code=500)
+        requests.labels(endpoint, str(resp.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - t)
+        return resp
+
+    @app.exception_handler(UserError)
+    async def _user_error(_request, exc: UserError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request, exc: RequestValidationError):
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": f"bad request: {msgs}"}, status_code=422)
+
+    def backend_or_503() -> Backend:
+        if not state["ready"]:
+            raise UserError("the model is still loading", 503)
+        return state["backend"]
+
+    async def read_supports(supports: list[UploadFile], masks: list[UploadFile]):
+        b = backend_or_503()
+        if not supports:
+            raise UserError("at least one support image is needed (zero shots given)")
+        if len(supports) > limits.max_shots:
+            raise UserError(f"{len(supports)} shots given; at most {limits.max_shots} are accepted")
+        if len(masks) != len(supports):
+            raise UserError(f"{len(supports)} support images but {len(masks)} masks; give one mask per support")
+        xs, ms = [], []
+        for i, (f, mf) in enumerate(zip(supports, masks)):
+            img = read_image(await f.read(), f"support {i + 1} ({f.filename})", limits)
+            m = read_mask(await mf.read(), f"mask {i + 1} ({mf.filename})", img.shape[:2], limits)
+            x, mm, _ = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m), b.size)
+            xs.append(x.numpy())
+            ms.append((mm == 1).float().numpy())
+        return np.stack(xs)[None].astype(np.float32), np.stack(ms)[None].astype(np.float32)
+
+    async def run_query(query: UploadFile, feats, fmt: str):
+        b = backend_or_503()
+        if fmt not in ("png", "json"):
+            raise UserError(f"format {fmt!r} is unknown; choose png or json")
+        img = read_image(await query.read(), f"query ({query.filename})", limits)
+        h, w = img.shape[:2]
+        x, _, valid = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.zeros(h, w, dtype=torch.uint8),
+                                     b.size)
+        try:
+            logits = await state["batcher"].decode(x.numpy()[None].astype(np.float32), feats)
+        except asyncio.TimeoutError:
+            raise UserError(f"inference took longer than {limits.timeout_s} s", 504)
+        mask = predict_original(torch.from_numpy(np.ascontiguousarray(logits[0])), valid, (h, w)).numpy().astype(np.uint8)
+        if fmt == "png":
+            buf = io.BytesIO()
+            Image.fromarray(mask * 255).save(buf, "PNG")
+            return Response(buf.getvalue(), media_type="image/png", headers={"X-Foreground-Area": str(int(mask.sum()))})
+        return {"height": h, "width": w, "area": int(mask.sum()), "rle": rle(mask), "backend": b.name}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not state["ready"]:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready", "backend": state["backend"].name, "input_size": state["backend"].size}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/segment", summary="Segment a query given k support images and their masks")
+    async def segment(query: UploadFile = File(...), supports: list[UploadFile] = File(default=[]),
+                      masks: list[UploadFile] = File(default=[]), format: str = Form("png")):
+        s, m = await read_supports(supports, masks)
+        feats = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
+        return await run_query(query, feats, format)
+
+    @app.put("/v1/support-sets/{name}", status_code=201, summary="Register a named support set (encoded once)")
+    async def register(name: str, supports: list[UploadFile] = File(default=[]),
+                       masks: list[UploadFile] = File(default=[])):
+        s, m = await read_supports(supports, masks)
+        state["sets"][name] = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
+        return {"name": name, "shots": int(s.shape[1])}
+
+    @app.get("/v1/support-sets")
+    async def list_sets():
+        return {"support_sets": sorted(state["sets"])}
+
+    @app.delete("/v1/support-sets/{name}")
+    async def delete_set(name: str):
+        if state["sets"].pop(name, None) is None:
+            raise UserError(f"no support set named {name!r}", 404)
+        return {"deleted": name}
+
+    @app.post("/v1/support-sets/{name}/segment", summary="Segment a query against a registered support set")
+    async def segment_named(name: str, query: UploadFile = File(...), format: str = Form("png")):
+        feats = state["sets"].get(name)
+        if feats is None:
+            raise UserError(f"no support set named {name!r}; registered: {sorted(state['sets'])}", 404)
+        return await run_query(query, feats, format)
+
+    return app

@@ -1,0 +1,114 @@
+"""Runtime backends behind the service: TensorRT engine, ONNX Runtime, or the merged PyTorch model.
+
+Every backend offers the same two steps, so a registered support set is encoded once:
+  encode(support[B,K,3,S,S], support_mask[B,K,S,S]) -> features (opaque, batchable along B)
+  decode(query[B,3,S,S], features) -> logits[B,2,S,S]   (numpy float32)
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+
+
+class Backend:
+    name = "base"
+    size = 0          # the square input size the model was exported for
+
+    def encode(self, support: np.ndarray, mask: np.ndarray):
+        raise NotImplementedError
+
+    def decode(self, query: np.ndarray, feats) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def concat(feats: list):
+        """Stack per-request features along the batch axis."""
+        return tuple(np.concatenate([f[i] for f in feats], 0) for i in range(len(feats[0])))
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model_dir: Path, device: str = "auto"):
+        from pipeline.adapter import load_merged
+        self.model, self.cfg = load_merged(model_dir / "merged.pt")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        self.model.to(self.device).eval()
+        self.size = self.cfg.eval.test_size
+
+    @torch.no_grad()
+    def encode(self, support, mask):
+        proto, f4 = self.model.encode_support(torch.from_numpy(support).to(self.device),
+                                              torch.from_numpy(mask).to(self.device))
+        return proto.cpu().numpy(), f4.cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, query, feats):
+        proto, f4 = (torch.from_numpy(f).to(self.device) for f in feats)
+        return self.model.decode(torch.from_numpy(query).to(self.device), proto, f4).float().cpu().numpy()
+
+
+class OnnxBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: Path, threads: int | None = None):
+        from export.onnx_export import SplitSession
+        enc, dec = model_dir / "support_encoder.onnx", model_dir / "query_decoder.onnx"
+        for f in (enc, dec):
+            if not f.exists():
+                raise FileNotFoundError(f"{f} is missing; run the export stage (`dvc repro export`) first")
+        self.sess = SplitSession(enc, dec, threads=threads)
+        from export.onnx_export import read_metadata
+        self.size = int(read_metadata(dec)["input_size"][0])
+        self.name = f"onnxruntime ({self.sess.get_providers()[0]})"
+
+    def encode(self, support, mask):
+        return tuple(self.sess.encode(support, mask))
+
+    def decode(self, query, feats):
+        return self.sess.decode(query, *feats)
+
+
+class TensorRTBackend(Backend):
+    """The full-graph engine: a registered support set keeps its preprocessed tensors (the engine
+    recomputes its features per query, as one engine holds the whole network)."""
+    name = "tensorrt"
+
+    def __init__(self, model_dir: Path):
+        from export.tensorrt_engine import TRTRunner
+        self.runner = TRTRunner(model_dir / "model.engine")
+        self.size = int(self.runner.meta["size"])
+
+    def encode(self, support, mask):
+        return support, mask
+
+    def decode(self, query, feats):
+        support, mask = feats
+        return self.runner(torch.from_numpy(query), torch.from_numpy(support), torch.from_numpy(mask)).cpu().numpy()
+
+
+def load_backend(model_dir: str | Path, name: str = "auto") -> Backend:
+    """The named backend, or with ``auto`` the best that loads: TensorRT, then ONNX Runtime, then PyTorch."""
+    model_dir = Path(model_dir)
+    if name not in ("auto",) + BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose auto or one of {BACKENDS}")
+    makers = {"tensorrt": TensorRTBackend, "onnxruntime": OnnxBackend, "torch": TorchBackend}
+    if name != "auto":
+        return makers[name](model_dir)
+    errors = []
+    for n in BACKENDS:
+        try:
+            b = makers[n](model_dir)
+            log.info("backend: %s", b.name)
+            return b
+        except Exception as e:   # try the next one, say why
+            errors.append(f"{n}: {e}")
+            log.info("backend %s unavailable: %s", n, e)
+    raise RuntimeError("no backend could be loaded: " + "; ".join(errors))

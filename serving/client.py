@@ -1,0 +1,98 @@
+"""Python client and command line for the svf-fss service.
+
+    python -m serving.client segment --query q.jpg --support s1.jpg --mask m1.png [--support ... --mask ...] --out mask.png
+    python -m serving.client register NAME --support s1.jpg --mask m1.png
+    python -m serving.client segment --set NAME --query q.jpg --json
+    python -m serving.client health
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import httpx
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+class Client:
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0):
+        self.http = httpx.Client(base_url=url, timeout=timeout)
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            try:
+                msg = r.json().get("error", r.text)
+            except ValueError:
+                msg = r.text
+            raise ServiceError(f"HTTP {r.status_code}: {msg}")
+        return r
+
+    @staticmethod
+    def _files(query=None, supports=(), masks=()):
+        files = []
+        if query is not None:
+            files.append(("query", (Path(query).name, Path(query).read_bytes())))
+        files += [("supports", (Path(p).name, Path(p).read_bytes())) for p in supports]
+        files += [("masks", (Path(p).name, Path(p).read_bytes())) for p in masks]
+        return files
+
+    def segment(self, query, supports, masks, fmt: str = "png"):
+        """PNG bytes (0 background / 255 object, at the query's resolution) or the JSON answer."""
+        r = self._check(self.http.post("/v1/segment", files=self._files(query, supports, masks), data={"format": fmt}))
+        return r.content if fmt == "png" else r.json()
+
+    def register(self, name: str, supports, masks) -> dict:
+        return self._check(self.http.put(f"/v1/support-sets/{name}", files=self._files(None, supports, masks))).json()
+
+    def segment_with(self, name: str, query, fmt: str = "png"):
+        r = self._check(self.http.post(f"/v1/support-sets/{name}/segment", files=self._files(query),
+                                       data={"format": fmt}))
+        return r.content if fmt == "png" else r.json()
+
+    def ready(self) -> dict:
+        return self._check(self.http.get("/readyz")).json()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="svf-fss client")
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    seg = sub.add_parser("segment", help="segment a query")
+    seg.add_argument("--query", required=True)
+    seg.add_argument("--support", action="append", default=[])
+    seg.add_argument("--mask", action="append", default=[])
+    seg.add_argument("--set", help="a registered support set instead of --support/--mask")
+    seg.add_argument("--json", action="store_true", help="print JSON (COCO RLE, area) instead of writing a PNG")
+    seg.add_argument("--out", default="mask.png")
+    reg = sub.add_parser("register", help="register a named support set")
+    reg.add_argument("name")
+    reg.add_argument("--support", action="append", required=True)
+    reg.add_argument("--mask", action="append", required=True)
+    sub.add_parser("health", help="readiness of the service")
+    args = ap.parse_args(argv)
+    c = Client(args.url)
+    try:
+        if args.cmd == "health":
+            print(json.dumps(c.ready()))
+        elif args.cmd == "register":
+            print(json.dumps(c.register(args.name, args.support, args.mask)))
+        else:
+            fmt = "json" if args.json else "png"
+            out = c.segment_with(args.set, args.query, fmt) if args.set else c.segment(args.query, args.support,
+                                                                                       args.mask, fmt)
+            if fmt == "json":
+                print(json.dumps(out))
+            else:
+                Path(args.out).write_bytes(out)
+                print(f"mask written to {args.out}")
+    except (ServiceError, httpx.HTTPError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

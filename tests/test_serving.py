@@ -1,0 +1,213 @@
+"""The real service on 127.0.0.1: answers, bad input, concurrency."""
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.synthetic import generate_image
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from export.onnx_export import export_split
+    from pipeline import adapter as adapter_io
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+    from pipeline.svf import SVFConv2d, merge_svf
+    d = tmp_path_factory.mktemp("served")
+    cfg = load_config({"model": {"backbone": "resnet18", "pretrained": "random", "reduce_dim": 16, "bins": [1.0, 0.5]},
+                       "eval": {"test_size": SIZE}})
+    model, _ = build_model(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SVFConv2d):
+                m.S.mul_(1.05)
+    merged = merge_svf(model).eval()
+    adapter_io.save(adapter_io.merged_state(merged, cfg), d / "merged.pt")
+    export_split(merged, d, SIZE, 18, {"input_size": [SIZE, SIZE]})
+    return d
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir, backend, *flags):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--backend",
+                                      backend, "--port", str(self.port), *flags], env=env, cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        import httpx
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode()[-3000:])
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    s = Server(model_dir, "torch", "--max-shots", "3", "--max-upload-mb", "0.2", "--max-pixels", "40000")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def episode(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    files = {}
+    for i in range(4):
+        img, lab = generate_image(i, "val", 60, 7)
+        cls = int(next(c for c in np.unique(lab) if c not in (0, 255)))
+        Image.fromarray(img).save(d / f"img{i}.png")
+        m = np.where(lab == cls, 1, 0).astype(np.uint8)
+        m[lab == 255] = 255
+        Image.fromarray(m).save(d / f"mask{i}.png")
+        files[i] = (d / f"img{i}.png", d / f"mask{i}.png")
+    return files
+
+
+def expected_mask(model_dir, query: Path, supports, masks) -> np.ndarray:
+    from pipeline import adapter as adapter_io
+    from pipeline.data.episodes import eval_transform
+    from pipeline.evaluate import predict_original
+    model, _ = adapter_io.load_merged(model_dir / "merged.pt")
+    q = torch.from_numpy(np.array(Image.open(query).convert("RGB"))).permute(2, 0, 1)
+    h, w = q.shape[1:]
+    xq, _, valid = eval_transform(q, torch.zeros(h, w, dtype=torch.uint8), SIZE)
+    xs, ms = [], []
+    for s, m in zip(supports, masks):
+        x, mm, _ = eval_transform(torch.from_numpy(np.array(Image.open(s).convert("RGB"))).permute(2, 0, 1),
+                                  torch.from_numpy(np.array(Image.open(m))), SIZE)
+        xs.append(x)
+        ms.append((mm == 1).float())
+    with torch.no_grad():
+        logits = model(xq[None], torch.stack(xs)[None], torch.stack(ms)[None])[0]
+    return predict_original(logits, valid, (h, w)).numpy().astype(np.uint8)
+
+
+def test_masks_equal_the_in_process_model(server, model_dir, episode):
+    from serving.client import Client
+    c = Client(server.url)
+    q, _ = episode[0]
+    sup, msk = [episode[1][0], episode[2][0]], [episode[1][1], episode[2][1]]
+    png = np.array(Image.open(io.BytesIO(c.segment(q, sup, msk))))
+    want = expected_mask(model_dir, q, sup, msk)
+    assert png.shape == want.shape == (60, 60)
+    assert np.array_equal(png // 255, want)
+    js = c.segment(q, sup, msk, fmt="json")
+    from pycocotools import mask as mask_utils
+    dec = mask_utils.decode({"size": js["rle"]["size"], "counts": js["rle"]["counts"].encode()})
+    assert np.array_equal(dec, want) and js["area"] == int(want.sum())
+    # a registered support set gives the same answer
+    assert c.register("cls", sup, msk) == {"name": "cls", "shots": 2}
+    assert np.array_equal(np.array(Image.open(io.BytesIO(c.segment_with("cls", q)))), png)
+
+
+def test_bad_inputs_answer_4xx_json(server, episode, tmp_path):
+    import httpx
+    q, m0 = episode[0]
+    s, m = episode[1]
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(big)           # 90,000 px > 40,000
+    small_mask = tmp_path / "small.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(small_mask)
+    gray_mask = tmp_path / "gray.png"
+    Image.fromarray(np.full((60, 60), 7, np.uint8)).save(gray_mask)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG not really")
+    huge = tmp_path / "huge.bin"
+    huge.write_bytes(os.urandom(300_000))                                  # > 0.2 MB upload
+
+    def post(path="/v1/segment", **files):
+        parts = [(k.rstrip("_0123456789"), (Path(v).name, Path(v).read_bytes())) for k, v in files.items()]
+        return httpx.post(server.url + path, files=parts, timeout=30)
+
+    cases = {
+        "corrupt": (post(query=junk, supports=s, masks=m), 400, "not a readable image"),
+        "size": (post(query=q, supports=s, masks=small_mask), 400, "10x10 but its image is 60x60"),
+        "nonbinary": (post(query=q, supports=s, masks=gray_mask), 400, "not binary"),
+        "zero": (post(query=q), 400, "zero shots"),
+        "too_many": (post(query=q, supports_1=s, supports_2=s, supports_3=s, supports_4=s, masks_1=m, masks_2=m,
+                          masks_3=m, masks_4=m), 400, "at most 3"),
+        "pixels": (post(query=big, supports=s, masks=m), 413, "limit"),
+        "upload": (post(query=huge, supports=s, masks=m), 413, "exceeds the limit"),
+        "unknown_set": (post("/v1/support-sets/nope/segment", query=q), 404, "no support set named"),
+        "mask_count": (post(query=q, supports=s), 400, "one mask per support"),
+    }
+    for name, (r, status, text) in cases.items():
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert text in r.json()["error"], (name, r.json())
+    assert httpx.get(server.url + "/readyz").status_code == 200      # still alive
+
+
+def test_twenty_concurrent_clients_without_error(server, episode):
+    import httpx
+    q, _ = episode[0]
+    s, m = episode[1]
+    files = [("query", ("q.png", q.read_bytes())), ("supports", ("s.png", s.read_bytes())),
+             ("masks", ("m.png", m.read_bytes()))]
+    errors, done = [], []
+    stop = time.time() + 6
+
+    def worker():
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            while time.time() < stop:
+                r = c.post("/v1/segment", files=files)
+                (done if r.status_code == 200 else errors).append(r.status_code)
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(done) >= 20
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'svf_requests_total{endpoint="/v1/segment",status="200"}' in metrics
+    batches = [line for line in metrics.splitlines() if line.startswith("svf_batch_size_count")]
+    count = float(batches[0].split()[-1])
+    assert 0 < count <= len(done)       # concurrent requests shared backend calls or not, all were answered
+
+
+def test_openapi_and_onnx_backend_agrees(model_dir, episode):
+    import httpx
+    srv = Server(model_dir, "onnxruntime")
+    try:
+        schema = httpx.get(srv.url + "/openapi.json").json()
+        assert {"/v1/segment", "/v1/support-sets/{name}", "/v1/support-sets/{name}/segment", "/readyz",
+                "/healthz", "/metrics"} <= set(schema["paths"])
+        assert "onnxruntime" in httpx.get(srv.url + "/readyz").json()["backend"]
+        from serving.client import Client
+        q, _ = episode[3]
+        got = np.array(Image.open(io.BytesIO(Client(srv.url).segment(q, [episode[1][0]], [episode[1][1]])))) // 255
+        want = expected_mask(model_dir, q, [episode[1][0]], [episode[1][1]])
+        assert (got == want).mean() > 0.999
+    finally:
+        srv.stop()
