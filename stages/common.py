@@ -11,8 +11,10 @@ from pathlib import Path
 from pipeline.config import ConfigError, load_config
 
 
-def setup(description: str, fold: bool = False):
+def setup(description: str, fold: bool = False, extra=None):
     ap = argparse.ArgumentParser(description=description)
+    if extra:
+        extra(ap)
     ap.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     if fold:
         ap.add_argument("--fold", type=int, required=True, help="fold 0..3")

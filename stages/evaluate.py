@@ -18,9 +18,15 @@ log = logging.getLogger("evaluate")
 
 
 def main():
-    args, cfg = setup(__doc__, fold=True)
+    args, cfg = setup(__doc__, fold=True, extra=lambda ap: ap.add_argument(
+        "--untrained", action="store_true", help="score the model before training (the baseline); not tracked"))
     out, plots = Path("models") / f"fold{args.fold}", Path("plots") / f"fold{args.fold}"
-    model, _ = adapter_io.load_model(out / "adapter.pt", cfg)
+    if args.untrained:
+        from pipeline.models import build_model
+        model = build_model(cfg)[0].eval()
+        plots = plots / "untrained"
+    else:
+        model, _ = adapter_io.load_model(out / "adapter.pt", cfg)
     device = pick_device(cfg.eval.device)
     model.to(device)
     prepared = prepared_dir(cfg.data.root, cfg.data.benchmark)
@@ -46,6 +52,11 @@ def main():
         s["per_class_iou"] = {names[int(c) - 1]: v for c, v in s["per_class_iou"].items()}
         result[f"{k}shot"] = s
         log.info("fold %d %d-shot: %s", args.fold, k, spread_text(s))
+    if args.untrained:
+        path = write_json(Path("metrics") / "untrained" / f"fold{args.fold}.json", result)
+        print(f"evaluate (untrained) fold {args.fold}: " +
+              "; ".join(f"{k}-shot mIoU {result[f'{k}shot']['miou']:.2f}" for k in cfg.eval.shots) + f" -> {path}")
+        return
     path = write_json(Path("metrics") / f"fold{args.fold}.json", result)
     with tracking.resume_run(cfg, out, "evaluate") as t:
         for k in cfg.eval.shots:
