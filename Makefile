@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine; each creates (or reuses) the local virtual environment.
 #   make repro  - run the whole DVC pipeline (default: the embedded synthetic benchmark, offline)
 #   make test   - run the test suite
+#   make serve  - start the inference service on the model the default pipeline exported
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test venv bench clean-venv
+.PHONY: repro test serve venv bench clean-venv
 
 venv: $(STAMP)
 
@@ -20,6 +21,9 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+serve: $(STAMP)
+	$(BIN)/python -m serving --model-dir models/fold0
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/svf_forms.py

@@ -6,9 +6,9 @@ Batch and shots are dynamic dimensions of the tensors (-1), so max_batch_size is
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
+
+from pipeline.data.download import link_or_copy
 
 
 def config_pbtxt(name: str, platform: str, size: int, gpu: bool) -> str:
@@ -31,13 +31,7 @@ def write_repository(repo: str | Path, onnx_path: str | Path, size: int, engine_
     for name, platform, src, fname, gpu in models:
         d = repo / name
         (d / "1").mkdir(parents=True, exist_ok=True)
-        dst = d / "1" / fname
-        if dst.exists():
-            dst.unlink()
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
+        link_or_copy(src, d / "1" / fname)
         (d / "config.pbtxt").write_text(config_pbtxt(name, platform, size, gpu))
         written.append(d)
     return written

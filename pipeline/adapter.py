@@ -42,19 +42,24 @@ def save(state: dict, path: str | Path) -> Path:
     return path
 
 
-def read(path: str | Path, stage_hint: str = "train") -> dict:
+def _load(path: str | Path, fmt: str, what: str, stage: str) -> dict:
+    """torch.load a file of ours, with errors that name the file and the stage that makes it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"adapter {path} is missing; run the {stage_hint} stage (`dvc repro {stage_hint}`) first")
+        raise FileNotFoundError(f"{what} {path} is missing; run the {stage} stage (`dvc repro {stage}`) first")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"adapter {path} is corrupt or not a PyTorch file ({type(e).__name__}: {e}); "
-                         "re-run the train stage") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an svf-fss adapter (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
-                         f"expected {FORMAT!r})")
+        raise ValueError(f"{what} {path} is corrupt or not a PyTorch file ({type(e).__name__}: {e}); "
+                         f"re-run the {stage} stage") from e
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not an svf-fss {what} (format {found!r}, expected {fmt!r})")
     return state
+
+
+def read(path: str | Path) -> dict:
+    return _load(path, FORMAT, "adapter", "train")
 
 
 def load_model(path: str | Path, cfg=None):
@@ -92,15 +97,7 @@ def merged_state(model, cfg, parity: dict | None = None) -> dict:
 
 def load_merged(path: str | Path):
     """(dense model in eval mode, config) from merged.pt: standard torchvision/PyTorch modules only."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"merged model {path} is missing; run the merge stage (`dvc repro merge`) first")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"merged model {path} is corrupt ({type(e).__name__}: {e}); re-run the merge stage") from e
-    if not isinstance(state, dict) or state.get("format") != MERGED_FORMAT:
-        raise ValueError(f"{path} is not an svf-fss merged model (expected format {MERGED_FORMAT!r})")
+    state = _load(path, MERGED_FORMAT, "merged model", "merge")
     cfg = config_from_dict(state["config"])
     model, _ = build_model(cfg, finetune="frozen", pretrained="none")
     model.load_state_dict(state["state_dict"], strict=True)

@@ -1,4 +1,5 @@
-"""DVC stage `download`: fetch and verify the benchmark (or generate the synthetic one) and backbone weights."""
+"""DVC stage `download`: fetch and verify the benchmark (or generate the synthetic one) and the ImageNet
+backbone weights (when model.pretrained is imagenet)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,20 +13,14 @@ def main():
     _, cfg = setup(__doc__)
     d = cfg.data
     fetch_benchmark(d.benchmark, d.root, d.mirror, d.synthetic, d.workers)
-    wdir = Path(d.root) / "weights"
+    wdir = Path(d.root) / "weights" / "imagenet"
     wdir.mkdir(parents=True, exist_ok=True)
     if cfg.model.pretrained == "imagenet":
         weights = fetch_weights(sorted(set(d.backbones) | {cfg.model.backbone}), d.root, d.mirror)
-    elif cfg.model.pretrained == "synthetic":
-        from pipeline.models.backbone import weights_path
-        from pipeline.pretrain import pretrain
-        s = d.synthetic
-        weights = {cfg.model.backbone: pretrain(cfg.model.backbone, weights_path(d.root, cfg.model.backbone, "synthetic"),
-                                                s.pretrain_iterations, s.pretrain_batch, s.pretrain_size, s.seed)}
     else:
         weights = {"note": f"model.pretrained is {cfg.model.pretrained!r}: no ImageNet weights needed"}
     write_json(wdir / "weights.json", weights)
-    print(f"download: raw data in {raw_dir(d.root, d.benchmark)}, weights in {wdir}")
+    print(f"download: raw data in {raw_dir(d.root, d.benchmark)}, ImageNet weights in {wdir}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from PIL import Image
 
 from miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal
 from pipeline.data import sources
-from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, raw_dir, split_dir
+from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, split_dir
 from pipeline.data.download import ChecksumError, DownloadError, Resource, UnsafeArchiveError, download, extract
 from pipeline.data.episodes import EpisodeDataset, TrainTransform, binarize, eval_transform
 from pipeline.data.prepare import PrepareError, prepare

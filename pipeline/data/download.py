@@ -42,6 +42,18 @@ class Resource:
         return Resource(url, self.filename, self.md5, self.sha256)
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> Path:
+    """Hard-link ``src`` to ``dst`` (replacing it), copying where links are not possible."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst
+
+
 def file_digest(path: Path, algo: str) -> str:
     h = hashlib.new(algo)
     with open(path, "rb") as f:

@@ -21,21 +21,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from .benchmarks import NUM_CLASSES, SYNTHETIC_CLASSES, VOC_CLASSES, check_benchmark
+from .download import link_or_copy as _link
 
 log = logging.getLogger(__name__)
 
 
 class PrepareError(RuntimeError):
     pass
-
-
-def _link(src: Path, dst: Path) -> None:
-    if dst.exists():
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _load_label(kind: str, src) -> np.ndarray:

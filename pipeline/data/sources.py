@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from .benchmarks import check_benchmark, raw_dir
-from .download import Resource, download, extract
+from .download import Resource, download, extract, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,8 @@ def fetch_weights(archs, root, mirror: str = "", resources: dict | None = None) 
     got = {}
     for arch in archs:
         res = (resources or {}).get(arch) or mirrored(backbone_resource(arch), mirror)
-        path = download(res, Path(root) / "weights" / "archives")
+        path = download(res, Path(root) / "weights" / "imagenet" / "archives")
         dest = weights_path(root, arch)
-        if dest.exists():
-            dest.unlink()
-        os.link(path, dest)
+        link_or_copy(path, dest)
         got[arch] = {"file": str(dest), "url": res.url, "sha256": res.sha256}
     return got

@@ -74,7 +74,8 @@ class Backbone(nn.Module):
 
 
 def weights_path(root: str | Path, arch: str, source: str = "imagenet") -> Path:
-    return Path(root) / "weights" / f"{arch}_{source}.pth"
+    """data/weights/<source>/<arch>.pth: ``imagenet`` written by the download stage, ``synthetic`` by pretrain."""
+    return Path(root) / "weights" / source / f"{arch}.pth"
 
 
 def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int = 0,
@@ -97,8 +98,8 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
     if pretrained == "synthetic":
         local = weights_path(weights_root, arch, "synthetic")
         if not local.exists():
-            raise FileNotFoundError(f"pretrained synthetic backbone {local} is missing; run the download stage "
-                                    "(`dvc repro download`), which pretrains it offline")
+            raise FileNotFoundError(f"pretrained synthetic backbone {local} is missing; run the pretrain stage "
+                                    "(`dvc repro pretrain`)")
         state = torch.load(local, map_location="cpu", weights_only=True)
     elif pretrained == "imagenet":
         local = weights_path(weights_root, arch)
