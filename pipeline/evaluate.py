@@ -125,9 +125,8 @@ def figure(episodes: list[dict], path, class_names: list[str] | None = None, tit
             ax = axes[r, 2 + j]
             if j < ep["support"].shape[0]:
                 ax.imshow(show(ep["support"][j]))
-                m = ep["support_mask"][j].numpy()
-                ax.imshow(np.ma.masked_where(m != 1, m), cmap="winter", alpha=0.45)
-                ax.set_title(f"support {j + 1}", fontsize=8)
+                ax.contour(ep["support_mask"][j].numpy() == 1, levels=[0.5], colors="lime", linewidths=1)
+                ax.set_title(f"support {j + 1} (mask outlined)", fontsize=8)
         for ax in axes[r]:
             ax.axis("off")
     if title:
