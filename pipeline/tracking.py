@@ -99,8 +99,8 @@ def start_run(cfg, fold: int, model_dir: str | Path) -> str:
                          "finetune": cfg.model.finetune, **dvc_lock_hashes()})
         run_id = run.info.run_id
     Path(model_dir).mkdir(parents=True, exist_ok=True)
-    run_file(model_dir).write_text(json.dumps({"run_id": run_id, "experiment_id": exp_id,
-                                               "tracking_uri": tracking_uri(cfg)}) + "\n")
+    # no tracking URI here: this file is committed with the results and must not name a machine's paths
+    run_file(model_dir).write_text(json.dumps({"run_id": run_id, "experiment_id": exp_id}) + "\n")
     return run_id
 
 
