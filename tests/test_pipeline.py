@@ -215,3 +215,11 @@ def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
     assert {"svf", "frozen"} <= set(shown), rows
     runs = client.search_runs([run.info.experiment_id])
     assert {r.data.params["model.finetune"] for r in runs} == {"svf", "frozen"}
+
+
+def test_missing_pretrained_weights_name_the_stage(tmp_path):
+    from pipeline.models.backbone import load_backbone
+    with pytest.raises(FileNotFoundError, match=r"dvc repro pretrain"):
+        load_backbone("resnet18", "synthetic", weights_root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.pretrained: checkpoint .* does not exist"):
+        load_backbone("resnet18", str(tmp_path / "nope.pth"))
