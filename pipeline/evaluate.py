@@ -7,7 +7,6 @@ over the fold's novel classes. FB-IoU pools background and foreground IoU the sa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-IGNORE = 255
+from .data.episodes import IGNORE
+
 
 
 @dataclass
@@ -140,6 +140,3 @@ def spread_text(summary: dict) -> str:
     return (f"mIoU {summary['miou']:.2f} +- {summary['miou_std']:.2f} (min {summary['miou_min']:.2f}, "
             f"max {summary['miou_max']:.2f}), FB-IoU {summary['fbiou']:.2f}")
 
-
-def nan_to_none(x):
-    return None if isinstance(x, float) and math.isnan(x) else x

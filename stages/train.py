@@ -14,7 +14,7 @@ def main():
     args, cfg = setup(__doc__, fold=True)
     rank = int(os.environ.get("RANK", "0"))
     out, plots = Path("models") / f"fold{args.fold}", Path("plots") / f"fold{args.fold}"
-    log_metrics = None
+    run_id = None
     if rank == 0:
         from pipeline.train import checkpoint_path
         rf = tracking.run_file(out)
@@ -22,25 +22,19 @@ def main():
             run_id = json.loads(rf.read_text())["run_id"]     # a resumed execution keeps its run
         else:
             run_id = tracking.start_run(cfg, args.fold, out)
-        ctx = tracking.resume_run(cfg, out, "train")
-        tracker = ctx.__enter__()
-        log_metrics = tracker.metrics
-    try:
-        summary = train(cfg, args.fold, out, plots, log_metrics)
-        if rank == 0:
-            write_json(out / "train.json", summary)
-            tracker.metrics({"adapter_bytes": summary["adapter_bytes"], "best_val_miou": summary["best_val_miou"],
-                             "train_seconds": summary["seconds"], "episodes_per_second": summary["episodes_per_second"]})
-            for f in (out / "adapter.pt", out / "train.json", plots / "train.csv", plots / "val.csv"):
-                tracker.artifact(f, "train")
-            print(f"train fold {args.fold}: adapter {out / 'adapter.pt'} ({summary['adapter_file_bytes'] / 1e6:.2f} MB; "
-                  f"dense model parameters {summary['full_model_param_bytes'] / 1e6:.1f} MB), best val mIoU "
-                  f"{summary['best_val_miou']:.2f} at iteration {summary['best_iteration']}, curves in {plots}, "
-                  f"MLflow run {run_id}")
-    finally:
-        if rank == 0:
-            ctx.__exit__(None, None, None)
-
+    with tracking.open_run(cfg, out, "train", enabled=rank == 0) as tracker:
+        summary = train(cfg, args.fold, out, plots, tracker.metrics if tracker else None)
+        if tracker is None:
+            return
+        write_json(out / "train.json", summary)
+        tracker.metrics({"adapter_bytes": summary["adapter_bytes"], "best_val_miou": summary["best_val_miou"],
+                         "train_seconds": summary["seconds"], "episodes_per_second": summary["episodes_per_second"]})
+        for f in (out / "adapter.pt", out / "train.json", plots / "train.csv", plots / "val.csv"):
+            tracker.artifact(f, "train")
+        print(f"train fold {args.fold}: adapter {out / 'adapter.pt'} ({summary['adapter_file_bytes'] / 1e6:.2f} MB; "
+              f"dense model parameters {summary['full_model_param_bytes'] / 1e6:.1f} MB), best val mIoU "
+              f"{summary['best_val_miou']:.2f} at iteration {summary['best_iteration']}, curves in {plots}, "
+              f"MLflow run {run_id}")
 
 if __name__ == "__main__":
     run(main)
