@@ -2,18 +2,21 @@
 #   make repro  - run the whole DVC pipeline (default: the embedded synthetic benchmark, offline)
 #   make test   - run the test suite
 #   make serve  - start the inference service on the model the default pipeline exported
+#   make lock   - re-resolve requirements.lock after editing pyproject.toml or constraints.txt
+# The environment is installed from requirements.lock: every package pinned, every file's sha256 checked.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test serve venv bench clean-venv
+.PHONY: repro test serve venv bench lock clean-venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 repro: $(STAMP)
@@ -23,10 +26,14 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 serve: $(STAMP)
-	$(BIN)/python -m serving --model-dir models/fold0
+	$(BIN)/python -m serving --model-dir models/fold0/1shot
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/svf_forms.py
+
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --generate-hashes --universal \
+		--python-version 3.10 -o requirements.lock
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,7 +2,7 @@
 
   unmerged SVF (PyTorch)  vs  merged dense (PyTorch)  vs  ONNX Runtime  vs  TensorRT (where present)
 
-    python benchmarks/export_speed.py [--fold 0] [--batch 1 8] [--shots 1] [--runs 20]
+    python benchmarks/export_speed.py [--fold 0] [--model-shots 1] [--batch 1 8] [--shots 1] [--runs 20]
 
 Uses the artifacts of `dvc repro` (adapter.pt, merged.pt, model.onnx, model.engine if built).
 """
@@ -24,13 +24,14 @@ from pipeline import adapter as adapter_io  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--model-shots", type=int, default=1, help="the model trained with this many shots")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    d = ROOT / "models" / f"fold{args.fold}"
+    d = ROOT / "models" / f"fold{args.fold}" / f"{args.model_shots}shot"
     unmerged, cfg = adapter_io.load_model(d / "adapter.pt")
     merged, _ = adapter_io.load_merged(d / "merged.pt")
     sess = onnx_export.session(d / "model.onnx", threads=args.threads)

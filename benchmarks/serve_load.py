@@ -1,7 +1,7 @@
 """Load on the real service over loopback: requests per second and p50/p99 latency at 1, 4 and 16
 concurrent clients, for /v1/segment (supports uploaded each time) and for a registered support set.
 
-    python benchmarks/serve_load.py [--model-dir models/fold0] [--backend auto] [--seconds 10]
+    python benchmarks/serve_load.py [--model-dir models/fold0/1shot] [--backend auto] [--seconds 10]
 
 Starts `python -m serving` on a free 127.0.0.1 port, drives it with threads of httpx clients for a
 bounded time per level, then stops it.
@@ -67,7 +67,7 @@ def load(url: str, path: str, files, clients: int, seconds: float):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default=str(ROOT / "models" / "fold0"))
+    ap.add_argument("--model-dir", default=str(ROOT / "models" / "fold0" / "1shot"))
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,11 @@ def _export(module, example, dynamic, names_in, names_out, path: Path, opset: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # One Dim object names the batch (and the shots) of every input on purpose: they are the same
+        # axis. The exporter warns once per extra input that it keeps the first one's name; that is
+        # the intent, so the warning is silenced here and nowhere else.
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used", category=UserWarning)
         torch.onnx.export(module.eval(), example, str(tmp), dynamo=True, dynamic_shapes=dynamic,
                           input_names=list(names_in), output_names=list(names_out), opset_version=opset,
                           external_data=False, verbose=False)
@@ -163,18 +168,31 @@ def check_parity(model: torch.nn.Module, sess, episodes: list[tuple], rtol: floa
     return {"max_rel": worst_rel, "max_abs": worst_abs, "rtol": rtol, "episodes": rows}
 
 
-def latency(fn, runs: int = 10, warmup: int = 2, sync=None) -> dict:
+def latency(fn, runs: int = 10, warmup: int = 3, sync=None) -> dict:
+    """Median and minimum wall time of ``fn`` after ``warmup`` calls, and whether the machine was busy.
+
+    ``cpu_per_wall`` is the CPU time this process got per second of wall time while it was timed;
+    below 0.7 the work waited for a core (another process held the machine), and ``busy`` says so:
+    such a figure measures the machine's load, not the model.
+    """
     for _ in range(warmup):
         fn()
+    if sync:
+        sync()
     ts = []
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(runs):
         t = time.perf_counter()
         fn()
         if sync:
             sync()
         ts.append(time.perf_counter() - t)
+    cpu_per_wall = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     ts.sort()
-    return {"median_ms": 1000 * ts[len(ts) // 2], "min_ms": 1000 * ts[0], "runs": runs}
+    return {"median_ms": 1000 * ts[len(ts) // 2], "min_ms": 1000 * ts[0], "runs": runs, "warmup": warmup,
+            "cpu_per_wall": round(cpu_per_wall, 3), "loadavg_1m": round(load, 2),
+            "busy": bool(sync is None and cpu_per_wall < 0.7)}
 
 
 class SplitSession:

@@ -55,9 +55,11 @@ class SplitCfg:
 @dataclass
 class ModelCfg:
     head: str = field(default="pfenet", metadata=_choices("pfenet"))
-    backbone: str = field(default="resnet50", metadata=_choices("resnet18", "resnet34", "resnet50", "resnet101"))
-    pretrained: str = "imagenet"      # imagenet | synthetic | random | path to a torchvision checkpoint
+    backbone: str = field(default="resnet50", metadata=_choices("resnet18", "resnet34", "resnet50", "resnet101",
+                                                                "resnet50_deep", "resnet101_deep"))
+    pretrained: str = "imagenet"      # imagenet | synthetic | random | path to a checkpoint of the backbone's family
     output_stride: int = field(default=8, metadata=_choices(8, 32))
+    dilation: str = field(default="pspnet", metadata=_choices("pspnet", "torchvision"))  # pipeline/models/backbone.py
     finetune: str = field(default="svf", metadata=_choices("frozen", "svf", "full"))
     svf_form: str = field(default="rebuild", metadata=_choices("rebuild", "factorised"))
     reduce_dim: int = 256
@@ -67,11 +69,15 @@ class ModelCfg:
 
 @dataclass
 class TrainCfg:
-    iterations: int = 1000
+    iterations: int = 1000            # used when epochs is 0
+    epochs: int = 0                   # > 0: train this many epochs, validate after each (val_every ignored)
+    patience: int = 0                 # > 0: stop after this many validations without a better val mIoU
     batch_size: int = 4
-    shots: int = 1
-    lr: float = 0.0025
+    shots: list = field(default_factory=lambda: [1])   # one model per shot count (the authors train each)
+    sampling: str = field(default="pair", metadata=_choices("pair", "image"))   # pipeline/data/episodes.py
+    lr: float = 0.0025                # the head's effective LR (no hidden x10)
     backbone_lr_scale: float = 0.1
+    schedule: str = field(default="poly", metadata=_choices("poly", "constant"))
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
@@ -92,6 +98,7 @@ class TrainCfg:
 
 @dataclass
 class EvalCfg:
+    protocol: str = field(default="random", metadata=_choices("random", "bam"))   # pipeline/data/episodes.py
     shots: list = field(default_factory=lambda: [1, 5])
     episodes: int = 1000
     seeds: list = field(default_factory=lambda: [510, 365, 382, 322, 988])
@@ -203,9 +210,10 @@ def _validate(cfg: Config) -> Config:
     for fold in cfg.split.folds:
         if fold not in (0, 1, 2, 3):
             raise ConfigError(f"split.folds: fold {fold!r} does not exist; choose from [0, 1, 2, 3]")
-    for k in cfg.eval.shots + cfg.export.shots + [cfg.train.shots]:
-        if not isinstance(k, int) or k < 1:
-            raise ConfigError(f"shots must be positive integers, got {k!r}")
+    for key, ks in (("train.shots", cfg.train.shots), ("eval.shots", cfg.eval.shots),
+                    ("export.shots", cfg.export.shots)):
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks) or len(set(ks)) < len(ks):
+            raise ConfigError(f"{key}: expected distinct positive shot counts, got {ks!r}")
     if not cfg.model.bins:
         raise ConfigError("model.bins: at least one pyramid bin is needed")
     for b in cfg.model.bins:
@@ -213,6 +221,19 @@ def _validate(cfg: Config) -> Config:
             raise ConfigError(f"model.bins: {b!r} is neither a cell count (int > 1) nor a fraction (0 < f <= 1)")
     if len(cfg.train.scale) != 2 or not 0 < cfg.train.scale[0] <= cfg.train.scale[1]:
         raise ConfigError(f"train.scale: expected [min, max] with 0 < min <= max, got {cfg.train.scale}")
+    for key in ("iterations", "epochs", "patience", "batch_size", "val_episodes"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key}: {getattr(cfg.train, key)} is negative")
+    if cfg.train.epochs == 0 and cfg.train.iterations < 1:
+        raise ConfigError("train.iterations must be >= 1 when train.epochs is 0")
+    if cfg.train.epochs == 0 and cfg.train.val_every < 1:
+        raise ConfigError("train.val_every must be >= 1 when train.epochs is 0 (with epochs, validation is per epoch)")
+    if cfg.train.checkpoint_every < 1 or cfg.train.log_every < 1:
+        raise ConfigError("train.checkpoint_every and train.log_every must be >= 1")
+    if cfg.eval.episodes < 1:
+        raise ConfigError(f"eval.episodes must be >= 1, got {cfg.eval.episodes}")
+    if cfg.model.dilation == "torchvision" and cfg.model.backbone in ("resnet18", "resnet34"):
+        raise ConfigError(f"model.dilation: torchvision cannot dilate {cfg.model.backbone}'s BasicBlocks; use pspnet")
     if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
         raise ConfigError(f"train.device: {cfg.train.device!r}; choose auto, cpu, cuda or cuda:N")
     return cfg

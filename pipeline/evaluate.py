@@ -7,6 +7,7 @@ over the fold's novel classes. FB-IoU pools background and foreground IoU the sa
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data.episodes import IGNORE
+
+log = logging.getLogger(__name__)
 
 
 
@@ -26,6 +29,7 @@ class IoUAccumulator:
     fb_inter: list = field(default_factory=lambda: [0, 0])
     fb_union: list = field(default_factory=lambda: [0, 0])
     episodes: int = 0
+    strict: bool = False      # BAM: mIoU divides by every class of the fold, a class never drawn scores 0
 
     def add(self, pred: torch.Tensor, label: torch.Tensor, cls: int) -> None:
         """pred, label: [H, W] with pred in {0, 1}, label in {0, 1, 255}."""
@@ -41,13 +45,30 @@ class IoUAccumulator:
     def class_iou(self) -> dict[int, float]:
         return {c: self.inter[c] / self.union[c] for c in self.classes if self.union.get(c, 0) > 0}
 
+    def never_drawn(self) -> list[int]:
+        return [c for c in self.classes if self.union.get(c, 0) == 0]
+
     def miou(self) -> float:
-        """Mean over the fold's classes that occurred in at least one episode."""
+        """Mean over the fold's classes that occurred in at least one episode; with ``strict`` over all
+        of them, a class never drawn counting 0 (BAM's test.py)."""
         ious = self.class_iou()
+        if self.strict:
+            return float(np.mean([ious.get(c, 0.0) for c in self.classes])) if self.classes else float("nan")
         return float(np.mean(list(ious.values()))) if ious else float("nan")
 
     def fbiou(self) -> float:
         return float(np.mean([i / u if u else 0.0 for i, u in zip(self.fb_inter, self.fb_union)]))
+
+
+def predict_bam(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BAM's ``ori_resize`` scoring: the original label padded with 255 to a square of its longer side,
+    the whole padded logits [2, S, S] upsampled (bilinear, align_corners) to that square."""
+    h, w = label.shape[-2:]
+    side = max(h, w)
+    square = torch.full((side, side), IGNORE, dtype=label.dtype)
+    square[:h, :w] = label
+    up = F.interpolate(logits[None].float(), size=(side, side), mode="bilinear", align_corners=True)
+    return up[0].argmax(0), square
 
 
 def predict_original(logits: torch.Tensor, valid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -59,22 +80,34 @@ def predict_original(logits: torch.Tensor, valid: tuple[int, int], size: tuple[i
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, desc: str = "eval", progress: bool = True, keep: int = 0):
+def evaluate(model, dataset, device, desc: str = "eval", progress: bool = True, keep: int = 0,
+             classes: list[int] | None = None):
     """Run every episode of ``dataset`` (mode 'test') through ``model``; returns (IoUAccumulator, kept).
 
-    ``kept`` holds the first ``keep`` episodes with their predictions, for figures.
+    ``classes``: the fold's novel classes, which BAM's protocol divides the mIoU by (default: the
+    classes the dataset can draw). ``kept`` holds the first ``keep`` episodes with their predictions.
     """
     model.eval()
-    acc = IoUAccumulator(sorted(dataset.classes))
+    bam = dataset.protocol == "bam"
+    acc = IoUAccumulator(sorted(classes or dataset.classes), strict=bam)
     kept = []
     for i in tqdm(range(len(dataset)), desc=desc, unit="ep", disable=not progress, mininterval=2.0):
         ep = dataset[i]
         logits = model(ep["query"][None].to(device), ep["support"][None].to(device),
                        ep["support_mask"][None].to(device))[0]
-        pred = predict_original(logits, ep["valid"].tolist(), ep["label"].shape).cpu()
-        acc.add(pred, ep["label"], ep["class"])
+        if bam:
+            pred, label = predict_bam(logits.cpu(), ep["label"])
+            acc.add(pred, label, ep["class"])
+            pred = pred[:ep["label"].shape[0], :ep["label"].shape[1]]
+        else:
+            pred = predict_original(logits, ep["valid"].tolist(), ep["label"].shape).cpu()
+            acc.add(pred, ep["label"], ep["class"])
         if len(kept) < keep:
             kept.append({**ep, "pred": pred})
+    if acc.never_drawn():
+        log.warning("%s: novel classes %s were never drawn in %d episodes; they count as IoU 0 in the mIoU"
+                    if bam else "%s: classes %s were never drawn in %d episodes; the mIoU averages the others",
+                    desc, acc.never_drawn(), len(dataset))
     return acc, kept
 
 
@@ -83,60 +116,16 @@ def summarise(per_seed: list[IoUAccumulator]) -> dict:
     mious = [100 * a.miou() for a in per_seed]
     fbious = [100 * a.fbiou() for a in per_seed]
     classes = sorted({c for a in per_seed for c in a.class_iou()})
-    per_class = {str(c): 100 * float(np.mean([a.class_iou()[c] for a in per_seed if c in a.class_iou()]))
-                 for c in classes}
+    per_seed_class = {str(c): [100 * a.class_iou()[c] for a in per_seed if c in a.class_iou()] for c in classes}
+    per_class = {c: float(np.mean(v)) for c, v in per_seed_class.items()}
     return {"miou": float(np.mean(mious)), "miou_std": float(np.std(mious)),
             "miou_min": float(np.min(mious)), "miou_max": float(np.max(mious)),
             "fbiou": float(np.mean(fbious)), "fbiou_std": float(np.std(fbious)),
             "per_seed_miou": mious, "per_class_iou": per_class,
+            "per_class_iou_per_seed": per_seed_class,
             "episodes": int(sum(a.episodes for a in per_seed))}
-
-
-def figure(episodes: list[dict], path, class_names: list[str] | None = None, title: str = "") -> None:
-    """Query with ground truth and prediction, and the supports with their masks, one row per episode."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .data.episodes import MEAN, STD
-
-    def show(t):
-        img = (t.permute(1, 2, 0).numpy() * np.array(STD) + np.array(MEAN)).clip(0, 1)
-        return img
-
-    k = max(ep["support"].shape[0] for ep in episodes)
-    cols = 2 + k
-    fig, axes = plt.subplots(len(episodes), cols, figsize=(2.4 * cols, 2.4 * len(episodes)), squeeze=False)
-    for r, ep in enumerate(episodes):
-        h, w = ep["valid"].tolist()
-        q = show(ep["query"])[:h, :w]
-        pred = F.interpolate(ep["pred"][None, None].float(), size=(h, w), mode="nearest")[0, 0].numpy()
-        gt = F.interpolate(ep["label"][None, None].float(), size=(h, w), mode="nearest")[0, 0].numpy()
-        name = class_names[ep["class"] - 1] if class_names else str(ep["class"])
-        axes[r, 0].imshow(q)
-        axes[r, 0].contour(gt == 1, levels=[0.5], colors="lime", linewidths=1)
-        axes[r, 0].set_title(f"query, truth ({name})", fontsize=8)
-        axes[r, 1].imshow(q)
-        axes[r, 1].imshow(np.ma.masked_where(pred != 1, pred), cmap="autumn", alpha=0.55)
-        inter = ((pred == 1) & (gt == 1)).sum()
-        union = (((pred == 1) | (gt == 1)) & (gt != 255)).sum()
-        axes[r, 1].set_title(f"prediction, IoU {100 * inter / max(union, 1):.0f}%", fontsize=8)
-        for j in range(k):
-            ax = axes[r, 2 + j]
-            if j < ep["support"].shape[0]:
-                ax.imshow(show(ep["support"][j]))
-                ax.contour(ep["support_mask"][j].numpy() == 1, levels=[0.5], colors="lime", linewidths=1)
-                ax.set_title(f"support {j + 1} (mask outlined)", fontsize=8)
-        for ax in axes[r]:
-            ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def spread_text(summary: dict) -> str:
     return (f"mIoU {summary['miou']:.2f} +- {summary['miou_std']:.2f} (min {summary['miou_min']:.2f}, "
             f"max {summary['miou_max']:.2f}), FB-IoU {summary['fbiou']:.2f}")
-

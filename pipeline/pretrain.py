@@ -4,7 +4,7 @@ The backbone (layer0..layer4, output stride 8) with a 1x1 head on layer4 learns,
 class-agnostic targets of a separately generated image set: objectness, the object's colour (hue
 bin) and its texture kind. No image or label of the benchmark is used, so the novel classes stay
 unseen, as the few-shot protocol requires. BatchNorm trains here (as in ImageNet pretraining) and
-is frozen afterwards. The result is a torchvision-format checkpoint.
+is frozen afterwards. The result is a checkpoint in the architecture's own layout.
 """
 from __future__ import annotations
 
@@ -20,20 +20,9 @@ from tqdm import tqdm
 
 from .data.episodes import normalize
 from .data.synthetic import HUE_BINS, TEXTURES, generate_pretrain_image
-from .models.backbone import Backbone
+from .models.backbone import Backbone, to_checkpoint_state
 
 log = logging.getLogger(__name__)
-
-
-def to_torchvision_state(bb: Backbone) -> dict:
-    out = {}
-    for k, v in bb.state_dict().items():
-        if k.startswith("layer0.0."):
-            k = "conv1." + k[len("layer0.0."):]
-        elif k.startswith("layer0.1."):
-            k = "bn1." + k[len("layer0.1."):]
-        out[k] = v.detach().cpu().clone()
-    return out
 
 
 def pretrain(arch: str, out_path: str | Path, iterations: int = 300, batch: int = 16, size: int = 96, seed: int = 0,
@@ -83,7 +72,7 @@ def pretrain(arch: str, out_path: str | Path, iterations: int = 300, batch: int 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save(to_torchvision_state(bb), tmp)
+    torch.save({k: v.detach().cpu().clone() for k, v in to_checkpoint_state(bb).items()}, tmp)
     os.replace(tmp, out_path)
     return {"arch": arch, "iterations": iterations, "batch": batch, "size": size, "seed": seed,
             "final_loss": float(np.mean(losses[-20:])), "file": str(out_path)}

@@ -1,9 +1,14 @@
 """The only module that talks to MLflow.
 
 One MLflow run per fold per pipeline execution: the train stage opens it and records its id in
-``models/fold<i>/mlflow_run.json`` (a stage output); evaluate, merge and export reopen that run and
-add to it. The tracking URI defaults to a SQLite file at the repository root, also when the stage
-runs inside a `dvc exp run` temporary workspace (.dvc/tmp/exps/...).
+``models/fold<i>/<k>shot/mlflow_run.json`` (a stage output); evaluate, merge, export and report reopen that
+run and add to it. The tracking URI defaults to a SQLite file at the repository root, also when the
+stage runs inside a `dvc exp run` temporary workspace (.dvc/tmp/exps/...).
+
+MLflow stores artifact locations as absolute paths. The project's own database therefore follows
+the project: when it finds locations under another folder's ``mlartifacts/`` (the project was
+copied or moved), it rewrites them to this root's (``relocate``), so a copy never writes into the
+original's artifacts.
 """
 from __future__ import annotations
 
@@ -38,22 +43,76 @@ def tracking_uri(cfg=None) -> str:
     return uri or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+# (table, column) pairs of MLflow's SQL schema that hold artifact locations
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("model_versions", "source"), ("model_versions", "storage_location"),
+                     ("logged_models", "artifact_location"))
+
+
+def relocate(db: str | Path, root: str | Path) -> int:
+    """Point every artifact location under another folder's ``mlartifacts/`` at ``root``'s.
+
+    Returns the number of rows changed (0 for a database made here). Only for the project's own
+    SQLite file: a configured tracking server or database is never touched.
+    """
+    import sqlite3
+    db, mine = Path(db), (Path(root).resolve() / "mlartifacts").as_uri()
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(str(db))
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "experiments" not in tables:
+            return 0
+        olds = set()
+        for (loc,) in con.execute("SELECT artifact_location FROM experiments"):
+            m = re.match(r"(file://.*?/mlartifacts)(/|$)", loc or "")
+            if m and m.group(1) != mine:
+                olds.add(m.group(1))
+        changed = 0
+        for old in olds:
+            for table, col in _LOCATION_COLUMNS:
+                if table in tables and col in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
+                    changed += con.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?) WHERE {col} = ? "
+                                           f"OR {col} LIKE ?", (mine, len(old) + 1, old, old + "/%")).rowcount
+        con.commit()
+        return changed
+    finally:
+        con.close()
+
+
 def _mlflow(cfg):
     import logging
 
     import mlflow
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    own = f"sqlite:///{repo_root() / 'mlflow.db'}"
+    if uri == own and relocate(repo_root() / "mlflow.db", repo_root()):
+        logging.getLogger(__name__).info("mlflow.db came from another folder: artifact locations now point at %s",
+                                         repo_root() / "mlartifacts")
+    mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+# MLflow 3 opens an experiment in its GenAI view unless the experiment says it trains models
+KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def _experiment(mlflow, name: str) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *next(iter(KIND_TAG.items())))
         return exp.experiment_id
     artifacts = (repo_root() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    return mlflow.create_experiment(name, artifact_location=artifacts, tags=KIND_TAG)
+
+
+def experiment_name() -> str:
+    """The DVC experiment this process runs in (`dvc exp run -n NAME`), else 'workspace'."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
 def git_commit() -> str:
@@ -84,19 +143,22 @@ def run_file(model_dir: str | Path) -> Path:
     return Path(model_dir) / "mlflow_run.json"
 
 
-def start_run(cfg, fold: int, model_dir: str | Path) -> str:
-    """Open a new run for this fold, log params and tags, and record its id next to the model."""
+def start_run(cfg, fold: int, shots: int, model_dir: str | Path) -> str:
+    """Open a new run for this fold's ``shots``-shot model, log params and tags, record its id next to it."""
     mlflow = _mlflow(cfg)
     exp_id = _experiment(mlflow, cfg.tracking.experiment)
-    name = f"fold{fold}-{cfg.model.head}-{cfg.model.finetune}"
+    dvc_exp = experiment_name()
+    name = f"fold{fold}-{shots}shot-{cfg.model.head}-{cfg.model.finetune}" + \
+        (f"-{dvc_exp}" if dvc_exp != "workspace" else "")
     with mlflow.start_run(experiment_id=exp_id, run_name=name) as run:
         flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in cfg.flat().items()}
         items = list(flat.items())
         for i in range(0, len(items), 90):
             mlflow.log_params(dict(items[i:i + 90]))
-        mlflow.log_param("fold", fold)
+        mlflow.log_params({"fold": fold, "shots": shots})
         mlflow.set_tags({"git_commit": git_commit(), "fold": str(fold), "benchmark": cfg.data.benchmark,
-                         "finetune": cfg.model.finetune, **dvc_lock_hashes()})
+                         "finetune": cfg.model.finetune, "head": cfg.model.head, "shots": str(shots),
+                         "dvc_experiment": dvc_exp, **dvc_lock_hashes()})
         run_id = run.info.run_id
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     # no tracking URI here: this file is committed with the results and must not name a machine's paths
@@ -147,3 +209,19 @@ def open_run(cfg, model_dir: str | Path, stage: str, enabled: bool = True):
         return
     with resume_run(cfg, model_dir, stage) as t:
         yield t
+
+
+def model_alias(cfg, fold: int, shots: int) -> str:
+    """Registry alias of a model: one per benchmark, fold, training shots, head and regime, so an
+    ablation never moves another regime's alias."""
+    return f"{cfg.data.benchmark}-fold{fold}-{shots}shot-{cfg.model.head}-{cfg.model.finetune}"
+
+
+def describe_model_version(cfg, version: int | str, tags: dict, description: str | None = None) -> None:
+    """Tag (and describe) a registered model version."""
+    mlflow = _mlflow(cfg)
+    client = mlflow.MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(cfg.tracking.registered_model, str(version), k, str(v))
+    if description is not None:
+        client.update_model_version(cfg.tracking.registered_model, str(version), description=description)

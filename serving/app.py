@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -171,7 +172,9 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     batch_sizes = Histogram("svf_batch_size", "Queries per backend call", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32))
-    app = FastAPI(title="svf-fss", version="0.1.0",
+    # API docs (/docs, /redoc) served from the fastapi-offline package's copies of Swagger UI and
+    # ReDoc instead of a CDN: the pages work on a machine without internet.
+    app = FastAPIOffline(title="svf-fss", version="0.1.0",
                   description="Few-shot segmentation (PFENet + SVF) over the exported model.")
     state = {"ready": False, "sets": {}}
 

@@ -59,7 +59,7 @@ class Client:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="svf-fss client")
+    ap = argparse.ArgumentParser(prog="python -m serving.client", description="svf-fss client")
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     sub = ap.add_subparsers(dest="cmd", required=True)
     seg = sub.add_parser("segment", help="segment a query")
@@ -90,6 +90,9 @@ def main(argv=None):
             else:
                 Path(args.out).write_bytes(out)
                 print(f"mask written to {args.out}")
+    except httpx.ConnectError as e:
+        sys.exit(f"error: no service answers at {args.url} ({e}); start one with `make serve` "
+                 "(or `python -m serving --model-dir models/fold0/1shot`), or point --url at it")
     except (ServiceError, httpx.HTTPError, OSError) as e:
         sys.exit(f"error: {e}")
 

@@ -5,19 +5,54 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 
 
+_FOLD_HINT = ""
+
+
+def _prog() -> str:
+    """The command as users type it: ``python -m stages.<name>``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and spec.name else Path(sys.argv[0]).name
+
+
+def model_dir(fold: int, shots: int) -> Path:
+    """Where the model of ``fold`` trained with ``shots``-shot episodes and its reports live."""
+    return Path("models") / f"fold{fold}" / f"{shots}shot"
+
+
+def plots_dir(fold: int, shots: int) -> Path:
+    return Path("plots") / f"fold{fold}" / f"{shots}shot"
+
+
+def fold_hint(cfg, fold: int, shots: int, stage: str) -> str:
+    """What to change when a model's input is missing: DVC builds only the folds of split.folds and the
+    shot counts of train.shots."""
+    name = f"{stage}@{fold}-{shots}"
+    unlisted = [f"add {fold} to split.folds"] if fold not in cfg.split.folds else []
+    unlisted += [f"add {shots} to train.shots"] if shots not in cfg.train.shots else []
+    if not unlisted:
+        return f"run `dvc repro {name}`"
+    return (f"`dvc repro` builds the folds of split.folds {cfg.split.folds} and the shot counts of train.shots "
+            f"{cfg.train.shots} only: {' and '.join(unlisted)} in params.yaml, then run `dvc repro {name}`")
+
+
 def setup(description: str, fold: bool = False, extra=None):
-    ap = argparse.ArgumentParser(description=description)
+    global _FOLD_HINT
+    ap = argparse.ArgumentParser(prog=_prog(), description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if extra:
         extra(ap)
     ap.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     if fold:
         ap.add_argument("--fold", type=int, required=True, help="fold 0..3")
+        ap.add_argument("--shot", type=int, default=None,
+                        help="the model trained with this many shots (default: the first of train.shots)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -29,6 +64,11 @@ def setup(description: str, fold: bool = False, extra=None):
         sys.exit(f"error: {e}")
     if fold and args.fold not in (0, 1, 2, 3):
         sys.exit(f"error: unknown fold {args.fold}; choose one of [0, 1, 2, 3]")
+    if fold:
+        args.shot = cfg.train.shots[0] if args.shot is None else args.shot
+        if args.shot < 1:
+            sys.exit(f"error: --shot must be a positive shot count, got {args.shot}")
+        _FOLD_HINT = fold_hint(cfg, args.fold, args.shot, "train")
     return args, cfg
 
 
@@ -48,5 +88,9 @@ def run(main) -> None:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         if os.environ.get("SVF_FSS_DEBUG"):
             raise
-        logging.getLogger("stage").error("%s: %s", type(e).__name__, e)
+        msg = str(e)
+        if isinstance(e, FileNotFoundError) and _FOLD_HINT and "only:" in _FOLD_HINT:
+            hinted = re.sub(r"run the \w+ stage \(`dvc repro \w+`\)( first)?", _FOLD_HINT, msg)
+            msg = hinted if hinted != msg else f"{msg}; {_FOLD_HINT}"
+        logging.getLogger("stage").error("%s: %s", type(e).__name__, msg)
         sys.exit(1)

@@ -1,18 +1,23 @@
-"""DVC stage `evaluate`: episodic 1- and k-shot evaluation over several seeds, at original resolution."""
+"""DVC stage `evaluate`: episodic evaluation of one trained model over several seeds.
+
+The k-shot model is scored on k-shot episodes; a shot count of eval.shots that no model was trained
+for is scored by the first model of train.shots, and its results are labelled with the model's shot
+count (``5shot_by1``): a 1-shot model scored with 5 shots is not the protocol, and says so.
+"""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from pipeline import adapter as adapter_io
 from pipeline import tracking
-from pipeline.data.benchmarks import prepared_dir, split_dir
+from pipeline.data.benchmarks import novel_classes, prepared_dir, split_dir
 from pipeline.data.episodes import EpisodeDataset, class_names
-from pipeline.evaluate import evaluate, figure, spread_text, summarise
+from pipeline.evaluate import evaluate, spread_text, summarise
+from pipeline.figures import episodes_figure
 from pipeline.train import pick_device
-from stages.common import run, setup, write_json
+from stages.common import model_dir, plots_dir, run, setup, write_json
 
 log = logging.getLogger("evaluate")
 
@@ -20,7 +25,7 @@ log = logging.getLogger("evaluate")
 def main():
     args, cfg = setup(__doc__, fold=True, extra=lambda ap: ap.add_argument(
         "--untrained", action="store_true", help="score the model before training (the baseline); not tracked"))
-    out, plots = Path("models") / f"fold{args.fold}", Path("plots") / f"fold{args.fold}"
+    out, plots = model_dir(args.fold, args.shot), plots_dir(args.fold, args.shot)
     if args.untrained:
         from pipeline.models import build_model
         model = build_model(cfg)[0].eval()
@@ -32,41 +37,72 @@ def main():
     prepared = prepared_dir(cfg.data.root, cfg.data.benchmark)
     pairs = split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl"
     names = class_names(prepared)
-    result = {"fold": args.fold, "benchmark": cfg.data.benchmark, "finetune": cfg.model.finetune,
-              "episodes_per_seed": cfg.eval.episodes, "seeds": cfg.eval.seeds}
+    novel = novel_classes(cfg.data.benchmark, args.fold, cfg.data.coco_split)
+    shots = eval_shots(cfg, args.shot)
+    result = {"fold": args.fold, "model_shots": args.shot, "benchmark": cfg.data.benchmark,
+              "finetune": cfg.model.finetune, "protocol": cfg.eval.protocol, "episodes_per_seed": cfg.eval.episodes,
+              "seeds": cfg.eval.seeds}
     figures = []
     torch.manual_seed(0)
-    for k in cfg.eval.shots:
+    for k in shots:
         accs = []
         for i, seed in enumerate(cfg.eval.seeds):
-            ds = EpisodeDataset(prepared, pairs, k, "test", cfg.eval.test_size, seed=seed, episodes=cfg.eval.episodes)
-            acc, kept = evaluate(model, ds, device, desc=f"{k}-shot seed {seed}",
+            ds = EpisodeDataset(prepared, pairs, k, "test", cfg.eval.test_size, seed=seed, episodes=cfg.eval.episodes,
+                                protocol=cfg.eval.protocol)
+            if cfg.eval.protocol == "bam":
+                seed_everything(seed)
+            acc, kept = evaluate(model, ds, device, desc=f"{k}-shot seed {seed}", classes=novel,
                                  keep=cfg.eval.figure_episodes if i == 0 else 0)
             accs.append(acc)
             if kept:
-                path = plots / f"episodes_{k}shot.png"
+                path = plots / "episodes" / f"{k}shot.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                figure(kept, path, names, f"fold {args.fold}, {k}-shot, {cfg.model.finetune}")
+                episodes_figure(kept, path, names, f"fold {args.fold}, {k}-shot episodes, {args.shot}-shot model, "
+                                                   f"{cfg.model.finetune}")
                 figures.append(path)
         s = summarise(accs)
-        s["per_class_iou"] = {names[int(c) - 1]: v for c, v in s["per_class_iou"].items()}
-        result[f"{k}shot"] = s
-        log.info("fold %d %d-shot: %s", args.fold, k, spread_text(s))
+        for key in ("per_class_iou", "per_class_iou_per_seed"):
+            s[key] = {names[int(c) - 1]: v for c, v in s[key].items()}
+        s["model_shots"] = args.shot
+        result[shot_key(k, args.shot)] = s
+        log.info("fold %d, %d-shot episodes, %d-shot model: %s", args.fold, k, args.shot, spread_text(s))
     if args.untrained:
-        path = write_json(Path("metrics") / "untrained" / f"fold{args.fold}.json", result)
+        path = write_json(plots / "evaluate.json", result)
         print(f"evaluate (untrained) fold {args.fold}: " +
-              "; ".join(f"{k}-shot mIoU {result[f'{k}shot']['miou']:.2f}" for k in cfg.eval.shots) + f" -> {path}")
+              "; ".join(f"{k}-shot mIoU {result[shot_key(k, args.shot)]['miou']:.2f}" for k in shots) + f" -> {path}")
         return
-    path = write_json(Path("metrics") / f"fold{args.fold}.json", result)
+    path = write_json(out / "evaluate.json", result)
     with tracking.resume_run(cfg, out, "evaluate") as t:
-        for k in cfg.eval.shots:
-            s = result[f"{k}shot"]
-            t.metrics({f"{k}shot_miou": s["miou"], f"{k}shot_miou_std": s["miou_std"], f"{k}shot_fbiou": s["fbiou"]})
+        for k in shots:
+            key, s = shot_key(k, args.shot), result[shot_key(k, args.shot)]
+            t.metrics({f"{key}_miou": s["miou"], f"{key}_miou_std": s["miou_std"], f"{key}_fbiou": s["fbiou"]})
         t.artifact(path, "evaluate")
         for f in figures:
             t.artifact(f, "evaluate")
-    print(f"evaluate fold {args.fold}: metrics in {path}, figures in {plots}: " +
-          "; ".join(f"{k}-shot mIoU {result[f'{k}shot']['miou']:.2f}" for k in cfg.eval.shots))
+    print(f"evaluate fold {args.fold}, {args.shot}-shot model: report in {path}, figures in {plots / 'episodes'}: " +
+          "; ".join(f"{shot_key(k, args.shot)} mIoU {result[shot_key(k, args.shot)]['miou']:.2f}" for k in shots))
+
+
+def eval_shots(cfg, model_shots: int) -> list[int]:
+    """The shot counts the ``model_shots``-shot model is scored on: its own, and those of eval.shots that
+    no model was trained for when it is the first of train.shots."""
+    first = model_shots == cfg.train.shots[0]
+    return [k for k in cfg.eval.shots if k == model_shots or (first and k not in cfg.train.shots)] or [model_shots]
+
+
+def shot_key(episode_shots: int, model_shots: int) -> str:
+    """'5shot' for the protocol's case; '5shot_by1' when a 1-shot model is scored on 5-shot episodes."""
+    return f"{episode_shots}shot" + (f"_by{model_shots}" if episode_shots != model_shots else "")
+
+
+def seed_everything(seed: int) -> None:
+    """BAM's test.py seeds Python's random, numpy and torch with each seed."""
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 possible, a Triton model repository, and the model registered in MLflow."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,19 +13,21 @@ from pipeline import adapter as adapter_io
 from pipeline import tracking
 from pipeline.data.benchmarks import novel_classes, prepared_dir, split_dir
 from pipeline.data.episodes import MEAN, STD, class_names, fixed_batches
-from stages.common import run, setup, write_json
+from stages.common import model_dir, run, setup, write_json
 
 log = logging.getLogger("export")
 
 
-def log_to_mlflow(cfg, out: Path, onnx_path: Path, example, engine: Path | None, report: dict, fold: int):
+def log_to_mlflow(cfg, out: Path, onnx_path: Path, example, engine: Path | None, report: dict, fold: int,
+                  shots: int):
     import mlflow
     import onnx
     from mlflow.models import infer_signature
+    lat = report["latency"]
     with tracking.resume_run(cfg, out, "export") as t:
         t.metrics({"onnx_max_rel": report["onnx"]["parity"]["max_rel"],
-                   "onnx_latency_ms": report["latency"]["onnxruntime"]["median_ms"],
-                   "torch_latency_ms": report["latency"]["torch"]["median_ms"]})
+                   "onnx_latency_ms": lat["onnxruntime"]["median_ms"], "torch_latency_ms": lat["torch"]["median_ms"]})
+        t.tags({"latency_busy": lat["onnxruntime"]["busy"] or lat["torch"]["busy"]})
         inputs = {"query": example[0].numpy(), "support": example[1].numpy(), "support_mask": example[2].numpy()}
         sess = onnx_export.session(onnx_path, prefer_cuda=False)
         outputs = sess.run(None, inputs)[0]
@@ -34,8 +37,18 @@ def log_to_mlflow(cfg, out: Path, onnx_path: Path, example, engine: Path | None,
                                      onnx_execution_providers=onnx_export.providers())
         version = getattr(info, "registered_model_version", None)
         if version is not None:
-            alias = f"{cfg.data.benchmark}-fold{fold}"
+            alias = tracking.model_alias(cfg, fold, shots)
             mlflow.MlflowClient().set_registered_model_alias(cfg.tracking.registered_model, alias, version)
+            m = cfg.model
+            tracking.describe_model_version(
+                cfg, version,
+                {"head": m.head, "finetune": m.finetune, "backbone": m.backbone, "benchmark": cfg.data.benchmark,
+                 "fold": fold, "shots": shots, "dvc_experiment": tracking.experiment_name(),
+                 "onnx_max_rel": f"{report['onnx']['parity']['max_rel']:.3g}",
+                 "merge_max_rel": f"{report['merge_max_rel']:.3g}"},
+                f"{m.head.upper()} on {m.backbone}, {m.finetune} regime, {cfg.data.benchmark} fold {fold}, trained "
+                f"with {shots}-shot episodes. Merged (plain dense convs) and exported to ONNX: parity "
+                f"{report['onnx']['parity']['max_rel']:.2g} relative to PyTorch.")
             report["mlflow"] = {"registered_model": cfg.tracking.registered_model, "version": int(version),
                                 "alias": alias, "run_id": t.run_id}
         if engine is not None and engine.exists():
@@ -45,17 +58,18 @@ def log_to_mlflow(cfg, out: Path, onnx_path: Path, example, engine: Path | None,
 
 def main():
     args, cfg = setup(__doc__, fold=True)
-    out = Path("models") / f"fold{args.fold}"
+    out = model_dir(args.fold, args.shot)
     model, mcfg = adapter_io.load_merged(out / "merged.pt")
     size = cfg.eval.test_size
     prepared = prepared_dir(cfg.data.root, cfg.data.benchmark)
     meta = {"format": "svf-fss/1", "head": mcfg.model.head, "backbone": mcfg.model.backbone,
-            "finetune": mcfg.model.finetune, "benchmark": cfg.data.benchmark, "fold": args.fold,
+            "finetune": mcfg.model.finetune, "benchmark": cfg.data.benchmark, "fold": args.fold, "model_shots": args.shot,
             "class_names": class_names(prepared),
             "novel_classes": novel_classes(cfg.data.benchmark, args.fold, cfg.data.coco_split),
             "input_size": [size, size], "normalisation": {"mean": list(MEAN), "std": list(STD), "scale": 1 / 255},
             "inputs": "query[B,3,S,S], support[B,K,3,S,S], support_mask[B,K,S,S] (1 object, 0 or 255 not)",
             "outputs": "logits[B,2,S,S] (background, object)"}
+    merge = json.loads((out / "merge.json").read_text())
     onnx_path = onnx_export.export_onnx(model, out / "model.onnx", size, cfg.export.opset, meta)
     sess = onnx_export.session(onnx_path)
     batches = fixed_batches(prepared, split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl",
@@ -69,7 +83,7 @@ def main():
         lat_torch = onnx_export.latency(lambda: model(q, s, m))
     feed = {"query": q.numpy(), "support": s.numpy(), "support_mask": m.numpy()}
     lat_ort = onnx_export.latency(lambda: sess.run(None, feed))
-    report = {"fold": args.fold, "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size,
+    report = {"fold": args.fold, "model_shots": args.shot, "merge_max_rel": merge["max_rel"], "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size,
                                           "opset": cfg.export.opset, "providers": sess.get_providers(),
                                           "dynamic_axes": "batch, shots", "parity": parity,
                                           "split_graphs": {"support_encoder": str(enc), "query_decoder": str(dec),
@@ -99,9 +113,9 @@ def main():
         log.info("no TensorRT engine: %s", reason)
     report["triton"] = [str(p) for p in triton.write_repository(out / "triton", onnx_path, size, engine)]
     write_json(out / "export.json", report)
-    log_to_mlflow(cfg, out, onnx_path, (q, s, m), engine, report, args.fold)
+    log_to_mlflow(cfg, out, onnx_path, (q, s, m), engine, report, args.fold, args.shot)
     write_json(out / "export.json", report)
-    print(f"export fold {args.fold}: {onnx_path} (parity max rel {parity['max_rel']:.2e} <= {cfg.export.rtol:g}; "
+    print(f"export fold {args.fold}, {args.shot}-shot model: {onnx_path} (parity max rel {parity['max_rel']:.2e} <= {cfg.export.rtol:g}; "
           f"torch {lat_torch['median_ms']:.1f} ms, ONNX Runtime {lat_ort['median_ms']:.1f} ms per episode), "
           f"TensorRT: {'built ' + str(engine) if engine else 'not built (' + reason + ')'}; "
           f"Triton repository {out / 'triton'}")

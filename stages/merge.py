@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 
@@ -11,7 +10,7 @@ from pipeline import tracking
 from pipeline.data.benchmarks import prepared_dir, split_dir
 from pipeline.data.episodes import fixed_batches
 from pipeline.svf import SVFConv2d, merge_svf
-from stages.common import run, setup, write_json
+from stages.common import model_dir, run, setup, write_json
 
 
 def parity(a, b, batches) -> dict:
@@ -26,7 +25,7 @@ def parity(a, b, batches) -> dict:
 
 def main():
     args, cfg = setup(__doc__, fold=True)
-    out = Path("models") / f"fold{args.fold}"
+    out = model_dir(args.fold, args.shot)
     unmerged, acfg = adapter_io.load_model(out / "adapter.pt")
     n_svf = sum(isinstance(m, SVFConv2d) for m in unmerged.modules())
     merged = merge_svf(copy.deepcopy(unmerged)).eval()
@@ -34,7 +33,7 @@ def main():
     batches = fixed_batches(prepared_dir(cfg.data.root, cfg.data.benchmark),
                             split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl",
                             cfg.eval.test_size, cfg.export.shots, cfg.export.parity_episodes)
-    report = {"fold": args.fold, "svf_layers_merged": n_svf, "tolerance_rel": cfg.export.merge_tolerance,
+    report = {"fold": args.fold, "model_shots": args.shot, "svf_layers_merged": n_svf, "tolerance_rel": cfg.export.merge_tolerance,
               **parity(merged, unmerged, batches)}
     report["passed"] = report["max_rel"] <= cfg.export.merge_tolerance
     write_json(out / "merge.json", report)
@@ -45,7 +44,7 @@ def main():
     with tracking.resume_run(cfg, out, "merge") as t:
         t.metrics({"merge_max_rel": report["max_rel"], "merge_max_abs": report["max_abs"]})
         t.artifact(out / "merge.json", "merge")
-    print(f"merge fold {args.fold}: {n_svf} SVF convs folded into dense convs -> {path} "
+    print(f"merge fold {args.fold}, {args.shot}-shot model: {n_svf} SVF convs folded into dense convs -> {path} "
           f"(parity: max rel {report['max_rel']:.2e}, max abs {report['max_abs']:.2e})")
 
 

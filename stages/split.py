@@ -12,12 +12,12 @@ def main():
     out = split_dir(d.root, d.benchmark)
     summary = make_splits(prepared_dir(d.root, d.benchmark), out, d.benchmark, range(4), s.min_pixels, s.filter,
                           d.coco_split)
-    write_json("metrics/split.json", {"benchmark": d.benchmark, "filter": s.filter, "min_pixels": s.min_pixels,
-                                      **summary})
+    counts = write_json(out / "counts.json", {"benchmark": d.benchmark, "filter": s.filter,
+                                              "min_pixels": s.min_pixels, **summary})
     for fold, v in summary.items():
         print(f"split {fold}: {v['train_pairs']} train pairs ({v['train_images']} images), "
               f"{v['val_pairs']} val pairs ({v['val_images']} images)")
-    print(f"split: lists in {out}, counts in metrics/split.json")
+    print(f"split: lists in {out}, pair counts per class in {counts}")
 
 
 if __name__ == "__main__":

@@ -3,35 +3,34 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from pipeline import tracking
 from pipeline.train import train
-from stages.common import run, setup, write_json
+from stages.common import model_dir, plots_dir, run, setup, write_json
 
 
 def main():
     args, cfg = setup(__doc__, fold=True)
     rank = int(os.environ.get("RANK", "0"))
-    out, plots = Path("models") / f"fold{args.fold}", Path("plots") / f"fold{args.fold}"
+    out, plots = model_dir(args.fold, args.shot), plots_dir(args.fold, args.shot)
     run_id = None
     if rank == 0:
         from pipeline.train import checkpoint_path
         rf = tracking.run_file(out)
-        if checkpoint_path(cfg, args.fold).exists() and rf.exists():
+        if checkpoint_path(cfg, args.fold, args.shot).exists() and rf.exists():
             run_id = json.loads(rf.read_text())["run_id"]     # a resumed execution keeps its run
         else:
-            run_id = tracking.start_run(cfg, args.fold, out)
+            run_id = tracking.start_run(cfg, args.fold, args.shot, out)
     with tracking.open_run(cfg, out, "train", enabled=rank == 0) as tracker:
-        summary = train(cfg, args.fold, out, plots, tracker.metrics if tracker else None)
+        summary = train(cfg, args.fold, args.shot, out, plots, tracker.metrics if tracker else None)
         if tracker is None:
             return
         write_json(out / "train.json", summary)
         tracker.metrics({"adapter_bytes": summary["adapter_bytes"], "best_val_miou": summary["best_val_miou"],
                          "train_seconds": summary["seconds"], "episodes_per_second": summary["episodes_per_second"]})
-        for f in (out / "adapter.pt", out / "train.json", plots / "train.csv", plots / "val.csv"):
+        for f in (out / "adapter.pt", out / "train.json", plots / "train.csv", plots / "val.csv", plots / "curves.png"):
             tracker.artifact(f, "train")
-        print(f"train fold {args.fold}: adapter {out / 'adapter.pt'} ({summary['adapter_file_bytes'] / 1e6:.2f} MB; "
+        print(f"train fold {args.fold}, {args.shot}-shot: adapter {out / 'adapter.pt'} ({summary['adapter_file_bytes'] / 1e6:.2f} MB; "
               f"dense model parameters {summary['full_model_param_bytes'] / 1e6:.1f} MB), best val mIoU "
               f"{summary['best_val_miou']:.2f} at iteration {summary['best_iteration']}, curves in {plots}, "
               f"MLflow run {run_id}")

@@ -77,7 +77,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
     params_b = write_params(b, data_root)
     stage("train", a, "--fold", "0")
 
-    ckpt = b / "checkpoints/synthetic/fold0/checkpoint.pt"
+    ckpt = b / "checkpoints/synthetic/fold0/1shot/checkpoint.pt"
     proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--fold", "0"], cwd=b, env=env(b),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -86,8 +86,8 @@ def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists(), "the run ended before its first checkpoint"
-    assert not (b / "models/fold0/adapter.pt").exists()
-    killed_at = torch.load(ckpt, weights_only=True)["iteration"]
+    assert not (b / "models/fold0/1shot/adapter.pt").exists()
+    killed_at = torch.load(ckpt, weights_only=True)["state"]["iteration"]
     assert 0 < killed_at < TINY["train"]["iterations"]
 
     # resuming with another config is refused and names the differing keys
@@ -100,12 +100,12 @@ def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
     write_params(b, data_root)
     r = stage("train", b, "--fold", "0")
     assert f"resuming fold 0 from {ckpt.relative_to(b)} at iteration {killed_at}" in r.stderr
-    ta, tb = adapter_tensors(a / "models/fold0/adapter.pt"), adapter_tensors(b / "models/fold0/adapter.pt")
+    ta, tb = adapter_tensors(a / "models/fold0/1shot/adapter.pt"), adapter_tensors(b / "models/fold0/1shot/adapter.pt")
     assert ta.keys() == tb.keys() and len(ta) > 0
     assert all(torch.equal(ta[k], tb[k]) for k in ta), "resumed run ended with other weights"
     assert not ckpt.exists()   # a finished run leaves no checkpoint behind
-    curve = (b / "plots/fold0/train.csv").read_text().splitlines()
-    assert curve == (a / "plots/fold0/train.csv").read_text().splitlines()
+    curve = (b / "plots/fold0/1shot/train.csv").read_text().splitlines()
+    assert curve == (a / "plots/fold0/1shot/train.csv").read_text().splitlines()
     assert params_b.exists()
 
 
@@ -121,7 +121,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(data_root, tmp_path):
             rank = int(line.split("rank ")[1].split()[0])
             sums[rank] = line.rsplit(" ", 1)[1]
     assert set(sums) == {0, 1} and sums[0] == sums[1]
-    summary = json.loads((d / "models/fold0/train.json").read_text())
+    summary = json.loads((d / "models/fold0/1shot/train.json").read_text())
     assert summary["world_size"] == 2
 
 
@@ -130,8 +130,8 @@ def test_nan_loss_stops_and_names_iteration(data_root, tmp_path, monkeypatch):
     from pipeline.train import NaNLossError, train
     monkeypatch.chdir(tmp_path)
     cfg = load_config(write_params(tmp_path, data_root, train__lr=1e12, train__iterations=8))
-    with pytest.raises(NaNLossError, match=r"at iteration \d+ \(fold 0\)"):
-        train(cfg, 0, tmp_path / "models", tmp_path / "plots")
+    with pytest.raises(NaNLossError, match=r"at iteration \d+ \(fold 0, 1-shot\)"):
+        train(cfg, 0, 1, tmp_path / "models", tmp_path / "plots")
     assert not (tmp_path / "models/adapter.pt").exists()
 
 
@@ -140,7 +140,27 @@ def test_missing_splits_name_the_stage(tmp_path):
     r = stage("train", tmp_path, "--fold", "0", check=False)
     assert r.returncode == 1 and "dvc repro split" in r.stderr
     r = stage("evaluate", tmp_path, "--fold", "0", check=False)
-    assert r.returncode == 1 and "adapter" in r.stderr and "dvc repro train" in r.stderr
+    assert r.returncode == 1 and "adapter" in r.stderr and "dvc repro train@0-1" in r.stderr
+    # a fold that split.folds does not list: say what to change, not a command that builds nothing
+    r = stage("evaluate", tmp_path, "--fold", "1", check=False)
+    assert r.returncode == 1 and "add 1 to split.folds" in r.stderr and "dvc repro train@1-1" in r.stderr
+    r = stage("evaluate", tmp_path, "--fold", "0", "--shot", "5", check=False)
+    assert r.returncode == 1 and "add 5 to train.shots" in r.stderr and "dvc repro train@0-5" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = stage("evaluate", tmp_path, "--help")
+    assert r.stdout.startswith("usage: python -m stages.evaluate")
+
+
+def test_invalid_parameter_names_the_key(tmp_path):
+    write_params(tmp_path)
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("finetune: svf", "finetune: bogus"))
+    r = stage("validate", tmp_path, check=False)
+    assert r.returncode == 1 and "model.finetune: 'bogus' is not one of ['frozen', 'svf', 'full']" in r.stderr
+    assert not (tmp_path / "data/params.ok").exists()
+    (tmp_path / "params.yaml").write_text(text)
+    stage("validate", tmp_path)
+    assert json.loads((tmp_path / "data/params.ok").read_text())["valid"] is True
 
 
 def _copy_project(dst: Path) -> None:
@@ -156,65 +176,133 @@ def _copy_project(dst: Path) -> None:
             shutil.copy2(src, dst / f)
 
 
+def readme_block(marker: str) -> list[str]:
+    """The shell commands of the README's code block that follows ``<!-- marker -->``."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split(f"<!-- {marker} -->", 1)[1].split("```", 2)[1]
+    return [line.split("  #")[0].strip() for line in block.splitlines()[1:] if line.strip()
+            and not line.strip().startswith("#")]
+
+
+def output_files(proj: Path) -> dict[str, bytes]:
+    """Every file the pipeline wrote (DVC-cached or git-tracked outputs), with its content."""
+    files = {}
+    for folder in ("models", "metrics", "plots"):
+        for f in (proj / folder).rglob("*"):
+            if f.is_file():
+                files[str(f.relative_to(proj))] = f.read_bytes()
+    files["dvc.lock"] = (proj / "dvc.lock").read_bytes()
+    return files
+
+
 def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()
     _copy_project(proj)
-    write_params(proj)
+    write_params(proj, train__shots=[1, 2])          # one model per shot count: train@0-1, train@0-2
     e = env(proj)
     e.pop("MLFLOW_TRACKING_URI")          # the default: a SQLite file at the project root
     e.pop("PYTHONPATH")
+    e.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
 
-    def sh(*cmd, timeout=600):
-        r = subprocess.run(list(cmd), cwd=proj, env=e, capture_output=True, text=True, timeout=timeout)
-        assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-        return r.stdout + r.stderr
+    def sh(*cmd, timeout=600, ok=True, cwd=proj):
+        r = subprocess.run(list(cmd), cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+        if ok:
+            assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+        return r.stdout + r.stderr if ok else r
 
+    git = ("git", "-c", "user.email=t@t", "-c", "user.name=t")
     sh("git", "init", "-q")
-    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
-    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny")
+    sh(*git, "add", "-A")
+    sh(*git, "commit", "-qm", "tiny")
     sh(str(BIN / "dvc"), "repro")
-    for f in ("models/fold0/adapter.pt", "models/fold0/merged.pt", "models/fold0/model.onnx", "metrics/fold0.json",
-              "plots/fold0/episodes_1shot.png", "models/fold0/triton/svf_fss_onnx/config.pbtxt"):
-        assert (proj / f).exists(), f
+    for k in (1, 2):
+        for f in ("adapter.pt", "merged.pt", "model.onnx", "triton/svf_fss_onnx/config.pbtxt"):
+            assert (proj / f"models/fold0/{k}shot/{f}").exists(), f
+        for f in (f"episodes/{k}shot.png", "curves.png"):
+            assert (proj / f"plots/fold0/{k}shot/{f}").exists(), f
+        assert json.loads((proj / f"models/fold0/{k}shot/evaluate.json").read_text())[f"{k}shot"]["model_shots"] == k
+        assert torch.load(proj / f"models/fold0/{k}shot/adapter.pt", weights_only=True)["shots"] == k
+    assert (proj / "metrics/fold0.json").exists() and (proj / "plots/fold0/per_class_iou.png").exists()
     assert "up to date" in sh(str(BIN / "dvc"), "repro").lower()
+
+    # the metrics table fits a terminal, parity survives DVC's rounding
     shown = sh(str(BIN / "dvc"), "metrics", "show")
-    assert "1shot.miou" in shown and "1shot.fbiou" in shown
+    width = max(len(line) for line in shown.splitlines())
+    assert "1shot.miou" in shown and "2shot.fbiou" in shown and "parity" in shown and width <= 120, shown
+    metrics = json.loads((proj / "metrics/fold0.json").read_text())
+    assert set(metrics) == {"1shot", "2shot", "parity"} and metrics["parity"] >= 4   # relative error <= 1e-4
 
-    export = json.loads((proj / "models/fold0/export.json").read_text())
-    assert export["onnx"]["parity"]["max_rel"] <= 1e-4
-    assert export["tensorrt"]["built"] is False and export["tensorrt"]["reason"]
-    merge = json.loads((proj / "models/fold0/merge.json").read_text())
-    assert merge["passed"] and merge["svf_layers_merged"] > 0
+    # an invalid parameter stops `dvc repro` before any output is removed
+    before = output_files(proj)
+    params = (proj / "params.yaml").read_text()
+    (proj / "params.yaml").write_text(params.replace("  iterations: 16", "  iteratons: 16"))
+    r = sh(str(BIN / "dvc"), "repro", ok=False)
+    assert r.returncode != 0 and "train.iteratons" in r.stdout + r.stderr
+    assert output_files(proj) == before
+    (proj / "params.yaml").write_text(params)
+    r = sh(str(BIN / "dvc"), "exp", "run", "-S", "model.finetune=bogus", ok=False)
+    assert r.returncode != 0 and "model.finetune: 'bogus' is not one of" in r.stdout + r.stderr
+    assert output_files(proj) == before
+    sh("git", "checkout", "--", "params.yaml")
 
-    from mlflow import MlflowClient
-    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
-    run_id = json.loads((proj / "models/fold0/mlflow_run.json").read_text())["run_id"]
-    run = client.get_run(run_id)
-    assert run.data.params["model.finetune"] == "svf" and run.data.params["train.iterations"] == "16"
-    assert "1shot_miou" in run.data.metrics and "onnx_max_rel" in run.data.metrics
-    assert run.data.tags["git_commit"] != "unknown" and any(k.startswith("dvc.") for k in run.data.tags)
-    loss = client.get_metric_history(run_id, "loss")
-    assert len(loss) >= 4 and sorted(m.step for m in loss) == [m.step for m in loss]
-    arts = {a.path for folder in ("train", "evaluate", "merge", "export") for a in client.list_artifacts(run_id, folder)}
-    assert {"train/adapter.pt", "evaluate/fold0.json", "merge/merge.json", "export/export.json"} <= arts
-    mv = client.get_model_version_by_alias("svf-fss-pfenet", "synthetic-fold0")
-    assert mv.run_id == run_id
-
-    # the ablation is one experiment away, beside the committed baseline, in the same MLflow database
-    sh("git", "add", "-A")
-    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline results")
-    sh(str(BIN / "dvc"), "exp", "run", "-S", "model.finetune=frozen")
+    # the README's experiment sequence keeps the baseline and shows both regimes side by side
+    for cmd in readme_block("experiments"):
+        sh("bash", "-c", cmd)
     import csv
     import io
     r = subprocess.run([str(BIN / "dvc"), "exp", "show", "--csv"], cwd=proj, env=e, capture_output=True, text=True)
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     miou = next(c for c in rows[0] if c.endswith("1shot.miou"))
     regime = next(c for c in rows[0] if c.endswith("model.finetune"))
-    shown = {row[regime]: float(row[miou]) for row in rows if row.get(miou) not in (None, "", "!")}
-    assert {"svf", "frozen"} <= set(shown), rows
-    runs = client.search_runs([run.info.experiment_id])
-    assert {r.data.params["model.finetune"] for r in runs} == {"svf", "frozen"}
+    shown = {(row["Experiment"] or row["rev"], row[regime]): float(row[miou]) for row in rows
+             if row.get(miou) not in (None, "", "!", "-")}
+    assert {"svf", "frozen"} <= {k[1] for k in shown}, rows
+    assert any(name == "frozen" for name, _ in shown), rows
+    assert json.loads((proj / "metrics/fold0.json").read_text()) == metrics, "the workspace lost the baseline"
+    compare = next(c for c in readme_block("compare") if c.startswith("dvc exp show"))
+    table = sh("bash", "-c", compare)
+    assert "frozen" in table and "svf" in table
+    assert max(len(line) for line in table.splitlines()) <= 120, table
+
+    # MLflow: one run per execution tagged with its DVC experiment, aliases per regime, described versions
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    run_id = json.loads((proj / "models/fold0/1shot/mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.data.params["model.finetune"] == "svf" and run.data.params["train.iterations"] == "16"
+    assert "1shot_miou" in run.data.metrics and "onnx_max_rel" in run.data.metrics
+    assert run.data.tags["git_commit"] != "unknown" and any(k.startswith("dvc.") for k in run.data.tags)
+    assert run.data.tags["dvc_experiment"] == "workspace" and run.data.tags["latency_busy"] in ("True", "False")
+    loss = client.get_metric_history(run_id, "loss")
+    assert len(loss) >= 4 and sorted(m.step for m in loss) == [m.step for m in loss]
+    arts = {a.path for folder in ("train", "evaluate", "merge", "export", "report")
+            for a in client.list_artifacts(run_id, folder)}
+    assert {"train/adapter.pt", "train/curves.png", "evaluate/evaluate.json", "merge/merge.json",
+            "export/export.json", "report/fold0.json"} <= arts
+    svf = client.get_model_version_by_alias("svf-fss-pfenet", "synthetic-fold0-1shot-pfenet-svf")
+    frozen = client.get_model_version_by_alias("svf-fss-pfenet", "synthetic-fold0-1shot-pfenet-frozen")
+    svf2 = client.get_model_version_by_alias("svf-fss-pfenet", "synthetic-fold0-2shot-pfenet-svf")
+    assert svf2.tags["shots"] == "2" and float(svf2.tags["2shot_miou"]) == metrics["2shot"]["miou"]
+    assert svf.run_id == run_id and frozen.version != svf.version
+    assert svf.tags["finetune"] == "svf" and frozen.tags["finetune"] == "frozen" and svf.tags["fold"] == "0"
+    assert float(svf.tags["1shot_miou"]) == metrics["1shot"]["miou"] and "parity_digits" in svf.tags
+    assert "svf regime" in svf.description
+    frozen_run = client.get_run(frozen.run_id)
+    assert frozen_run.data.tags["dvc_experiment"] == "frozen"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == (proj / "mlartifacts").as_uri()
+
+    # a copied project writes its artifacts into its own mlartifacts/, not the original's
+    copy = tmp_path / "copy"
+    shutil.copytree(proj, copy, symlinks=True)
+    original = sorted(p.relative_to(proj) for p in (proj / "mlartifacts").rglob("*"))
+    sh(sys.executable, "-m", "stages.report", "--fold", "0", cwd=copy)
+    assert sorted(p.relative_to(proj) for p in (proj / "mlartifacts").rglob("*")) == original
+    moved = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_run(run_id)
+    assert moved.info.artifact_uri.startswith((copy / "mlartifacts").as_uri())
+    assert (copy / "mlartifacts").is_dir() and any((copy / "mlartifacts").rglob("fold0.json"))
 
 
 def test_missing_pretrained_weights_name_the_stage(tmp_path):

@@ -204,6 +204,13 @@ def test_openapi_and_onnx_backend_agrees(model_dir, episode):
         assert {"/v1/segment", "/v1/support-sets/{name}", "/v1/support-sets/{name}/segment", "/readyz",
                 "/healthz", "/metrics"} <= set(schema["paths"])
         assert "onnxruntime" in httpx.get(srv.url + "/readyz").json()["backend"]
+        # the API docs load their scripts from the service itself, not from a CDN
+        for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+            html = httpx.get(srv.url + page).text
+            assert "cdn." not in html and "http://" not in html.replace(srv.url, "") and "https://" not in html
+            src = next(part.split('"')[0] for part in html.split('src="')[1:] if asset in part)
+            js = httpx.get(srv.url + src)
+            assert js.status_code == 200 and len(js.content) > 100_000
         from serving.client import Client
         q, _ = episode[3]
         got = np.array(Image.open(io.BytesIO(Client(srv.url).segment(q, [episode[1][0]], [episode[1][1]])))) // 255
@@ -211,3 +218,17 @@ def test_openapi_and_onnx_backend_agrees(model_dir, episode):
         assert (got == want).mean() > 0.999
     finally:
         srv.stop()
+
+
+def test_missing_model_and_absent_service_say_what_to_do(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "serving", "--model-dir", str(tmp_path / "fold3" / "1shot")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "merged.pt" in r.stderr and "dvc repro export@3-1" in r.stderr and "split.folds" in r.stderr
+    url = f"http://127.0.0.1:{_free_port()}"
+    r = subprocess.run([sys.executable, "-m", "serving.client", "--url", url, "health"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and url in r.stderr and "make serve" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "serving.client", "--help"], env=env, capture_output=True, text=True)
+    assert r.stdout.startswith("usage: python -m serving.client")

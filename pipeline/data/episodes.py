@@ -97,16 +97,30 @@ class TrainTransform:
         return img[..., y:y + c, x:x + c], mask[..., y:y + c, x:x + c]
 
 
-def eval_transform(img: torch.Tensor, mask: torch.Tensor, size: int):
-    """Longer side resized to ``size`` (aspect kept), padded right/bottom to size x size with the mean
-    colour and the ignore label. Returns (normalised image, resized mask, (valid h, valid w))."""
+def bam_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """BAM's test size (util/transform.py test_Resize): only an image larger than ``size`` shrinks, its
+    longer side to ``size``, the other truncated, both floored to a multiple of 8 (473 -> 472)."""
+    if max(h, w) <= size:
+        return h, w
+    nh, nw = (size, int(w * size / h)) if h >= w else (int(h * size / w), size)
+    return nh // 8 * 8, nw // 8 * 8
+
+
+def eval_transform(img: torch.Tensor, mask: torch.Tensor, size: int, protocol: str = "random"):
+    """Longer side resized to ``size`` (aspect kept), padded right/bottom to size x size, the mask
+    with the ignore label. ``random``: padding with the mean colour; ``bam``: BAM's sizes (bam_size)
+    and zero (black) padding, as its test.py does. Returns (normalised image, resized mask,
+    (valid h, valid w))."""
     h, w = img.shape[-2:]
-    s = size / max(h, w)
-    nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    img = TF.resize(tv_tensors.Image(img), [nh, nw], antialias=True)
+    if protocol == "bam":
+        nh, nw = bam_size(h, w, size)
+    else:
+        s = size / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    img = TF.resize(tv_tensors.Image(img), [nh, nw], antialias=protocol != "bam")
     mask = TF.resize(tv_tensors.Mask(mask), [nh, nw], interpolation=InterpolationMode.NEAREST)
     pad = [0, 0, size - nw, size - nh]
-    img = TF.pad(img, pad, fill=MEAN_255)
+    img = TF.pad(img, pad, fill=[0, 0, 0] if protocol == "bam" else MEAN_255)
     mask = TF.pad(mask, pad, fill=IGNORE)
     return normalize(img), mask.as_subclass(torch.Tensor), (nh, nw)
 
@@ -126,49 +140,92 @@ def load_label(path: Path) -> torch.Tensor:
 class EpisodeDataset(Dataset):
     """Few-shot episodes over the (image, class) pairs of one fold split.
 
-    ``mode='train'``: one episode per pair (the pair is the query), augmented with TrainTransform;
-    ``mode='test'``: ``episodes`` episodes, the query pair drawn at random, resized and padded to
-    ``size`` with the original-resolution label kept for scoring.
-    Supports: ``shots`` distinct images holding the episode's class (same pixel rule), none the query.
+    ``mode='train'``, augmented with TrainTransform, one epoch being
+      * ``sampling='pair'``: one episode per (image, class) pair, the pair being the query;
+      * ``sampling='image'`` (PFENet/BAM/SVF, util/dataset.py): one episode per training image, its
+        class drawn among the fold's classes present in the image (any pixel count, as the reference
+        code draws it; ``class_pixels`` gives the counts).
+    ``mode='test'``: ``episodes`` episodes, resized and padded to ``size``, the original-resolution
+    label kept for scoring, the query drawn
+      * ``protocol='random'``: as a random (image, class) pair;
+      * ``protocol='bam'`` (BAM's test.py): the val images in file order, cycling, the class drawn among
+        the novel classes present in the image.
+    Supports: ``shots`` distinct images holding the episode's class under the pixel rule, none the query.
     """
 
     def __init__(self, prepared: str | Path, pairs_file: str | Path, shots: int, mode: str = "train",
-                 size: int = 473, seed: int = 0, episodes: int | None = None, scale=(0.9, 1.1), rotate: float = 10.0):
+                 size: int = 473, seed: int = 0, episodes: int | None = None, scale=(0.9, 1.1), rotate: float = 10.0,
+                 sampling: str = "pair", protocol: str = "random"):
         if mode not in ("train", "test"):
             raise ValueError(f"unknown episode mode {mode!r}; choose 'train' or 'test'")
+        if sampling not in ("pair", "image") or protocol not in ("random", "bam"):
+            raise ValueError(f"unknown sampling {sampling!r} or protocol {protocol!r}")
         self.root = Path(prepared)
         if not (self.root / "images").is_dir():
             raise FileNotFoundError(f"prepared data {self.root} is missing; run `dvc repro prepare` first")
         self.pairs = read_pairs(pairs_file)
         self.shots, self.mode, self.size, self.seed, self.epoch = shots, mode, size, seed, 0
+        self.sampling = sampling if mode == "train" else "pair"
+        self.protocol = protocol if mode == "test" else "random"
         by_class: dict[int, list[str]] = {}
         for i, c in self.pairs:
             by_class.setdefault(c, []).append(i)
         short = sorted(c for c, ids in by_class.items() if len(set(ids)) < shots + 1)
         if short:
-            log.warning("classes %s have fewer than %d images in %s; their episodes are skipped", short, shots + 1,
-                        pairs_file)
+            log.warning("classes %s have fewer than %d images in %s; no %d-shot episode of them can be formed, "
+                        "they are skipped", short, shots + 1, pairs_file, shots)
             self.pairs = [(i, c) for i, c in self.pairs if c not in short]
         if not self.pairs:
-            raise ValueError(f"{pairs_file}: no class has {shots + 1} images, no {shots}-shot episode can be formed")
+            raise ValueError(f"{pairs_file}: no class has {shots + 1} images, no {shots}-shot episode can be formed; "
+                             f"lower the shot count or add images")
         self.by_class = {c: sorted(set(ids)) for c, ids in by_class.items() if c not in short}
         self.classes = sorted(self.by_class)
+        # images in file order, each with the classes an episode may draw for it
+        self.images: list[str] = list(dict.fromkeys(i for i, _ in self.pairs))
+        self.image_classes = self._image_classes()
         self.episodes = episodes if episodes is not None else len(self.pairs)
+        if self.protocol == "bam" and self.episodes < len(self.images):
+            log.warning("eval.episodes (%d) is shorter than the val list (%d images): BAM's order covers only its "
+                        "first %d images; raise eval.episodes to at least %d to score every image", self.episodes,
+                        len(self.images), self.episodes, len(self.images))
         self.train_tf = TrainTransform(size, scale, rotate) if mode == "train" else None
+
+    def _image_classes(self) -> dict[str, list[int]]:
+        """Per image, the classes of this split present in it (any pixel) that can form an episode."""
+        if self.sampling != "image" and self.protocol != "bam":
+            return {}
+        counts_file = self.root / "class_pixels.json"
+        if not counts_file.exists():
+            raise FileNotFoundError(f"{counts_file} is missing; run `dvc repro prepare`")
+        pixels = json.loads(counts_file.read_text())
+        out = {}
+        for i in self.images:
+            present = {int(c) for c, n in pixels.get(i, {}).items() if n > 0}
+            out[i] = [c for c in self.classes if c in present and len([j for j in self.by_class[c] if j != i])
+                      >= self.shots]
+        return out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.pairs) if self.mode == "train" else self.episodes
+        if self.mode == "train":
+            return len(self.images) if self.sampling == "image" else len(self.pairs)
+        return self.episodes
 
     def episode(self, index):
         """(query id, class, support ids, transform seed) of episode ``index``, deterministic from
         (seed, epoch, index). ``index`` may be an (epoch, index) pair, as the training sampler yields."""
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         rng = np.random.default_rng([self.seed, epoch, index])
-        if self.mode == "train":
+        if self.mode == "train" and self.sampling == "image":
+            qid = self.images[index]
+            cls = self.image_classes[qid][int(rng.integers(len(self.image_classes[qid])))]
+        elif self.mode == "train":
             qid, cls = self.pairs[index]
+        elif self.protocol == "bam":
+            qid = self.images[index % len(self.images)]
+            cls = self.image_classes[qid][int(rng.integers(len(self.image_classes[qid])))]
         else:
             qid, cls = self.pairs[int(rng.integers(len(self.pairs)))]
         candidates = [i for i in self.by_class[cls] if i != qid]
@@ -196,8 +253,8 @@ class EpisodeDataset(Dataset):
             out.update(query=q, query_mask=qm.long(), support=torch.stack([a for a, _ in s]),
                        support_mask=torch.stack([b for _, b in s]).float())
             return out
-        q, qm, valid = eval_transform(q_img, q_lab, self.size)
-        s = [eval_transform(i, m, self.size)[:2] for i, m in sups]
+        q, qm, valid = eval_transform(q_img, q_lab, self.size, self.protocol)
+        s = [eval_transform(i, m, self.size, self.protocol)[:2] for i, m in sups]
         out.update(query=q, query_mask=qm.long(), support=torch.stack([a for a, _ in s]),
                    support_mask=torch.stack([b for _, b in s]).float(), label=q_lab.long(),
                    valid=torch.tensor(valid))

@@ -20,7 +20,7 @@ def build_model(cfg, finetune: str | None = None, pretrained: str | None = None)
     if m.head not in HEADS:
         raise ValueError(f"unknown head {m.head!r}; choose one of {HEADS}")
     torch.manual_seed(m.init_seed)
-    backbone = load_backbone(m.backbone, pretrained or m.pretrained, m.output_stride, m.init_seed, root)
+    backbone = load_backbone(m.backbone, pretrained or m.pretrained, m.output_stride, m.init_seed, root, m.dilation)
     fingerprint = state_fingerprint(backbone)
     torch.manual_seed(m.init_seed + 1)
     model, counts = build_pfenet(backbone, finetune or m.finetune, m.reduce_dim, m.bins, m.svf_form)

@@ -1,4 +1,17 @@
-"""ResNet backbones from torchvision, exposed as layer0..layer4, with BatchNorm pinned to eval mode."""
+"""ResNet backbones exposed as layer0..layer4, with BatchNorm pinned to eval mode.
+
+Two families:
+  * torchvision's ResNet-18/34/50/101 (7x7 stem), loaded from torchvision checkpoints;
+  * the deep-stem ResNet-50/101 of PSPNet (``resnet50_deep``, ``resnet101_deep``): a stem of three
+    3x3 convs 3->64 (stride 2), 64->64, 64->128, each with BN + ReLU, then max-pool; layer1 takes 128
+    channels. These are the ImageNet weights PFENet, BAM and the SVF authors load
+    (``resnet50_v2.pth`` / ``resnet101_v2.pth``); ``load_deep_state`` maps that file's keys strictly.
+Output stride 8 comes in two dilation styles (``model.dilation``): ``pspnet`` (PSPNet/BAM: every 3x3
+conv of layer3 dilation 2, of layer4 dilation 4, every stride 1) and ``torchvision``
+(``replace_stride_with_dilation``: the first block of layer3 keeps dilation 1, that of layer4 2),
+which is what the SVF authors' PFENet builds (model/module/resnet.py, no PSPNet override in
+model/pfenet.py).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +24,29 @@ import torchvision
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet50_deep", "resnet101_deep")
+DEEP = {"resnet50_deep": "resnet50", "resnet101_deep": "resnet101"}
+DILATIONS = ("pspnet", "torchvision")
 # (layer2, layer3, layer4) output channels
 CHANNELS = {"resnet18": (128, 256, 512), "resnet34": (128, 256, 512),
-            "resnet50": (512, 1024, 2048), "resnet101": (512, 1024, 2048)}
+            "resnet50": (512, 1024, 2048), "resnet101": (512, 1024, 2048),
+            "resnet50_deep": (512, 1024, 2048), "resnet101_deep": (512, 1024, 2048)}
+# the deep stem's modules in layer0 = Sequential(conv1, bn1, relu, conv2, bn2, relu, conv3, bn3, relu, maxpool)
+DEEP_STEM = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7}
+
+
+def _deep_stem() -> nn.Sequential:
+    def cbr(cin, cout, stride=1):
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*cbr(3, 64, 2), *cbr(64, 64), *cbr(64, 128), nn.MaxPool2d(3, 2, 1))
+
+
+def _deep_layer1(net: nn.Module) -> nn.Sequential:
+    """layer1 on the deep stem's 128 channels (torchvision's takes 64)."""
+    from torchvision.models.resnet import Bottleneck, conv1x1
+    blocks = len(net.layer1)
+    down = nn.Sequential(conv1x1(128, 256), nn.BatchNorm2d(256))
+    return nn.Sequential(Bottleneck(128, 64, downsample=down), *[Bottleneck(256, 64) for _ in range(1, blocks)])
 WEIGHT_ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
                 "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}
 
@@ -35,19 +67,30 @@ class Backbone(nn.Module):
     are kept in every fine-tune regime, as the SVF authors require.
     """
 
-    def __init__(self, arch: str = "resnet50", output_stride: int = 8):
+    def __init__(self, arch: str = "resnet50", output_stride: int = 8, dilation: str = "pspnet"):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown backbone {arch!r}; choose one of {ARCHS}")
-        net = getattr(torchvision.models, arch)(weights=None)
-        self.arch = arch
-        self.layer0 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        if output_stride == 8:
+        if dilation not in DILATIONS:
+            raise ValueError(f"unknown dilation style {dilation!r}; choose one of {DILATIONS}")
+        if output_stride not in (8, 32):
+            raise ValueError(f"output_stride must be 8 or 32, got {output_stride}")
+        base = DEEP.get(arch, arch)
+        tv_dilate = output_stride == 8 and dilation == "torchvision"
+        if tv_dilate and base in ("resnet18", "resnet34"):
+            raise ValueError(f"{arch} has BasicBlocks, which torchvision cannot dilate; use model.dilation: pspnet")
+        net = getattr(torchvision.models, base)(weights=None,
+                                                 **({"replace_stride_with_dilation": [False, True, True]}
+                                                    if tv_dilate else {}))
+        self.arch, self.deep = arch, arch in DEEP
+        if self.deep:
+            self.layer0, self.layer1 = _deep_stem(), _deep_layer1(net)
+        else:
+            self.layer0, self.layer1 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1
+        self.layer2, self.layer3, self.layer4 = net.layer2, net.layer3, net.layer4
+        if output_stride == 8 and dilation == "pspnet":
             _dilate(self.layer3, 2)
             _dilate(self.layer4, 4)
-        elif output_stride != 32:
-            raise ValueError(f"output_stride must be 8 or 32, got {output_stride}")
         self.channels = CHANNELS[arch]
 
     def train(self, mode: bool = True):
@@ -57,8 +100,40 @@ class Backbone(nn.Module):
                 m.eval()
         return self
 
-    def load_torchvision_state(self, state: dict) -> None:
+    def load_state(self, state: dict, source: str = "checkpoint") -> None:
+        """Load an ImageNet checkpoint of this architecture's family, every key used."""
+        if self.deep:
+            self.load_deep_state(state, source)
+        else:
+            self.load_torchvision_state(state, source)
+
+    def load_deep_state(self, state: dict, source: str = "checkpoint") -> None:
+        """Load the PSPNet deep-stem layout (``resnet50_v2.pth``): conv1..3/bn1..3 at the top, layer1..4,
+        fc (unused). Strict: a missing or unexpected key is an error naming them (``num_batches_tracked``,
+        absent from files of older PyTorch, excepted)."""
+        if "conv1.weight" in state and tuple(state["conv1.weight"].shape[-2:]) == (7, 7):
+            raise ValueError(f"{source} is a torchvision ResNet checkpoint (7x7 stem); {self.arch} needs the "
+                             "deep-stem PSPNet weights (resnet50_v2.pth / resnet101_v2.pth, see the README), or "
+                             f"model.backbone: {DEEP[self.arch]} for torchvision weights")
+        mapped = {}
+        for k, v in state.items():
+            top, _, rest = k.partition(".")
+            if top == "fc":
+                continue
+            mapped[f"layer0.{DEEP_STEM[top]}.{rest}" if top in DEEP_STEM else k] = v
+        self._load_strict(mapped, source)
+
+    def _load_strict(self, mapped: dict, source: str) -> None:
+        missing, unexpected = self.load_state_dict(mapped, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise ValueError(f"{source} does not fit {self.arch}: {len(missing)} missing keys {missing[:8]}, "
+                             f"{len(unexpected)} unexpected keys {unexpected[:8]}")
+
+    def load_torchvision_state(self, state: dict, source: str = "checkpoint") -> None:
         """Load a torchvision ResNet state_dict (conv1/bn1/layerN/fc keys)."""
+        if "conv2.weight" in state and "conv3.weight" in state:
+            raise ValueError(f"{source} is a deep-stem (PSPNet) checkpoint; use model.backbone: {self.arch}_deep")
         mapped = {}
         for k, v in state.items():
             if k.startswith("fc."):
@@ -68,9 +143,7 @@ class Backbone(nn.Module):
             elif k.startswith("bn1."):
                 k = "layer0.1." + k[len("bn1."):]
             mapped[k] = v
-        missing, unexpected = self.load_state_dict(mapped, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit {self.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self._load_strict(mapped, source)
 
 
 def weights_path(root: str | Path, arch: str, source: str = "imagenet") -> Path:
@@ -79,16 +152,17 @@ def weights_path(root: str | Path, arch: str, source: str = "imagenet") -> Path:
 
 
 def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int = 0,
-                  weights_root: str | Path = "data") -> Backbone:
+                  weights_root: str | Path = "data", dilation: str = "pspnet") -> Backbone:
     """Build the backbone and load its weights.
 
     ``pretrained``: ``imagenet`` (the file the download stage wrote, else torchvision's weight enum,
-    fetched by torch.hub where the network allows), ``synthetic`` (pretrained offline by the download
-    stage on a generated set disjoint from the benchmark, pipeline/pretrain.py), ``random`` (seeded; for offline runs and tests), or
-    a path to a torchvision checkpoint file.
+    fetched by torch.hub where the network allows; the deep-stem weights have no stable URL: give
+    their path), ``synthetic`` (pretrained offline by the pretrain stage on a generated set disjoint
+    from the benchmark, pipeline/pretrain.py), ``random`` (seeded; for offline runs and tests), or the
+    path of a checkpoint of the architecture's family (torchvision, or PSPNet's deep stem).
     """
     torch.manual_seed(seed)
-    bb = Backbone(arch, output_stride)
+    bb = Backbone(arch, output_stride, dilation)
     if pretrained == "none":   # the caller loads a full state_dict next (merged models)
         return bb
     if pretrained == "random":
@@ -105,6 +179,10 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
         local = weights_path(weights_root, arch)
         if local.exists():
             state = torch.load(local, map_location="cpu", weights_only=True)
+        elif arch in DEEP:
+            raise FileNotFoundError(f"the ImageNet weights of {arch} ({DEEP[arch]}_v2.pth, PSPNet's deep stem) have "
+                                    "no stable download URL: fetch the file from the link in PFENet's README and "
+                                    "set model.pretrained to its path (see the README, 'Reproducing the paper')")
         else:
             enum = getattr(torchvision.models, WEIGHT_ENUMS[arch]).IMAGENET1K_V1
             try:
@@ -117,10 +195,29 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
         path = Path(pretrained)
         if not path.exists():
             raise FileNotFoundError(f"model.pretrained: checkpoint {path} does not exist; give 'imagenet', "
-                                    "'random' or the path of a torchvision ResNet checkpoint")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    bb.load_torchvision_state(state)
+                                    "'synthetic', 'random' or the path of a ResNet checkpoint")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"model.pretrained: {path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        pretrained = str(path)
+    bb.load_state(state, f"checkpoint {pretrained}" if pretrained not in ("imagenet", "synthetic") else
+                  f"{pretrained} weights of {arch}")
     return bb
+
+
+def to_checkpoint_state(bb: Backbone) -> dict:
+    """The backbone's weights in its family's checkpoint layout (the inverse of ``Backbone.load_state``)."""
+    inverse = {v: k for k, v in DEEP_STEM.items()} if bb.deep else {0: "conv1", 1: "bn1"}
+    out = {}
+    for k, v in bb.state_dict().items():
+        if k.startswith("layer0."):
+            _, idx, rest = k.split(".", 2)
+            k = f"{inverse[int(idx)]}.{rest}"
+        out[k] = v
+    return out
 
 
 def state_fingerprint(module: nn.Module) -> str:

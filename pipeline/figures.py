@@ -1,0 +1,135 @@
+"""Figures a person looks at: episodes with their predictions, IoU per class, training curves.
+
+Colours are chosen not to collide with the objects' own: the prediction is a translucent cyan fill,
+the truth and the support masks a white outline.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch.nn.functional as F
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def episodes_figure(episodes: list[dict], path, class_names: list[str] | None = None, title: str = "") -> None:
+    """One row per episode: the query, the query with the prediction (translucent cyan) and the truth
+    (white outline), and the supports with their masks outlined in white."""
+    plt = _plt()
+    from .data.episodes import MEAN, STD
+
+    def show(t):
+        img = (t.permute(1, 2, 0).numpy() * np.array(STD) + np.array(MEAN)).clip(0, 1)
+        return img
+
+    k = max(ep["support"].shape[0] for ep in episodes)
+    cols = 2 + k
+    fill = np.array([0.0, 1.0, 1.0, 0.45])          # translucent cyan: a colour no synthetic object has
+
+    def overlay(ax, img, mask=None, outline=None):
+        ax.imshow(img)
+        if mask is not None:
+            rgba = np.zeros((*mask.shape, 4))
+            rgba[mask == 1] = fill
+            ax.imshow(rgba)
+        if outline is not None and (outline == 1).any():
+            ax.contour(outline == 1, levels=[0.5], colors="white", linewidths=1.5)
+
+    fig, axes = plt.subplots(len(episodes), cols, figsize=(2.4 * cols, 2.5 * len(episodes)), squeeze=False)
+    for r, ep in enumerate(episodes):
+        h, w = ep["valid"].tolist()
+        q = show(ep["query"])[:h, :w]
+        pred = F.interpolate(ep["pred"][None, None].float(), size=(h, w), mode="nearest")[0, 0].numpy()
+        gt = F.interpolate(ep["label"][None, None].float(), size=(h, w), mode="nearest")[0, 0].numpy()
+        name = class_names[ep["class"] - 1] if class_names else str(ep["class"])
+        overlay(axes[r, 0], q)
+        axes[r, 0].set_title(f"query ({name})", fontsize=8)
+        overlay(axes[r, 1], q, pred, gt)
+        inter = ((pred == 1) & (gt == 1)).sum()
+        union = (((pred == 1) | (gt == 1)) & (gt != 255)).sum()
+        axes[r, 1].set_title(f"prediction (cyan), truth (white)\nIoU {100 * inter / max(union, 1):.0f}%", fontsize=8)
+        for j in range(k):
+            ax = axes[r, 2 + j]
+            if j < ep["support"].shape[0]:
+                overlay(ax, show(ep["support"][j]), outline=ep["support_mask"][j].numpy())
+                ax.set_title(f"support {j + 1} (mask: white)", fontsize=8)
+        for ax in axes[r]:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def per_class_figure(report: dict, path, title: str = "") -> Path:
+    """Bar chart of the IoU of every novel class, one bar per shot count, the range over seeds as
+    error bars. ``report`` is the evaluate stage's report (per-class IoU keyed by class name)."""
+    plt = _plt()
+    shots = [k for k, v in report.items() if "shot" in k and isinstance(v, dict)]
+    names = list(report[shots[0]]["per_class_iou"]) if shots else []
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(len(names), 1), 3.4))
+    width = 0.8 / max(len(shots), 1)
+    for j, k in enumerate(shots):
+        s = report[k]
+        means = [s["per_class_iou"].get(n, 0.0) for n in names]
+        seeds = [s.get("per_class_iou_per_seed", {}).get(n, [m]) for n, m in zip(names, means)]
+        lo = [m - min(v) for m, v in zip(means, seeds)]
+        hi = [max(v) - m for m, v in zip(means, seeds)]
+        xs = [i + (j - (len(shots) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, means, width, yerr=[lo, hi], capsize=2, label=f"{k} (mIoU {s['miou']:.1f})")
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("IoU %")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(train_rows: list[dict], val_rows: list[dict], path, title: str = "") -> Path:
+    """Training curves: total, main and auxiliary loss; learning rate; validation mIoU and FB-IoU."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    it = [r["iteration"] for r in train_rows]
+    for key, style in (("loss", "-"), ("main_loss", "--"), ("aux_loss", ":")):
+        if train_rows and key in train_rows[0]:
+            axes[0].plot(it, [r[key] for r in train_rows], style, label=key.replace("_", " "))
+    axes[0].set_title("loss", fontsize=9)
+    axes[0].legend(fontsize=7)
+    lr_keys = [k for k in (train_rows[0] if train_rows else {}) if k.startswith("lr")]
+    for key in lr_keys:
+        axes[1].plot(it, [r[key] for r in train_rows], label=key)
+    axes[1].set_title("learning rate", fontsize=9)
+    if lr_keys:
+        axes[1].legend(fontsize=7)
+    vit = [r["iteration"] for r in val_rows]
+    for key in ("val_miou", "val_fbiou"):
+        if val_rows and key in val_rows[0]:
+            axes[2].plot(vit, [r[key] for r in val_rows], "o-", label=key.replace("val_", "val ").replace("iou", "IoU"))
+    axes[2].set_title("validation on novel classes (%)", fontsize=9)
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
