@@ -18,7 +18,17 @@ def _plt():
     return plt
 
 
-def episodes_figure(episodes: list[dict], path, class_names: list[str] | None = None, title: str = "") -> None:
+def _save(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    _plt().close(fig)
+    return path
+
+
+def episodes_figure(episodes: list[dict], path, class_names: list[str] | None = None, title: str = "") -> Path:
     """One row per episode: the query, the query with the prediction (translucent cyan) and the truth
     (white outline), and the supports with their masks outlined in white."""
     plt = _plt()
@@ -63,9 +73,7 @@ def episodes_figure(episodes: list[dict], path, class_names: list[str] | None = 
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return _save(fig, path)
 
 
 def per_class_figure(report: dict, path, title: str = "") -> Path:
@@ -91,12 +99,7 @@ def per_class_figure(report: dict, path, title: str = "") -> Path:
     ax.legend(fontsize=7, loc="upper right")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def curves_figure(train_rows: list[dict], val_rows: list[dict], path, title: str = "") -> Path:
@@ -127,9 +130,4 @@ def curves_figure(train_rows: list[dict], val_rows: list[dict], path, title: str
         ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

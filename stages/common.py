@@ -89,8 +89,9 @@ def run(main) -> None:
         if os.environ.get("SVF_FSS_DEBUG"):
             raise
         msg = str(e)
-        if isinstance(e, FileNotFoundError) and _FOLD_HINT and "only:" in _FOLD_HINT:
-            hinted = re.sub(r"run the \w+ stage \(`dvc repro \w+`\)( first)?", _FOLD_HINT, msg)
-            msg = hinted if hinted != msg else f"{msg}; {_FOLD_HINT}"
+        if isinstance(e, FileNotFoundError) and _FOLD_HINT and "dvc repro train`" in msg:
+            msg = re.sub(r"run the train stage \(`dvc repro train`\)( first)?", _FOLD_HINT, msg)
+        elif isinstance(e, FileNotFoundError) and _FOLD_HINT and "only:" in _FOLD_HINT:
+            msg = f"{msg}; {_FOLD_HINT}"
         logging.getLogger("stage").error("%s: %s", type(e).__name__, msg)
         sys.exit(1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_synthetic
 from miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal
 from pipeline.data import sources
 from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, split_dir
@@ -259,13 +260,7 @@ def test_weights_download_verifies_sha256_prefix(tmp_path):
 # ------------------------------------------------------------------ synthetic + episodes
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from pipeline.config import SyntheticCfg
-    root = tmp_path_factory.mktemp("syn")
-    raw = sources.fetch_benchmark("synthetic", root, synthetic=SyntheticCfg(num_train=60, num_val=30, image_size=64,
-                                                                           seed=3), workers=1)
-    prepare("synthetic", raw, prepared_dir(root, "synthetic"), workers=1)
-    make_splits(prepared_dir(root, "synthetic"), split_dir(root, "synthetic"), "synthetic", [0], 50, "bam")
-    return root
+    return make_synthetic(tmp_path_factory.mktemp("syn"), 60, 30, seed=3)
 
 
 def test_synthetic_is_deterministic_and_valid(synthetic, tmp_path):

@@ -7,11 +7,9 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.data import sources
+from conftest import make_synthetic
 from pipeline.data.benchmarks import prepared_dir, split_dir
 from pipeline.data.episodes import EpisodeDataset, bam_size, eval_transform
-from pipeline.data.prepare import prepare
-from pipeline.data.split import make_splits
 from pipeline.evaluate import IoUAccumulator, predict_bam
 from pipeline.models.backbone import Backbone, load_backbone
 
@@ -100,12 +98,7 @@ def test_schedules_and_optimizer_groups(tiny_cfg):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from pipeline.config import SyntheticCfg
-    root = tmp_path_factory.mktemp("syn")
-    raw = sources.fetch_benchmark("synthetic", root, synthetic=SyntheticCfg(num_train=60, num_val=40, image_size=64,
-                                                                           seed=5), workers=1)
-    prepare("synthetic", raw, prepared_dir(root, "synthetic"), workers=1)
-    make_splits(prepared_dir(root, "synthetic"), split_dir(root, "synthetic"), "synthetic", [0], 50, "pfenet")
+    root = make_synthetic(tmp_path_factory.mktemp("syn"), 60, 40, seed=5, rule="pfenet")
     return prepared_dir(root, "synthetic"), split_dir(root, "synthetic", 0)
 
 
@@ -132,8 +125,11 @@ def test_bam_protocol_order_sizes_and_scoring(synthetic, caplog):
     with caplog.at_level(logging.WARNING):
         ds = EpisodeDataset(prepared, splits / "val.jsonl", 1, "test", 48, seed=510, episodes=5, protocol="bam")
     assert "shorter than the val list" in caplog.text
-    ds = EpisodeDataset(prepared, splits / "val.jsonl", 1, "test", 48, seed=510, episodes=2 * len(ds.images) + 3,
-                        protocol="bam")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ds = EpisodeDataset(prepared, splits / "val.jsonl", 1, "test", 48, seed=510, episodes=2 * len(ds.images) + 3,
+                            protocol="bam")
+    assert "fewer than eval.episodes" in caplog.text and f"lower eval.episodes to {len(ds.images)}" in caplog.text
     order = [i for i, _ in ds.pairs]
     files = list(dict.fromkeys(order))
     assert [ds.episode(i)[0] for i in range(len(ds))] == [files[i % len(files)] for i in range(len(ds))]

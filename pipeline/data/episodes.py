@@ -188,6 +188,11 @@ class EpisodeDataset(Dataset):
             log.warning("eval.episodes (%d) is shorter than the val list (%d images): BAM's order covers only its "
                         "first %d images; raise eval.episodes to at least %d to score every image", self.episodes,
                         len(self.images), self.episodes, len(self.images))
+        elif self.protocol == "bam" and self.episodes > len(self.images):
+            log.warning("the val list %s has %d images, fewer than eval.episodes (%d): BAM's order cycles through it "
+                        "%.1f times, so images repeat with other supports; lower eval.episodes to %d to score each "
+                        "image once", pairs_file, len(self.images), self.episodes, self.episodes / len(self.images),
+                        len(self.images))
         self.train_tf = TrainTransform(size, scale, rotate) if mode == "train" else None
 
     def _image_classes(self) -> dict[str, list[int]]:
