@@ -196,6 +196,25 @@ def train_step(net, opt, scaler, batch, device, amp: bool, aux_weight: float):
     return loss, main_loss, aux_loss, q.shape[0]
 
 
+def train_row(iteration: int, loss, main_loss, aux_loss, opt) -> dict:
+    """One row of the training curve: the losses and the learning rate of each group."""
+    row = {"iteration": iteration, "loss": round(loss.item(), 5), "main_loss": round(main_loss.item(), 5),
+           "aux_loss": round(aux_loss.item(), 5), "lr": opt.param_groups[0]["lr"]}
+    if len(opt.param_groups) > 1:
+        row["lr_backbone"] = opt.param_groups[1]["lr"]
+    return row
+
+
+def write_results(model, cfg, state: State, counts: dict, shots: int, out_dir: Path) -> dict:
+    """Save the best adapter (or the last, without validation) and describe it."""
+    best = state.best_state or adapter_io.adapter_state(model, cfg, {"iteration": state.iteration, "shots": shots})
+    path = adapter_io.save(best, out_dir / "adapter.pt")
+    return {"best_val_miou": round(state.best, 3), "best_iteration": state.best_iteration, "adapter": str(path),
+            "adapter_bytes": adapter_io.size_bytes(best), "adapter_file_bytes": path.stat().st_size,
+            "trainable_backbone_params": counts["trainable"], "head_params": counts["head"],
+            "full_model_param_bytes": int(4 * (counts["total"] + counts["head"]))}   # float32 dense parameters
+
+
 def train(cfg, fold: int, shots: int, out_dir: str | Path, plots_dir: str | Path, log_metrics=None) -> dict:
     """Train the ``shots``-shot model of one fold; write ``out_dir/adapter.pt`` and the curves in
     ``plots_dir``. Returns a summary."""
@@ -212,8 +231,8 @@ def train(cfg, fold: int, shots: int, out_dir: str | Path, plots_dir: str | Path
     model.to(device)
     if main:
         log.info("fold %d, %d-shot: %s head, %s backbone, regime %s: %s trainable backbone parameters of %s, "
-                 "head %s; %d iterations (%d per epoch of %d %s episodes)", fold, shots, cfg.model.head, cfg.model.backbone,
-                 cfg.model.finetune, f"{counts['trainable']:,}", f"{counts['total']:,}", f"{counts['head']:,}",
+                 "head %s; %d iterations (%d per epoch of %d %s episodes)", fold, shots, cfg.model.head,
+                 cfg.model.backbone, cfg.model.finetune, f"{counts['trainable']:,}", f"{counts['total']:,}", f"{counts['head']:,}",
                  total, steps, len(train_ds), tc.sampling)
     opt = make_optimizer(model, tc)
     amp = tc.amp and device.type == "cuda"
@@ -250,15 +269,12 @@ def train(cfg, fold: int, shots: int, out_dir: str | Path, plots_dir: str | Path
         if not torch.isfinite(loss):
             where = f"; the last good checkpoint {ckpt_file} (iteration {last_good}) is kept" if last_good is not None \
                 else "; no checkpoint had been written yet"
-            raise NaNLossError(f"loss became {loss.item()} at iteration {it} (fold {fold}, {shots}-shot){where}. Lower train.lr "
-                               "or disable train.amp")
+            raise NaNLossError(f"loss became {loss.item()} at iteration {it} (fold {fold}, {shots}-shot){where}. "
+                               "Lower train.lr or disable train.amp")
         seen += n * world
         state.iteration = it + 1
         if main and ((it + 1) % tc.log_every == 0 or it == 0):
-            row = {"iteration": it + 1, "loss": round(loss.item(), 5), "main_loss": round(main_loss.item(), 5),
-                   "aux_loss": round(aux_loss.item(), 5), "lr": opt.param_groups[0]["lr"]}
-            if len(opt.param_groups) > 1:
-                row["lr_backbone"] = opt.param_groups[1]["lr"]
+            row = train_row(it + 1, loss, main_loss, aux_loss, opt)
             state.history["train"].append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
             _write_csv(plots_dir / "train.csv", state.history["train"])
@@ -289,18 +305,11 @@ def train(cfg, fold: int, shots: int, out_dir: str | Path, plots_dir: str | Path
 
     summary = {"fold": fold, "shots": shots, "iterations": state.iteration, "planned_iterations": total,
                "stopped_early": state.stopped_early, "world_size": world, "device": str(device),
-               "seconds": round(time.time() - t0, 1), "param_checksum": param_checksum(model)}
+               "seconds": round(time.time() - t0, 1), "param_checksum": param_checksum(model),
+               "episodes_per_second": round(seen / max(time.time() - t0, 1e-9), 2)}
     log.info("rank %d finished: parameter checksum %.6f", rank, summary["param_checksum"])
     if main:
-        best_state = state.best_state or adapter_io.adapter_state(model, cfg, {"iteration": state.iteration,
-                                                                               "shots": shots})
-        path = adapter_io.save(best_state, out_dir / "adapter.pt")
-        full = 4 * (counts["total"] + counts["head"])   # float32 parameters of the dense model
-        summary.update(best_val_miou=round(state.best, 3), best_iteration=state.best_iteration, adapter=str(path),
-                       adapter_bytes=adapter_io.size_bytes(best_state), adapter_file_bytes=path.stat().st_size,
-                       trainable_backbone_params=counts["trainable"], head_params=counts["head"],
-                       full_model_param_bytes=int(full),
-                       episodes_per_second=round(seen / max(time.time() - t0, 1e-9), 2))
+        summary.update(write_results(model, cfg, state, counts, shots, out_dir))
         curves_figure(state.history["train"], state.history["val"], plots_dir / "curves.png",
                       f"fold {fold}, {shots}-shot: {cfg.model.head}, {cfg.model.finetune} regime, {tc.schedule} LR")
         if ckpt_file.exists():

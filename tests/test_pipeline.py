@@ -135,6 +135,25 @@ def test_nan_loss_stops_and_names_iteration(data_root, tmp_path, monkeypatch):
     assert not (tmp_path / "models/adapter.pt").exists()
 
 
+def test_epochs_validate_each_epoch_and_patience_stops(data_root, tmp_path, monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.data.episodes import steps_per_epoch
+    from pipeline.data.split import read_pairs
+    from pipeline.train import train
+    monkeypatch.chdir(tmp_path)
+    # LR 0: the weights never change, so the second validation cannot beat the first and patience 1 stops there
+    cfg = load_config(write_params(tmp_path, data_root, train__epochs=3, train__patience=1, train__lr=0.0,
+                                   train__schedule="constant", train__sampling="image"))
+    summary = train(cfg, 0, 1, tmp_path / "models", tmp_path / "plots")
+    images = len({i for i, _ in read_pairs(data_root / "splits/synthetic/fold0/train.jsonl")})
+    steps = steps_per_epoch(images, cfg.train.batch_size)
+    assert summary["stopped_early"] and summary["iterations"] == 2 * steps and summary["planned_iterations"] == 3 * steps
+    val = (tmp_path / "plots/val.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in val] == [steps, 2 * steps]
+    lrs = {r.split(",")[4] for r in (tmp_path / "plots/train.csv").read_text().splitlines()[1:]}
+    assert lrs == {"0.0"}
+
+
 def test_missing_splits_name_the_stage(tmp_path):
     write_params(tmp_path, tmp_path / "nodata")
     r = stage("train", tmp_path, "--fold", "0", check=False)

@@ -10,6 +10,7 @@ import torchvision
 from conftest import make_synthetic
 from pipeline.data.benchmarks import prepared_dir, split_dir
 from pipeline.data.episodes import EpisodeDataset, bam_size, eval_transform
+from pipeline.data.split import read_pairs
 from pipeline.evaluate import IoUAccumulator, predict_bam
 from pipeline.models.backbone import Backbone, load_backbone
 
@@ -188,3 +189,13 @@ def test_recipe_parameters_are_validated(bad, message):
     from pipeline.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(bad)
+
+
+def test_too_few_images_for_the_shot_count(synthetic, caplog):
+    prepared, splits = synthetic
+    with caplog.at_level(logging.WARNING):
+        ds = EpisodeDataset(prepared, splits / "val.jsonl", 5, "test", 48, episodes=4)
+    skipped = sorted({c for _, c in read_pairs(splits / "val.jsonl")} - set(ds.classes))
+    assert skipped and f"classes {skipped} have fewer than 6 images" in caplog.text
+    with pytest.raises(ValueError, match="no 100-shot episode can be formed; lower the shot count or add images"):
+        EpisodeDataset(prepared, splits / "val.jsonl", 100, "test", 48, episodes=4)
