@@ -102,3 +102,20 @@ def test_every_stage_runs_after_validate():
     assert "params.yaml" in dep_paths(st["validate"])
     late = [n for n in st if n != "validate" and "validate" not in upstream(n)]
     assert not late, f"stages {late} can run before params.yaml is validated"
+
+
+def test_one_training_stage_per_fold_and_shot_count(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    dvc = str(Path(sys.executable).parent / "dvc")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["split"]["folds"], params["train"]["shots"] = [0, 2], [1, 5]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    listed = subprocess.run([dvc, "stage", "list", "--name-only"], cwd=tmp_path, capture_output=True, text=True,
+                            check=True).stdout.split()
+    for stage in ("train", "evaluate", "merge", "export"):
+        assert {n for n in listed if n.startswith(stage + "@")} == {f"{stage}@{f}-{k}" for f in (0, 2) for k in (1, 5)}
+    assert {n for n in listed if n.startswith("report@")} == {"report@0", "report@2"}
