@@ -203,11 +203,12 @@ class EpisodeDataset(Dataset):
         if not counts_file.exists():
             raise FileNotFoundError(f"{counts_file} is missing; run `dvc repro prepare`")
         pixels = json.loads(counts_file.read_text())
+        members = {c: set(ids) for c, ids in self.by_class.items()}
         out = {}
         for i in self.images:
             present = {int(c) for c, n in pixels.get(i, {}).items() if n > 0}
-            out[i] = [c for c in self.classes if c in present and len([j for j in self.by_class[c] if j != i])
-                      >= self.shots]
+            # a class can be drawn when enough support images remain once the query itself is set aside
+            out[i] = [c for c in self.classes if c in present and len(members[c]) - (i in members[c]) >= self.shots]
         return out
 
     def set_epoch(self, epoch: int) -> None:
