@@ -155,6 +155,9 @@ def resume(path: Path, state: State, model, opt, scaler, cfg, device) -> bool:
     if not path.exists():
         return False
     ck = torch.load(path, map_location="cpu", weights_only=True)
+    if "state" not in ck:
+        raise ValueError(f"checkpoint {path} was written by an older version of the training loop; delete it to "
+                         "start over")
     differ = [k for k in diff_configs(ck["config"], cfg.to_dict()) if k not in RESUME_FREE]
     if differ:
         raise ValueError(f"checkpoint {path} was written with a different config ({', '.join(differ)} "
