@@ -6,6 +6,7 @@
 # The environment is installed from requirements.lock: every package pinned, every file's sha256 checked.
 PYTHON ?= python3
 VENV   ?= .venv
+TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
@@ -13,9 +14,10 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-stubs.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --require-hashes --no-deps --upgrade --target $(VENV)/typings -r requirements-stubs.lock
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -34,6 +36,8 @@ bench: $(STAMP)
 lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --generate-hashes --universal \
 		--python-version 3.10 -o requirements.lock
+	echo "$(TRT_STUBS)" | $(BIN)/uv pip compile - --no-deps --generate-hashes --universal --python-version 3.10 \
+		-o requirements-stubs.lock
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,8 +28,10 @@ class EngineMismatchError(RuntimeError):
 def unavailable_reason() -> str | None:
     """Why no engine can be built or run here, or None when TensorRT and a CUDA GPU are present."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError:
+        tensorrt = None
+    if getattr(tensorrt, "__file__", None) is None:   # absent, or a bare folder such as type stubs
         return ("the tensorrt Python package is not installed (it is an optional extra, `pip install .[tensorrt]`, "
                 "and its wheels come from NVIDIA's package index)")
     if not torch.cuda.is_available():
@@ -179,7 +181,8 @@ class TRTRunner:
             inputs[name] = t
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
-        shape = tuple(self.context.get_tensor_shape("logits"))
+        dims = self.context.get_tensor_shape("logits")   # trt.Dims: indexable, not declared iterable
+        shape = tuple(dims[i] for i in range(len(dims)))
         out = torch.empty(shape, dtype=torch.float32, device=dev)
         self.context.set_tensor_address("logits", out.data_ptr())
         with torch.cuda.stream(self.stream):
