@@ -18,7 +18,9 @@ PYRIGHT = Path(sys.executable).parent / "basedpyright"
 def check(*files: Path, cwd: Path = ROOT) -> dict:
     if not PYRIGHT.exists():
         pytest.skip("basedpyright is not installed (it comes with the dev extra: make test installs it)")
-    r = subprocess.run([str(PYRIGHT), "--outputjson", "--pythonpath", sys.executable, *map(str, files)], cwd=cwd,
+    # --project: this repository's [tool.basedpyright], never a configuration found in a parent folder
+    r = subprocess.run([str(PYRIGHT), "--outputjson", "--project", str(ROOT / "pyproject.toml"), "--pythonpath",
+                        sys.executable, *map(str, files)], cwd=cwd,
                        capture_output=True, text=True, timeout=300)
     return json.loads(r.stdout)
 
