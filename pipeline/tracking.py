@@ -74,7 +74,8 @@ def relocate(db: str | Path, root: str | Path) -> int:
             for table, col in _LOCATION_COLUMNS:
                 if table in tables and col in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}:
                     changed += con.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?) WHERE {col} = ? "
-                                           f"OR {col} LIKE ?", (mine, len(old) + 1, old, old + "/%")).rowcount
+                                           f"OR substr({col}, 1, ?) = ?",
+                                           (mine, len(old) + 1, old, len(old) + 1, old + "/")).rowcount
         con.commit()
         return changed
     finally:
@@ -96,7 +97,8 @@ def _mlflow(cfg):
     return mlflow
 
 
-# MLflow 3 opens an experiment in its GenAI view unless the experiment says it trains models
+# Labels the experiment as model training (MLflow 3.17 still opens it on its GenAI overview; the README
+# gives the runs-table URL)
 KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
 
 

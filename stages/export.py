@@ -63,7 +63,8 @@ def main():
     size = cfg.eval.test_size
     prepared = prepared_dir(cfg.data.root, cfg.data.benchmark)
     meta = {"format": "svf-fss/1", "head": mcfg.model.head, "backbone": mcfg.model.backbone,
-            "finetune": mcfg.model.finetune, "benchmark": cfg.data.benchmark, "fold": args.fold, "model_shots": args.shot,
+            "finetune": mcfg.model.finetune, "benchmark": cfg.data.benchmark, "fold": args.fold,
+            "model_shots": args.shot,
             "class_names": class_names(prepared),
             "novel_classes": novel_classes(cfg.data.benchmark, args.fold, cfg.data.coco_split),
             "input_size": [size, size], "normalisation": {"mean": list(MEAN), "std": list(STD), "scale": 1 / 255},
@@ -83,11 +84,11 @@ def main():
         lat_torch = onnx_export.latency(lambda: model(q, s, m))
     feed = {"query": q.numpy(), "support": s.numpy(), "support_mask": m.numpy()}
     lat_ort = onnx_export.latency(lambda: sess.run(None, feed))
-    report = {"fold": args.fold, "model_shots": args.shot, "merge_max_rel": merge["max_rel"], "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size,
-                                          "opset": cfg.export.opset, "providers": sess.get_providers(),
-                                          "dynamic_axes": "batch, shots", "parity": parity,
-                                          "split_graphs": {"support_encoder": str(enc), "query_decoder": str(dec),
-                                                           "parity": split_parity}},
+    report = {"fold": args.fold, "model_shots": args.shot, "merge_max_rel": merge["max_rel"],
+              "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size, "opset": cfg.export.opset,
+                       "providers": sess.get_providers(), "dynamic_axes": "batch, shots", "parity": parity,
+                       "split_graphs": {"support_encoder": str(enc), "query_decoder": str(dec),
+                                        "parity": split_parity}},
               "latency": {"batch": int(q.shape[0]), "shots": int(s.shape[1]), "torch": lat_torch,
                           "onnxruntime": lat_ort}}
     engine = None
@@ -115,7 +116,8 @@ def main():
     write_json(out / "export.json", report)
     log_to_mlflow(cfg, out, onnx_path, (q, s, m), engine, report, args.fold, args.shot)
     write_json(out / "export.json", report)
-    print(f"export fold {args.fold}, {args.shot}-shot model: {onnx_path} (parity max rel {parity['max_rel']:.2e} <= {cfg.export.rtol:g}; "
+    print(f"export fold {args.fold}, {args.shot}-shot model: {onnx_path} (parity max rel {parity['max_rel']:.2e} "
+          f"<= {cfg.export.rtol:g}; "
           f"torch {lat_torch['median_ms']:.1f} ms, ONNX Runtime {lat_ort['median_ms']:.1f} ms per episode), "
           f"TensorRT: {'built ' + str(engine) if engine else 'not built (' + reason + ')'}; "
           f"Triton repository {out / 'triton'}")

@@ -33,8 +33,8 @@ def main():
     batches = fixed_batches(prepared_dir(cfg.data.root, cfg.data.benchmark),
                             split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl",
                             cfg.eval.test_size, cfg.export.shots, cfg.export.parity_episodes)
-    report = {"fold": args.fold, "model_shots": args.shot, "svf_layers_merged": n_svf, "tolerance_rel": cfg.export.merge_tolerance,
-              **parity(merged, unmerged, batches)}
+    report = {"fold": args.fold, "model_shots": args.shot, "svf_layers_merged": n_svf,
+              "tolerance_rel": cfg.export.merge_tolerance, **parity(merged, unmerged, batches)}
     report["passed"] = report["max_rel"] <= cfg.export.merge_tolerance
     write_json(out / "merge.json", report)
     if not report["passed"]:

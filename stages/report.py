@@ -54,10 +54,9 @@ def main():
     metrics = summary(models)
     path = write_json(Path("metrics") / f"fold{args.fold}.json", metrics)
     evaluations = {k: v for r in models.values() for k, v in r["evaluate"].items() if "shot" in k and isinstance(v, dict)}
-    first = models[cfg.train.shots[0]]["evaluate"]
-    fig = per_class_figure({**evaluations, "finetune": first["finetune"]},
-                           Path("plots") / f"fold{args.fold}" / "per_class_iou.png",
-                           f"fold {args.fold}, {first['finetune']}: IoU per novel class (mean and range over seeds)")
+    regime = models[cfg.train.shots[0]]["evaluate"]["finetune"]
+    fig = per_class_figure(evaluations, Path("plots") / f"fold{args.fold}" / "per_class_iou.png",
+                           f"fold {args.fold}, {regime}: IoU per novel class (mean and range over seeds)")
     for k, reports in models.items():
         with tracking.resume_run(cfg, model_dir(args.fold, k), "report") as t:
             t.artifact(path, "report")
