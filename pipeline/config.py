@@ -54,7 +54,7 @@ class SplitCfg:
 
 @dataclass
 class ModelCfg:
-    head: str = field(default="pfenet", metadata=_choices("pfenet"))
+    head: str = field(default="pfenet", metadata=_choices("pfenet", "bam"))   # bam needs the base stage
     backbone: str = field(default="resnet50", metadata=_choices("resnet18", "resnet34", "resnet50", "resnet101",
                                                                 "resnet50_deep", "resnet101_deep"))
     pretrained: str = "imagenet"      # imagenet | synthetic | random | path to a checkpoint of the backbone's family
@@ -63,6 +63,7 @@ class ModelCfg:
     finetune: str = field(default="svf", metadata=_choices("frozen", "svf", "full"))
     svf_form: str = field(default="rebuild", metadata=_choices("rebuild", "factorised"))
     reduce_dim: int = 256
+    kshot_dim: int = 2                # BAM: kshot_trans_dim (k-shot reweighting, shot > 1)
     bins: list = field(default_factory=lambda: [60, 30, 15, 8])  # ints: cells; floats <= 1: fraction of the feature size
     init_seed: int = 0                # seeds the head init and a random backbone
 
@@ -92,6 +93,33 @@ class TrainCfg:
     checkpoint_every: int = 200
     val_every: int = 200
     val_episodes: int = 200
+    log_every: int = 20
+    workers: int = 2
+
+
+@dataclass
+class BaseCfg:
+    """BAM's base learner (PSPNet over the fold's base classes), trained by the `base` stage
+    (pipeline/base.py) with BatchNorm in train mode. Field names follow ``train``'s."""
+    iterations: int = 1000            # used when epochs is 0
+    epochs: int = 0                   # > 0: that many epochs over the training images, validation after each
+    patience: int = 0
+    batch_size: int = 12              # BAM: 3 x 4 GPUs
+    lr: float = 0.0025                # PPM + classifier (BAM: 2.5e-4 x 10)
+    backbone_lr_scale: float = 0.1    # BAM PASCAL: the backbone at 2.5e-4 (index_split 0); COCO: 1.0
+    schedule: str = field(default="poly", metadata=_choices("poly", "constant"))
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    crop_size: int = 417
+    scale: list = field(default_factory=lambda: [0.5, 2.0])
+    rotate: float = 10.0
+    seed: int = 321
+    amp: bool = True
+    sync_bn: bool = True              # SyncBatchNorm under torchrun (CUDA)
+    checkpoint_every: int = 200
+    val_every: int = 200
+    val_images: int = 0               # 0: every validation image
     log_every: int = 20
     workers: int = 2
 
@@ -130,6 +158,7 @@ class Config:
     data: DataCfg = field(default_factory=DataCfg)
     split: SplitCfg = field(default_factory=SplitCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
+    base: BaseCfg = field(default_factory=BaseCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
@@ -206,6 +235,23 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _validate_loop(c, name: str) -> None:
+    """The fields a training loop reads (``train`` and ``base`` share them)."""
+    if len(c.scale) != 2 or not 0 < c.scale[0] <= c.scale[1]:
+        raise ConfigError(f"{name}.scale: expected [min, max] with 0 < min <= max, got {c.scale}")
+    for key in ("iterations", "epochs", "patience", "batch_size"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"{name}.{key}: {getattr(c, key)} is negative")
+    if c.batch_size < 1:
+        raise ConfigError(f"{name}.batch_size must be >= 1")
+    if c.epochs == 0 and c.iterations < 1:
+        raise ConfigError(f"{name}.iterations must be >= 1 when {name}.epochs is 0")
+    if c.epochs == 0 and c.val_every < 1:
+        raise ConfigError(f"{name}.val_every must be >= 1 when {name}.epochs is 0 (with epochs, validation is per epoch)")
+    if c.checkpoint_every < 1 or c.log_every < 1:
+        raise ConfigError(f"{name}.checkpoint_every and {name}.log_every must be >= 1")
+
+
 def _validate(cfg: Config) -> Config:
     for fold in cfg.split.folds:
         if fold not in (0, 1, 2, 3):
@@ -219,17 +265,12 @@ def _validate(cfg: Config) -> Config:
     for b in cfg.model.bins:
         if not (isinstance(b, (int, float)) and b > 0):
             raise ConfigError(f"model.bins: {b!r} is neither a cell count (int > 1) nor a fraction (0 < f <= 1)")
-    if len(cfg.train.scale) != 2 or not 0 < cfg.train.scale[0] <= cfg.train.scale[1]:
-        raise ConfigError(f"train.scale: expected [min, max] with 0 < min <= max, got {cfg.train.scale}")
-    for key in ("iterations", "epochs", "patience", "batch_size", "val_episodes"):
-        if getattr(cfg.train, key) < 0:
-            raise ConfigError(f"train.{key}: {getattr(cfg.train, key)} is negative")
-    if cfg.train.epochs == 0 and cfg.train.iterations < 1:
-        raise ConfigError("train.iterations must be >= 1 when train.epochs is 0")
-    if cfg.train.epochs == 0 and cfg.train.val_every < 1:
-        raise ConfigError("train.val_every must be >= 1 when train.epochs is 0 (with epochs, validation is per epoch)")
-    if cfg.train.checkpoint_every < 1 or cfg.train.log_every < 1:
-        raise ConfigError("train.checkpoint_every and train.log_every must be >= 1")
+    for name in ("train", "base"):
+        _validate_loop(getattr(cfg, name), name)
+    if cfg.train.val_episodes < 0 or cfg.base.val_images < 0:
+        raise ConfigError("train.val_episodes and base.val_images must not be negative")
+    if cfg.model.kshot_dim < 1:
+        raise ConfigError(f"model.kshot_dim: expected >= 1, got {cfg.model.kshot_dim}")
     if cfg.eval.episodes < 1:
         raise ConfigError(f"eval.episodes must be >= 1, got {cfg.eval.episodes}")
     if cfg.model.dilation == "torchvision" and cfg.model.backbone in ("resnet18", "resnet34"):
@@ -258,8 +299,11 @@ def config_from_dict(d: dict) -> Config:
     return load_config(d)
 
 
-def diff_configs(a: dict, b: dict, sections=("data", "split", "model", "train")) -> list[str]:
-    """Dotted keys whose values differ between two saved configs, restricted to ``sections``."""
-    fa = {k: v for k, v in Config.flat(config_from_dict(a)).items() if k.split(".")[0] in sections}
-    fb = {k: v for k, v in Config.flat(config_from_dict(b)).items() if k.split(".")[0] in sections}
+def diff_configs(a: dict, b: dict, sections=("data", "split", "model", "base", "train")) -> list[str]:
+    """Dotted keys whose values differ between two saved configs, restricted to ``sections``
+    (a section, or a dotted key prefix such as ``model.backbone``)."""
+    def keep(k):
+        return any(k == s or k.startswith(s + ".") for s in sections)
+    fa = {k: v for k, v in Config.flat(config_from_dict(a)).items() if keep(k)}
+    fb = {k: v for k, v in Config.flat(config_from_dict(b)).items() if keep(k)}
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))

@@ -59,7 +59,7 @@ def test_backbone_bn_stays_eval_and_loss_backprops(tiny_cfg):
     q, s, m = _inputs(k=1)
     target = (torch.rand(2, 64, 64) > 0.5).long()
     target[:, :4] = 255
-    loss, main, aux = pfenet_loss(model(q, s, m), target)
+    loss, parts = pfenet_loss(model(q, s, m), target)
     loss.backward()
     assert torch.isfinite(loss)
     grads = [n for n, p in model.backbone.named_parameters() if p.grad is not None]
