@@ -2,7 +2,9 @@
 
 One graph serves every shot count: batch and K are dynamic axes (the prior and the prototypes
 are vectorised over shots), the image size is fixed (the pyramid bins depend on it) and recorded
-in the metadata.
+in the metadata. A BAM model trained with K > 1 shots takes exactly K (its k-shot reweighting has K
+inputs): its graphs fix that axis. The split graphs carry the head's support features by the names
+its ``SUPPORT_FEATURES`` gives (PFENet: prototype, support_feat4; BAM: + support_gram).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class ParityError(RuntimeError):
 
 
 class SupportEncoder(torch.nn.Module):
-    """support[B,K,3,S,S], support_mask[B,K,S,S] -> prototype[B,d,1,1], support_feat4[B,K,C,h,w]."""
+    """support[B,K,3,S,S], support_mask[B,K,S,S] -> the head's support features."""
 
     def __init__(self, model):
         super().__init__()
@@ -38,14 +40,14 @@ class SupportEncoder(torch.nn.Module):
 
 
 class QueryDecoder(torch.nn.Module):
-    """query[B,3,S,S], prototype, support_feat4 -> logits[B,2,S,S]."""
+    """query[B,3,S,S], *support features -> logits[B,2,S,S]."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, query, prototype, support_feat4):
-        return self.model.decode(query, prototype, support_feat4)
+    def forward(self, query, *features):
+        return self.model.decode(query, *features)
 
 
 def _export(module, example, dynamic, names_in, names_out, path: Path, opset: int, metadata: dict | None) -> Path:
@@ -70,19 +72,33 @@ def _export(module, example, dynamic, names_in, names_out, path: Path, opset: in
     return path
 
 
-def _example(size: int):
+def _example(size: int, shots: int = 3):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(2, 3, size, size, generator=g), torch.randn(2, 3, 3, size, size, generator=g),
-            (torch.rand(2, 3, size, size, generator=g) > 0.5).float())
+    return (torch.randn(2, 3, size, size, generator=g), torch.randn(2, shots, 3, size, size, generator=g),
+            (torch.rand(2, shots, size, size, generator=g) > 0.5).float())
+
+
+def _dims(model):
+    """{"batch": Dim, "shots": Dim or None (fixed)} and the example's shot count."""
+    from pipeline.models import fixed_shots
+    k = fixed_shots(model)
+    return ({"batch": torch.export.Dim("batch", min=1, max=1024),
+             "shots": None if k else torch.export.Dim("shots", min=1, max=64)}, k or 3)
+
+
+def _axes(spec: dict, dims: dict) -> dict:
+    return {axis: dims[name] for axis, name in spec.items() if dims[name] is not None}
+
+
+IMAGE_AXES = {"query": {0: "batch"}, "support": {0: "batch", 1: "shots"}, "support_mask": {0: "batch", 1: "shots"}}
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, size: int, opset: int = 18,
                 metadata: dict | None = None) -> Path:
     """Export ``model`` (eval mode; the 3-input few-shot signature) to ``path``; checked by onnx.checker."""
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    shots = torch.export.Dim("shots", min=1, max=64)
-    dynamic = {"query": {0: batch}, "support": {0: batch, 1: shots}, "support_mask": {0: batch, 1: shots}}
-    return _export(model.eval(), _example(size), dynamic, INPUTS, OUTPUTS, Path(path), opset, metadata)
+    dims, k = _dims(model)
+    dynamic = {n: _axes(a, dims) for n, a in IMAGE_AXES.items()}
+    return _export(model.eval(), _example(size, k), dynamic, INPUTS, OUTPUTS, Path(path), opset, metadata)
 
 
 def export_split(model: torch.nn.Module, out_dir: str | Path, size: int, opset: int = 18,
@@ -90,18 +106,16 @@ def export_split(model: torch.nn.Module, out_dir: str | Path, size: int, opset: 
     """The same network as two graphs, so a server computes a support set's features once:
     ``support_encoder.onnx`` and ``query_decoder.onnx`` (batch and shots dynamic in both)."""
     out_dir = Path(out_dir)
-    q, s, m = _example(size)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    shots = torch.export.Dim("shots", min=1, max=64)
-    enc = _export(SupportEncoder(model), (s, m), {"support": {0: batch, 1: shots},
-                                                  "support_mask": {0: batch, 1: shots}},
-                  ("support", "support_mask"), ("prototype", "support_feat4"), out_dir / "support_encoder.onnx",
-                  opset, metadata)
+    dims, k = _dims(model)
+    q, s, m = _example(size, k)
+    feats = model.SUPPORT_FEATURES
+    enc = _export(SupportEncoder(model), (s, m), {n: _axes(IMAGE_AXES[n], dims) for n in ("support", "support_mask")},
+                  ("support", "support_mask"), tuple(feats), out_dir / "support_encoder.onnx", opset, metadata)
     with torch.no_grad():
-        proto, f4 = model.eval().encode_support(s, m)
-    dec = _export(QueryDecoder(model), (q, proto, f4), {"query": {0: batch}, "prototype": {0: batch},
-                                                        "support_feat4": {0: batch, 1: shots}},
-                  ("query", "prototype", "support_feat4"), ("logits",), out_dir / "query_decoder.onnx", opset, metadata)
+        encoded = model.eval().encode_support(s, m)
+    dynamic = [_axes(IMAGE_AXES["query"], dims), tuple(_axes(a, dims) for a in feats.values())]   # (query, *features)
+    dec = _export(QueryDecoder(model), (q, *encoded), dynamic, ("query", *feats), ("logits",),
+                  out_dir / "query_decoder.onnx", opset, metadata)
     return enc, dec
 
 
@@ -201,16 +215,16 @@ class SplitSession:
     def __init__(self, encoder: str | Path, decoder: str | Path, prefer_cuda: bool = True, threads: int | None = None):
         self.enc = session(encoder, prefer_cuda, threads)
         self.dec = session(decoder, prefer_cuda, threads)
+        self.features = [o.name for o in self.enc.get_outputs()]    # the decoder's inputs after the query
 
     def encode(self, support: np.ndarray, support_mask: np.ndarray):
         return self.enc.run(None, {"support": support, "support_mask": support_mask})
 
-    def decode(self, query: np.ndarray, prototype: np.ndarray, support_feat4: np.ndarray) -> np.ndarray:
-        return self.dec.run(None, {"query": query, "prototype": prototype, "support_feat4": support_feat4})[0]
+    def decode(self, query: np.ndarray, *features: np.ndarray) -> np.ndarray:
+        return self.dec.run(None, {"query": query, **dict(zip(self.features, features))})[0]
 
     def run(self, _names, feed: dict):
-        proto, f4 = self.encode(feed["support"], feed["support_mask"])
-        return [self.decode(feed["query"], proto, f4)]
+        return [self.decode(feed["query"], *self.encode(feed["support"], feed["support_mask"]))]
 
     def get_providers(self):
         return self.dec.get_providers()

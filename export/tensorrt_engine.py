@@ -90,8 +90,10 @@ def fp16_onnx(src: str | Path, dst: str | Path) -> Path:
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, size: int, max_batch: int = 8, max_shots: int = 5,
-                 fp16: bool = True, timing_cache: str | Path | None = None, workspace_gb: float = 2.0) -> dict:
-    """Build and serialise an engine; returns its description (also written to ``<engine>.json``)."""
+                 fp16: bool = True, timing_cache: str | Path | None = None, workspace_gb: float = 2.0,
+                 min_shots: int = 1) -> dict:
+    """Build and serialise an engine; returns its description (also written to ``<engine>.json``).
+    Shots range over [min_shots, max_shots] (equal for a fixed-shot model)."""
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"cannot build a TensorRT engine: {reason}")
@@ -121,11 +123,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, size: int, max_
         else:
             log.warning("this GPU has no fast FP16; building in FP32")
     profile = builder.create_optimization_profile()
-    opt_b, opt_k = 1, 1   # the serving case: one query, one shot
+    opt_b, opt_k = 1, min_shots   # the serving case: one query, the fewest shots
     shapes = {"query": lambda b, k: (b, 3, size, size), "support": lambda b, k: (b, k, 3, size, size),
               "support_mask": lambda b, k: (b, k, size, size)}
     for name, f in shapes.items():
-        profile.set_shape(name, f(1, 1), f(opt_b, opt_k), f(max_batch, max_shots))
+        profile.set_shape(name, f(1, min_shots), f(opt_b, opt_k), f(max_batch, max_shots))
     config.add_optimization_profile(profile)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).exists() else b""
     cache = config.create_timing_cache(cache_bytes)

@@ -102,12 +102,14 @@ def per_class_figure(report: dict, path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def curves_figure(train_rows: list[dict], val_rows: list[dict], path, title: str = "") -> Path:
-    """Training curves: total, main and auxiliary loss; learning rate; validation mIoU and FB-IoU."""
+def curves_figure(train_rows: list[dict], val_rows: list[dict], path, title: str = "",
+                  val_title: str = "validation on novel classes (%)") -> Path:
+    """Training curves: the total loss and its parts; learning rate; validation mIoU and FB-IoU."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     it = [r["iteration"] for r in train_rows]
-    for key, style in (("loss", "-"), ("main_loss", "--"), ("aux_loss", ":")):
+    parts = [k for k in (train_rows[0] if train_rows else {}) if k.endswith("loss") and k != "loss"]
+    for key, style in zip(["loss"] + parts, ["-", "--", ":", "-."]):
         if train_rows and key in train_rows[0]:
             axes[0].plot(it, [r[key] for r in train_rows], style, label=key.replace("_", " "))
     axes[0].set_title("loss", fontsize=9)
@@ -122,7 +124,7 @@ def curves_figure(train_rows: list[dict], val_rows: list[dict], path, title: str
     for key in ("val_miou", "val_fbiou"):
         if val_rows and key in val_rows[0]:
             axes[2].plot(vit, [r[key] for r in val_rows], "o-", label=key.replace("val_", "val ").replace("iou", "IoU"))
-    axes[2].set_title("validation on novel classes (%)", fontsize=9)
+    axes[2].set_title(val_title, fontsize=9)
     axes[2].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("iteration", fontsize=8)

@@ -145,13 +145,14 @@ def run_file(model_dir: str | Path) -> Path:
     return Path(model_dir) / "mlflow_run.json"
 
 
-def start_run(cfg, fold: int, shots: int, model_dir: str | Path) -> str:
-    """Open a new run for this fold's ``shots``-shot model, log params and tags, record its id next to it."""
+def start_run(cfg, fold: int, shots: int, model_dir: str | Path, role: str = "few-shot") -> str:
+    """Open a new run for this fold's ``shots``-shot model (``role='base'``: BAM's base learner, shots
+    0), log params and tags, record its id next to it."""
     mlflow = _mlflow(cfg)
     exp_id = _experiment(mlflow, cfg.tracking.experiment)
     dvc_exp = experiment_name()
-    name = f"fold{fold}-{shots}shot-{cfg.model.head}-{cfg.model.finetune}" + \
-        (f"-{dvc_exp}" if dvc_exp != "workspace" else "")
+    what = f"base-learner-{cfg.model.backbone}" if role == "base" else f"{shots}shot-{cfg.model.head}-{cfg.model.finetune}"
+    name = f"fold{fold}-{what}" + (f"-{dvc_exp}" if dvc_exp != "workspace" else "")
     with mlflow.start_run(experiment_id=exp_id, run_name=name) as run:
         flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in cfg.flat().items()}
         items = list(flat.items())
@@ -160,7 +161,7 @@ def start_run(cfg, fold: int, shots: int, model_dir: str | Path) -> str:
         mlflow.log_params({"fold": fold, "shots": shots})
         mlflow.set_tags({"git_commit": git_commit(), "fold": str(fold), "benchmark": cfg.data.benchmark,
                          "finetune": cfg.model.finetune, "head": cfg.model.head, "shots": str(shots),
-                         "dvc_experiment": dvc_exp, **dvc_lock_hashes()})
+                         "dvc_experiment": dvc_exp, "role": role, **dvc_lock_hashes()})
         run_id = run.info.run_id
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     # no tracking URI here: this file is committed with the results and must not name a machine's paths

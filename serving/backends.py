@@ -45,14 +45,13 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def encode(self, support, mask):
-        proto, f4 = self.model.encode_support(torch.from_numpy(support).to(self.device),
-                                              torch.from_numpy(mask).to(self.device))
-        return proto.cpu().numpy(), f4.cpu().numpy()
+        feats = self.model.encode_support(torch.from_numpy(support).to(self.device), torch.from_numpy(mask).to(self.device))
+        return tuple(f.cpu().numpy() for f in feats)
 
     @torch.no_grad()
     def decode(self, query, feats):
-        proto, f4 = (torch.from_numpy(f).to(self.device) for f in feats)
-        return self.model.decode(torch.from_numpy(query).to(self.device), proto, f4).float().cpu().numpy()
+        feats = [torch.from_numpy(f).to(self.device) for f in feats]
+        return self.model.decode(torch.from_numpy(query).to(self.device), *feats).float().cpu().numpy()
 
 
 class OnnxBackend(Backend):

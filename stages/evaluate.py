@@ -16,6 +16,7 @@ from pipeline.data.benchmarks import novel_classes, prepared_dir, split_dir
 from pipeline.data.episodes import EpisodeDataset, class_names
 from pipeline.evaluate import evaluate, spread_text, summarise
 from pipeline.figures import episodes_figure
+from pipeline.models import accepts_shots, fixed_shots
 from pipeline.train import pick_device
 from stages.common import model_dir, plots_dir, run, setup, write_json
 
@@ -28,7 +29,9 @@ def main():
     out, plots = model_dir(args.fold, args.shot), plots_dir(args.fold, args.shot)
     if args.untrained:
         from pipeline.models import build_model
-        model = build_model(cfg)[0].eval()
+        base = adapter_io.read_base(adapter_io.base_path(out / "adapter.pt"), cfg, args.fold) \
+            if cfg.model.head == "bam" else None
+        model = build_model(cfg, base=base, shots=args.shot)[0].eval()
         plots = plots / "untrained"
     else:
         model, _ = adapter_io.load_model(out / "adapter.pt", cfg)
@@ -38,7 +41,10 @@ def main():
     pairs = split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl"
     names = class_names(prepared)
     novel = novel_classes(cfg.data.benchmark, args.fold, cfg.data.coco_split)
-    shots = eval_shots(cfg, args.shot)
+    shots = [k for k in eval_shots(cfg, args.shot) if accepts_shots(model, k)]
+    if not shots:
+        raise ValueError(f"the {args.shot}-shot {cfg.model.head} model takes exactly {fixed_shots(model)} shots and "
+                         f"eval.shots {cfg.eval.shots} asks none it can score")
     result = {"fold": args.fold, "model_shots": args.shot, "benchmark": cfg.data.benchmark,
               "finetune": cfg.model.finetune, "protocol": cfg.eval.protocol, "episodes_per_seed": cfg.eval.episodes,
               "seeds": cfg.eval.seeds}

@@ -13,6 +13,7 @@ from pipeline import adapter as adapter_io
 from pipeline import tracking
 from pipeline.data.benchmarks import novel_classes, prepared_dir, split_dir
 from pipeline.data.episodes import MEAN, STD, class_names, fixed_batches
+from pipeline.models import fixed_shots
 from stages.common import model_dir, run, setup, write_json
 
 log = logging.getLogger("export")
@@ -71,10 +72,14 @@ def main():
             "inputs": "query[B,3,S,S], support[B,K,3,S,S], support_mask[B,K,S,S] (1 object, 0 or 255 not)",
             "outputs": "logits[B,2,S,S] (background, object)"}
     merge = json.loads((out / "merge.json").read_text())
+    k_fixed = fixed_shots(model)
+    shots = [k_fixed] if k_fixed else cfg.export.shots
+    if k_fixed:
+        meta["shots"] = f"exactly {k_fixed} (BAM's k-shot reweighting)"
     onnx_path = onnx_export.export_onnx(model, out / "model.onnx", size, cfg.export.opset, meta)
     sess = onnx_export.session(onnx_path)
     batches = fixed_batches(prepared, split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl",
-                            size, cfg.export.shots, cfg.export.parity_episodes)
+                            size, shots, cfg.export.parity_episodes)
     parity = onnx_export.check_parity(model, sess, batches, cfg.export.rtol, fail_dir=out, label="onnx")
     enc, dec = onnx_export.export_split(model, out, size, cfg.export.opset, meta)
     split_parity = onnx_export.check_parity(model, onnx_export.SplitSession(enc, dec), batches, cfg.export.rtol,
@@ -86,7 +91,7 @@ def main():
     lat_ort = onnx_export.latency(lambda: sess.run(None, feed))
     report = {"fold": args.fold, "model_shots": args.shot, "merge_max_rel": merge["max_rel"],
               "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size, "opset": cfg.export.opset,
-                       "providers": sess.get_providers(), "dynamic_axes": "batch, shots", "parity": parity,
+                       "providers": sess.get_providers(), "dynamic_axes": "batch" if k_fixed else "batch, shots", "parity": parity,
                        "split_graphs": {"support_encoder": str(enc), "query_decoder": str(dec),
                                         "parity": split_parity}},
               "latency": {"batch": int(q.shape[0]), "shots": int(s.shape[1]), "torch": lat_torch,
@@ -95,8 +100,8 @@ def main():
     reason = tensorrt_engine.unavailable_reason()
     if reason is None:
         engine = out / "model.engine"
-        info = tensorrt_engine.build_engine(onnx_path, engine, size, cfg.export.max_batch, max(cfg.export.shots),
-                                            cfg.export.fp16, timing_cache=out / "timing.cache")
+        info = tensorrt_engine.build_engine(onnx_path, engine, size, cfg.export.max_batch, max(shots),
+                                            cfg.export.fp16, timing_cache=out / "timing.cache", min_shots=min(shots))
         runner = tensorrt_engine.TRTRunner(engine)
         worst = 0.0
         for bq, bs, bm in batches:
@@ -112,7 +117,8 @@ def main():
     else:
         report["tensorrt"] = {"built": False, "reason": reason}
         log.info("no TensorRT engine: %s", reason)
-    report["triton"] = [str(p) for p in triton.write_repository(out / "triton", onnx_path, size, engine)]
+    report["triton"] = [str(p) for p in triton.write_repository(out / "triton", onnx_path, size, engine,
+                                                                     k_fixed or -1)]
     write_json(out / "export.json", report)
     log_to_mlflow(cfg, out, onnx_path, (q, s, m), engine, report, args.fold, args.shot)
     write_json(out / "export.json", report)

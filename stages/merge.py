@@ -9,6 +9,7 @@ from pipeline import adapter as adapter_io
 from pipeline import tracking
 from pipeline.data.benchmarks import prepared_dir, split_dir
 from pipeline.data.episodes import fixed_batches
+from pipeline.models import accepts_shots
 from pipeline.svf import SVFConv2d, merge_svf
 from stages.common import model_dir, run, setup, write_json
 
@@ -32,7 +33,8 @@ def main():
     assert not any(isinstance(m, SVFConv2d) for m in merged.modules())
     batches = fixed_batches(prepared_dir(cfg.data.root, cfg.data.benchmark),
                             split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl",
-                            cfg.eval.test_size, cfg.export.shots, cfg.export.parity_episodes)
+                            cfg.eval.test_size, [k for k in cfg.export.shots if accepts_shots(merged, k)] or [args.shot],
+                            cfg.export.parity_episodes)
     report = {"fold": args.fold, "model_shots": args.shot, "svf_layers_merged": n_svf,
               "tolerance_rel": cfg.export.merge_tolerance, **parity(merged, unmerged, batches)}
     report["passed"] = report["max_rel"] <= cfg.export.merge_tolerance

@@ -3,7 +3,7 @@
 It gathers what users compare from the reports of the fold's models (``models/fold<i>/<k>shot/``
 evaluate.json, merge.json, export.json): per shot count mIoU, its spread over seeds and FB-IoU,
 keyed ``5shot`` when the 5-shot model scored it and ``5shot_by1`` when the 1-shot model did; and
-the deployed models' parity with the trained ones as the number of matching digits (-log10 of the
+BAM's base learner's base-class mIoU (``base_miou``); the deployed models' parity with the trained ones as the number of matching digits (-log10 of the
 worst relative error of merge and ONNX export), which survives DVC's rounding to 5 decimals where
 1.6e-07 shows as 0.0. It draws the per-class IoU chart and completes the registry entries.
 """
@@ -52,6 +52,9 @@ def main():
     args, cfg = setup(__doc__, fold=True)
     models = read_models(args.fold, cfg.train.shots)
     metrics = summary(models)
+    base = Path("models") / f"fold{args.fold}" / "base" / "base.json"
+    if base.exists() and json.loads(base.read_text()).get("trained"):   # BAM: the base learner's base-class mIoU
+        metrics["base_miou"] = round(json.loads(base.read_text())["base_miou"], 2)
     path = write_json(Path("metrics") / f"fold{args.fold}.json", metrics)
     evaluations = {k: v for r in models.values() for k, v in r["evaluate"].items() if "shot" in k and isinstance(v, dict)}
     regime = models[cfg.train.shots[0]]["evaluate"]["finetune"]

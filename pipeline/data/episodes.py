@@ -56,7 +56,8 @@ class TrainTransform:
     def _u(lo, hi):
         return lo + (hi - lo) * float(torch.rand(()))
 
-    def __call__(self, img: torch.Tensor, mask: torch.Tensor):
+    def __call__(self, img: torch.Tensor, mask: torch.Tensor, keep_class: int | None = 1):
+        """``mask`` may be a class-index label: the crop keeps most of ``keep_class``'s pixels (None: any crop)."""
         img, mask = tv_tensors.Image(img), tv_tensors.Mask(mask)
         h, w = img.shape[-2:]
         s = self._u(*self.scale)
@@ -71,10 +72,10 @@ class TrainTransform:
             img = self.blur(img)
         if torch.rand(()) < 0.5:
             img, mask = TF.horizontal_flip(img), TF.horizontal_flip(mask)
-        img, mask = self._crop(img, mask)
+        img, mask = self._crop(img, mask, keep_class)
         return normalize(img), mask.as_subclass(torch.Tensor)
 
-    def _crop(self, img, mask):
+    def _crop(self, img, mask, keep_class: int | None = 1):
         c = self.crop
         h, w = mask.shape[-2:]
         ph, pw = max(c - h, 0), max(c - w, 0)
@@ -83,12 +84,12 @@ class TrainTransform:
             img = TF.pad(img, pad, fill=MEAN_255)
             mask = TF.pad(mask, pad, fill=IGNORE)
         h, w = mask.shape[-2:]
-        total = int((mask == 1).sum())
+        total = 0 if keep_class is None else int((mask == keep_class).sum())
         best, best_fg = None, -1
         for _ in range(self.tries):
             y = int(torch.randint(0, h - c + 1, ()))
             x = int(torch.randint(0, w - c + 1, ()))
-            fg = int((mask[..., y:y + c, x:x + c] == 1).sum())
+            fg = int((mask[..., y:y + c, x:x + c] == keep_class).sum())
             if fg > best_fg:
                 best, best_fg = (y, x), fg
             if total == 0 or fg >= self.keep * total:
@@ -137,6 +138,25 @@ def load_label(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path), dtype=np.uint8))
 
 
+def load_pair(root: Path, image_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image [3,H,W] uint8, class-index label [H,W]) of a prepared image."""
+    img = load_image(root / "images" / f"{image_id}.jpg")
+    label = load_label(root / "labels" / f"{image_id}.png")
+    if label.shape != img.shape[-2:]:
+        raise RuntimeError(f"label of {image_id} is {tuple(label.shape)}, its image {tuple(img.shape[-2:])}")
+    return img, label
+
+
+def base_lut(base_classes: list[int]) -> torch.Tensor:
+    """Class id -> base-learner label: base classes 1..N in the given order, 255 kept, the rest 0
+    (BAM's base annotation: novel classes become background)."""
+    lut = torch.zeros(256, dtype=torch.long)
+    lut[IGNORE] = IGNORE
+    for j, c in enumerate(base_classes):
+        lut[c] = j + 1
+    return lut
+
+
 class EpisodeDataset(Dataset):
     """Few-shot episodes over the (image, class) pairs of one fold split.
 
@@ -151,11 +171,14 @@ class EpisodeDataset(Dataset):
       * ``protocol='bam'`` (BAM's test.py): the val images in file order, cycling, the class drawn among
         the novel classes present in the image.
     Supports: ``shots`` distinct images holding the episode's class under the pixel rule, none the query.
+    With ``base_classes`` (BAM), a training episode also carries the query's base-class label
+    (``query_base``: base classes renumbered 1..N in that order, other classes 0, 255 kept) and the
+    episode's class in that numbering (``base_class``).
     """
 
     def __init__(self, prepared: str | Path, pairs_file: str | Path, shots: int, mode: str = "train",
                  size: int = 473, seed: int = 0, episodes: int | None = None, scale=(0.9, 1.1), rotate: float = 10.0,
-                 sampling: str = "pair", protocol: str = "random"):
+                 sampling: str = "pair", protocol: str = "random", base_classes: list[int] | None = None):
         if mode not in ("train", "test"):
             raise ValueError(f"unknown episode mode {mode!r}; choose 'train' or 'test'")
         if sampling not in ("pair", "image") or protocol not in ("random", "bam"):
@@ -194,6 +217,7 @@ class EpisodeDataset(Dataset):
                         "image once", pairs_file, len(self.images), self.episodes, self.episodes / len(self.images),
                         len(self.images))
         self.train_tf = TrainTransform(size, scale, rotate) if mode == "train" else None
+        self.base_lut = base_lut(base_classes) if base_classes else None
 
     def _image_classes(self) -> dict[str, list[int]]:
         """Per image, the classes of this split present in it (any pixel) that can form an episode."""
@@ -238,26 +262,25 @@ class EpisodeDataset(Dataset):
         sup = [candidates[j] for j in rng.choice(len(candidates), size=self.shots, replace=False)]
         return qid, cls, sup, int(rng.integers(2 ** 31))
 
-    def _pair(self, image_id: str, cls: int):
-        img = load_image(self.root / "images" / f"{image_id}.jpg")
-        label = load_label(self.root / "labels" / f"{image_id}.png")
-        if label.shape != img.shape[-2:]:
-            raise RuntimeError(f"label of {image_id} is {tuple(label.shape)}, its image {tuple(img.shape[-2:])}")
-        return img, binarize(label, cls)
+    def _pair(self, image_id: str, cls: int | None):
+        img, label = load_pair(self.root, image_id)
+        return img, (label if cls is None else binarize(label, cls))
 
     def __getitem__(self, index) -> dict:
         qid, cls, sup_ids, tseed = self.episode(index)
         index = index[1] if isinstance(index, tuple) else index
-        q_img, q_lab = self._pair(qid, cls)
+        q_img, q_lab = self._pair(qid, None if self.mode == "train" else cls)
         sups = [self._pair(s, cls) for s in sup_ids]
         out = {"class": cls, "index": index}
         if self.mode == "train":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(tseed)
-                q, qm = self.train_tf(q_img, q_lab)
+                q, q_lab = self.train_tf(q_img, q_lab, keep_class=cls)
                 s = [self.train_tf(i, m) for i, m in sups]
-            out.update(query=q, query_mask=qm.long(), support=torch.stack([a for a, _ in s]),
+            out.update(query=q, query_mask=binarize(q_lab, cls).long(), support=torch.stack([a for a, _ in s]),
                        support_mask=torch.stack([b for _, b in s]).float())
+            if self.base_lut is not None:
+                out.update(query_base=self.base_lut[q_lab.long()], base_class=int(self.base_lut[cls]))
             return out
         q, qm, valid = eval_transform(q_img, q_lab, self.size, self.protocol)
         s = [eval_transform(i, m, self.size, self.protocol)[:2] for i, m in sups]

@@ -66,6 +66,17 @@ def build_model(cfg, finetune: str | None = None, pretrained: str | None = None,
     return model, counts
 
 
+def fixed_shots(model) -> int | None:
+    """The one shot count a model accepts (BAM trained with shot > 1: its reweighting has K inputs), or
+    None when any count works."""
+    model = getattr(model, "module", model)
+    return model.shots if getattr(model, "kshot_rw", None) is not None else None
+
+
+def accepts_shots(model, k: int) -> bool:
+    return fixed_shots(model) in (None, k)
+
+
 def head_loss(model, out, batch: dict, aux_weight: float = 1.0):
     """The loss of ``model``'s head on one batch: (total, {name: part})."""
     model = getattr(model, "module", model)
@@ -79,5 +90,6 @@ def train_inputs(model, batch: dict) -> dict:
     return {"base_class": batch["base_class"]} if isinstance(getattr(model, "module", model), BAM) else {}
 
 
-__all__ = ["ARCHS", "BAM", "Backbone", "HEADS", "PFENet", "PSPNet", "bam_loss", "base_learner", "build_model",
+__all__ = ["ARCHS", "BAM", "Backbone", "HEADS", "PFENet", "PSPNet", "accepts_shots", "bam_loss", "base_learner",
+           "build_model", "fixed_shots",
            "head_loss", "load_backbone", "pfenet_loss", "prior_mask", "state_fingerprint", "train_inputs"]

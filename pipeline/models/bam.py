@@ -67,6 +67,10 @@ def _merge_conv() -> nn.Conv2d:
 
 
 class BAM(nn.Module):
+    # encode_support's outputs: name -> the axes that are batch / shots (dynamic in exported graphs)
+    SUPPORT_FEATURES = {"prototype": {0: "batch", 1: "shots"}, "support_feat4": {0: "batch", 1: "shots"},
+                        "support_gram": {0: "batch", 1: "shots"}}
+
     def __init__(self, backbone: Backbone, base: PSPNet, shots: int = 1, reduce_dim: int = 256,
                  kshot_dim: int = 2, classes: int = 2):
         super().__init__()

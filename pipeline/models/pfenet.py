@@ -17,6 +17,9 @@ from .layers import adaptive_pool, classifier, conv_block, features, masked_aver
 
 
 class PFENet(nn.Module):
+    # encode_support's outputs: name -> the axes that are batch / shots (dynamic in exported graphs)
+    SUPPORT_FEATURES = {"prototype": {0: "batch"}, "support_feat4": {0: "batch", 1: "shots"}}
+
     def __init__(self, backbone: Backbone, reduce_dim: int = 256, bins=(60, 30, 15, 8), classes: int = 2):
         super().__init__()
         self.backbone = backbone

@@ -1,0 +1,49 @@
+"""DVC stage `base`: BAM's base learner of one fold (PSPNet on the base classes), before `train`.
+
+With model.head other than bam there is nothing to train: the stage writes only base.json saying
+so, and `train` does not wait on a learner it does not use.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.train_base import checkpoint_path, train_base
+from stages.common import run, setup, write_json
+
+
+def main():
+    args, cfg = setup(__doc__, fold=True)
+    out = plots = Path("models") / f"fold{args.fold}" / "base"   # one DVC output: learner, record, curves
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "base.pt").unlink(missing_ok=True)
+    if cfg.model.head != "bam":
+        for stale in ("mlflow_run.json", "curves.png", "train.csv", "val.csv"):
+            (out / stale).unlink(missing_ok=True)
+        write_json(out / "base.json", {"fold": args.fold, "trained": False,
+                                       "reason": f"model.head is {cfg.model.head}: only bam uses a base learner"})
+        print(f"base fold {args.fold}: nothing to train (model.head is {cfg.model.head})")
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        rf = tracking.run_file(out)
+        if not (checkpoint_path(cfg, args.fold).exists() and rf.exists()):
+            tracking.start_run(cfg, args.fold, 0, out, role="base")
+    with tracking.open_run(cfg, out, "base", enabled=rank == 0) as tracker:
+        summary = train_base(cfg, args.fold, out, plots, tracker.metrics if tracker else None)
+        if tracker is None:
+            return
+        write_json(out / "base.json", {"trained": True, **summary})
+        tracker.metrics({"base_miou": summary["base_miou"], "base_seconds": summary["seconds"]})
+        for f in (out / "base.json", plots / "train.csv", plots / "val.csv", plots / "curves.png"):
+            tracker.artifact(f, "base")
+        run_id = json.loads(tracking.run_file(out).read_text())["run_id"]
+        print(f"base fold {args.fold}: PSPNet base learner {out / 'base.pt'} ({summary['params']:,} parameters, "
+              f"{summary['classes']} classes), best base-class mIoU {summary['base_miou']:.2f} at iteration "
+              f"{summary['best_iteration']}, curves in {plots}, MLflow run {run_id}")
+
+
+if __name__ == "__main__":
+    run(main)
