@@ -45,7 +45,7 @@ def base_datasets(cfg, fold: int, classes: list[int]):
     ids = {s: (prepared / f"{s}.txt").read_text().split() for s in ("train", "val")}
     val_ids = ids["val"][:bc.val_images] if bc.val_images else ids["val"]
     return (SemanticDataset(prepared, ids["train"], classes, "train", bc.crop_size, bc.seed, bc.scale, bc.rotate),
-            SemanticDataset(prepared, val_ids, classes, "test", cfg.eval.test_size, bc.seed))
+            SemanticDataset(prepared, val_ids, classes, "test", bc.crop_size, bc.seed))   # BAM: val_size = train_h
 
 
 @torch.no_grad()

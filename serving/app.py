@@ -186,7 +186,8 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         state["batcher"].start()
         s = b.size
         x = np.zeros((1, 3, s, s), np.float32)
-        feats = b.encode(np.zeros((1, 1, 3, s, s), np.float32), np.ones((1, 1, s, s), np.float32))
+        k = b.shots or 1
+        feats = b.encode(np.zeros((1, k, 3, s, s), np.float32), np.ones((1, k, s, s), np.float32))
         b.decode(x, feats)    # warm-up
         state["ready"] = True
         log.info("ready: backend %s, input %dx%d", b.name, s, s)
@@ -238,6 +239,9 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
             raise UserError(f"{len(supports)} shots given; at most {limits.max_shots} are accepted")
         if len(masks) != len(supports):
             raise UserError(f"{len(supports)} support images but {len(masks)} masks; give one mask per support")
+        if b.shots and len(supports) != b.shots:
+            raise UserError(f"{len(supports)} shots given; this model (BAM trained with {b.shots} shots) takes "
+                            f"exactly {b.shots}")
         xs, ms = [], []
         for i, (f, mf) in enumerate(zip(supports, masks)):
             img = read_image(await f.read(), f"support {i + 1} ({f.filename})", limits)

@@ -19,6 +19,7 @@ BACKENDS = ("tensorrt", "onnxruntime", "torch")
 class Backend:
     name = "base"
     size = 0          # the square input size the model was exported for
+    shots = None      # the one shot count a fixed-shot model takes (BAM trained with K > 1), else None
 
     def encode(self, support: np.ndarray, mask: np.ndarray):
         raise NotImplementedError
@@ -42,6 +43,8 @@ class TorchBackend(Backend):
                                    ("cpu" if device == "auto" else device))
         self.model.to(self.device).eval()
         self.size = self.cfg.eval.test_size
+        from pipeline.models import fixed_shots
+        self.shots = fixed_shots(self.model)
 
     @torch.no_grad()
     def encode(self, support, mask):
@@ -66,6 +69,8 @@ class OnnxBackend(Backend):
         self.sess = SplitSession(enc, dec, threads=threads)
         from export.onnx_export import read_metadata
         self.size = int(read_metadata(dec)["input_size"][0])
+        k = self.sess.enc.get_inputs()[0].shape[1]    # the support's shots axis: a name when dynamic
+        self.shots = k if isinstance(k, int) else None
         self.name = f"onnxruntime ({self.sess.get_providers()[0]})"
 
     def encode(self, support, mask):

@@ -227,3 +227,77 @@ def test_forward_parity_with_reference(tmp_path, shots):
         mine = ours(q, s, m)
     assert mine.shape == final.shape
     assert rel_err(mine, final) < 1e-5, rel_err(mine, final)
+
+
+# ------------------------------------------------------------------ merge, export, artifacts
+def _trained_svf_bam(shots):
+    model, _ = _bam("svf", shots=shots)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # as if trained: S moved, the ensemble and reweighting away from their init
+        for n, p in model.named_parameters():
+            if n.endswith(".S"):
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        model.gram_merge.weight.copy_(torch.tensor([0.9, 0.4]).view(1, 2, 1, 1))
+        model.cls_merge.weight.copy_(torch.tensor([1.1, 0.6]).view(1, 2, 1, 1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("shots", [1, 3])
+def test_merge_and_onnx_parity(tmp_path, shots):
+    import copy
+
+    from export import onnx_export
+    from pipeline.svf import SVFConv2d, merge_svf
+    model = _trained_svf_bam(shots)
+    merged = merge_svf(copy.deepcopy(model)).eval()
+    assert not any(isinstance(m, SVFConv2d) for m in merged.modules())
+    assert not torch.equal(merged.backbone.layer3[0].conv2.weight, merged.base.backbone.layer3[0].conv2.weight)
+    q, s, m = _inputs(k=shots, size=64)
+    with torch.no_grad():
+        ref, got = model(q, s, m), merged(q, s, m)
+    assert rel_err(got, ref) < 1e-5
+    path = onnx_export.export_onnx(merged, tmp_path / "model.onnx", 64)
+    enc, dec = onnx_export.export_split(merged, tmp_path, 64)
+    episodes = [_inputs(b=b, k=shots, size=64, seed=b) for b in (1, 2)]
+    if shots == 1:   # a 1-shot model takes any number of supports (equal weights)
+        episodes.append(_inputs(b=1, k=4, size=64, seed=5))
+    for sess in (onnx_export.session(path, prefer_cuda=False), onnx_export.SplitSession(enc, dec, prefer_cuda=False)):
+        assert onnx_export.check_parity(merged, sess, episodes, 1e-4)["max_rel"] < 1e-4
+    split = onnx_export.SplitSession(enc, dec, prefer_cuda=False)
+    assert split.features == ["prototype", "support_feat4", "support_gram"]
+
+
+def test_merged_and_adapter_round_trip(tmp_path):
+    import copy
+
+    from pipeline import adapter as adapter_io
+    from pipeline.svf import merge_svf
+    cfg = bam_cfg("svf")
+    model = _trained_svf_bam(1)
+    merged = merge_svf(copy.deepcopy(model)).eval()
+    adapter_io.save(adapter_io.merged_state(merged, cfg), tmp_path / "merged.pt")
+    back, _ = adapter_io.load_merged(tmp_path / "merged.pt")
+    q, s, m = _inputs()
+    with torch.no_grad():
+        assert torch.equal(back(q, s, m), merged(q, s, m))
+    state = adapter_io.adapter_state(model, cfg, {"shots": 1})
+    assert not any(k.startswith("base.") for k in state["head"])
+    assert all(k.endswith(".S") for k in state["backbone"]) and state["backbone"]
+
+
+def test_base_checkpoint_of_another_fold_classes_or_backbone_is_refused(tmp_path):
+    from pipeline import adapter as adapter_io
+    from pipeline.models import base_learner
+    cfg = bam_cfg("frozen")
+    learner = base_learner(cfg.model, 16)
+    path = adapter_io.save(adapter_io.base_state(learner, cfg, 0, list(range(6, 21))), tmp_path / "base.pt")
+    assert adapter_io.read_base(path, cfg, 0)["classes"] == 16
+    with pytest.raises(ValueError, match=r"fold 0 \(expected 1\)"):
+        adapter_io.read_base(path, cfg, 1)
+    with pytest.raises(ValueError, match=r"backbone 'resnet18' \(expected 'resnet34'\).*base@0"):
+        adapter_io.read_base(path, bam_cfg("frozen", backbone="resnet34"), 0)
+    coco = load_config({"data": {"benchmark": "coco"}, "model": cfg.to_dict()["model"]})
+    with pytest.raises(ValueError, match=r"classes 16 \(expected 61\)"):
+        adapter_io.read_base(path, coco, 0)
+    with pytest.raises(FileNotFoundError, match=r"dvc repro base@0"):
+        adapter_io.read_base(tmp_path / "none.pt", cfg, 0)

@@ -119,3 +119,4 @@ def test_one_training_stage_per_fold_and_shot_count(tmp_path):
     for stage in ("train", "evaluate", "merge", "export"):
         assert {n for n in listed if n.startswith(stage + "@")} == {f"{stage}@{f}-{k}" for f in (0, 2) for k in (1, 5)}
     assert {n for n in listed if n.startswith("report@")} == {"report@0", "report@2"}
+    assert {n for n in listed if n.startswith("base@")} == {"base@0", "base@2"}   # BAM's base learner: one per fold

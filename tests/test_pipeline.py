@@ -99,7 +99,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
 
     write_params(b, data_root)
     r = stage("train", b, "--fold", "0")
-    assert f"resuming fold 0 from {ckpt.relative_to(b)} at iteration {killed_at}" in r.stderr
+    assert f"resuming from {ckpt.relative_to(b)} at iteration {killed_at}" in r.stderr
     ta, tb = adapter_tensors(a / "models/fold0/1shot/adapter.pt"), adapter_tensors(b / "models/fold0/1shot/adapter.pt")
     assert ta.keys() == tb.keys() and len(ta) > 0
     assert all(torch.equal(ta[k], tb[k]) for k in ta), "resumed run ended with other weights"
@@ -107,6 +107,75 @@ def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
     curve = (b / "plots/fold0/1shot/train.csv").read_text().splitlines()
     assert curve == (a / "plots/fold0/1shot/train.csv").read_text().splitlines()
     assert params_b.exists()
+
+
+BAM = {"model__head": "bam", "model__finetune": "svf",
+       "base__iterations": 12, "base__batch_size": 2, "base__crop_size": 48, "base__checkpoint_every": 3,
+       "base__val_every": 6, "base__val_images": 6, "base__log_every": 2, "base__workers": 0}
+
+
+def kill_at_first_checkpoint(cmd: list, cwd: Path, ckpt: Path) -> int:
+    """Start ``cmd``, SIGKILL it once ``ckpt`` exists; the checkpoint's iteration."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the run ended before its first checkpoint"
+    return torch.load(ckpt, weights_only=True)["state"]["iteration"]
+
+
+def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path):
+    """BAM's base stage: SIGKILL + resume = uninterrupted; then train, evaluate, merge and export the
+    BAM+SVF model; a base learner of another backbone is refused by name."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_params(a, data_root, **BAM)
+    write_params(b, data_root, **BAM)
+    stage("base", a, "--fold", "0")
+    ckpt = b / "checkpoints/synthetic/fold0/base/checkpoint.pt"
+    killed_at = kill_at_first_checkpoint([sys.executable, "-m", "stages.base", "--fold", "0"], b, ckpt)
+    assert 0 < killed_at < BAM["base__iterations"] and not (b / "models/fold0/base/base.pt").exists()
+    r = stage("base", b, "--fold", "0")
+    assert f"resuming from {ckpt.relative_to(b)} at iteration {killed_at}" in r.stderr
+    sa, sb = (torch.load(d / "models/fold0/base/base.pt", weights_only=True) for d in (a, b))
+    assert sa["state"].keys() == sb["state"].keys() and all(torch.equal(sa["state"][k], sb["state"][k]) for k in sa["state"])
+    assert sa["fingerprint"] == sb["fingerprint"] and not ckpt.exists()
+    base = json.loads((a / "models/fold0/base/base.json").read_text())
+    assert base["trained"] and 0 <= base["base_miou"] <= 100 and base["classes"] == 16
+    assert (a / "models/fold0/base/curves.png").stat().st_size > 10_000
+
+    # the episodes BAM trains on carry the query's base-class label
+    from pipeline.config import load_config
+    from pipeline.train import datasets
+    cwd = os.getcwd()
+    os.chdir(a)
+    try:
+        train_ds, _ = datasets(load_config(a / "params.yaml"), 0, 1)
+    finally:
+        os.chdir(cwd)
+    item = train_ds[(0, 0)]
+    base_ids = list(range(6, 21))
+    assert item["base_class"] == base_ids.index(item["class"]) + 1
+    fg = item["query_mask"] == 1
+    assert bool((item["query_base"][fg] == item["base_class"]).all())
+    assert set(item["query_base"].unique().tolist()) <= set(range(16)) | {255}
+
+    for name in ("train", "evaluate", "merge", "export"):
+        stage(name, a, "--fold", "0")
+    out = a / "models/fold0/1shot"
+    merge, export = (json.loads((out / f).read_text()) for f in ("merge.json", "export.json"))
+    assert merge["passed"] and merge["svf_layers_merged"] > 0
+    assert export["onnx"]["parity"]["max_rel"] < 1e-4 and export["onnx"]["split_graphs"]["parity"]["max_rel"] < 1e-4
+    ev = json.loads((out / "evaluate.json").read_text())
+    assert {"1shot", "2shot_by1"} <= set(ev)
+    adapter = torch.load(out / "adapter.pt", weights_only=True)
+    assert not any(k.startswith("base.") for k in adapter["head"])   # the base learner stays in base.pt
+    assert adapter["backbone_fingerprint"] == sa["fingerprint"]
+
+    write_params(a, data_root, **BAM, model__backbone="resnet34")
+    r = stage("evaluate", a, "--fold", "0", check=False)
+    assert r.returncode == 1 and "backbone 'resnet18' (expected 'resnet34')" in r.stderr and "base@0" in r.stderr
 
 
 def test_ddp_two_cpu_processes_stay_in_sync(data_root, tmp_path):

@@ -32,6 +32,19 @@ REGIME = {
 }
 PRESETS = {f"{b}_pfenet_{r}": {**COMMON, **DATA[b], **REGIME[r]} for b in DATA for r in REGIME}
 
+# chunbolang/BAM config/{pascal,coco}/*_split0_resnet50{,_base}.yaml, model/BAM.py, model/PSPNet.py; the SVF
+# authors' BAM variant (model/BAM.py, train_BAM.py) for svf
+BAM = {**COMMON, "model.head": "bam", "model.dilation": "pspnet", "model.kshot_dim": 2,
+       "base.patience": 75, "base.batch_size": 12, "base.lr": 0.0025, "base.schedule": "poly", "base.momentum": 0.9,
+       "base.weight_decay": 1e-4, "base.poly_power": 0.9, "base.crop_size": 417, "base.scale": [0.5, 2.0],
+       "base.rotate": 10.0, "base.seed": 321, "base.sync_bn": True}
+BAM_DATA = {"pascal": {"base.epochs": 100, "base.backbone_lr_scale": 0.1},   # index_split 0
+            "coco": {"base.epochs": 20, "base.backbone_lr_scale": 1.0}}      # index_split -1
+BAM_REGIME = {"svf": REGIME["svf"],
+              # BAM's meta stage: base_lr 0.005 x 10 on every group, poly
+              "frozen": {"model.finetune": "frozen", "train.lr": 0.05, "train.schedule": "poly"}}
+PRESETS.update({f"{b}_bam_{r}": {**BAM, **DATA[b], **BAM_DATA[b], **BAM_REGIME[r]} for b in DATA for r in BAM_REGIME})
+
 
 def test_every_preset_is_in_the_table():
     assert {p.stem for p in (ROOT / "presets").glob("*.yaml")} == set(PRESETS)
@@ -44,3 +57,4 @@ def test_preset_has_the_reference_values(name):
     assert not wrong, f"{name}: (preset, reference) {wrong}"
     text = (ROOT / "presets" / f"{name}.yaml").read_text()
     assert "zechao-li/SVF-few-shot-segmentation" in text and "BAM test.py" in text
+    assert ("chunbolang/BAM" in text) == ("_bam_" in name)

@@ -89,7 +89,7 @@ class TrainTransform:
         for _ in range(self.tries):
             y = int(torch.randint(0, h - c + 1, ()))
             x = int(torch.randint(0, w - c + 1, ()))
-            fg = int((mask[..., y:y + c, x:x + c] == keep_class).sum())
+            fg = 0 if keep_class is None else int((mask[..., y:y + c, x:x + c] == keep_class).sum())
             if fg > best_fg:
                 best, best_fg = (y, x), fg
             if total == 0 or fg >= self.keep * total:
