@@ -170,6 +170,15 @@ class Run:
     seen: int = 0                     # samples this process trained on (all ranks)
 
 
+def update(run: Run, loss: torch.Tensor) -> None:
+    """Backward and SGD step through the scaler; a non-finite loss skips the update (``fit`` then stops)."""
+    if torch.isfinite(loss):
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+
+
 def steps_and_total(run: Run, n: int, steps_per_epoch) -> tuple[int, int, int]:
     lc = run.lc
     steps = steps_per_epoch(n, lc.batch_size, run.world)

@@ -26,7 +26,7 @@ from .data.episodes import EpisodeDataset, steps_per_epoch
 from .evaluate import evaluate
 from .figures import curves_figure
 from .loop import (NaNLossError, Run, finish, fit, init_distributed, lr_factor, pick_device, sgd, steps_and_total,
-                   wrap_distributed)
+                   update, wrap_distributed)
 from .models import build_model, head_loss, train_inputs
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,7 @@ def episode_step(run: Run, amp: bool, aux_weight: float):
         with torch.autocast(device_type=run.device.type, dtype=torch.float16, enabled=amp):
             out = run.net(batch["query"], batch["support"], batch["support_mask"], **train_inputs(run.model, batch))
             loss, parts = head_loss(run.model, out, batch, aux_weight)
-        if torch.isfinite(loss):
-            run.opt.zero_grad(set_to_none=True)
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.opt)
-            run.scaler.update()
+        update(run, loss)
         return loss, parts, batch["query"].shape[0]
     return step
 

@@ -23,7 +23,7 @@ from .data.benchmarks import prepared_dir
 from .data.episodes import IGNORE, steps_per_epoch
 from .data.semantic import SemanticDataset
 from .figures import curves_figure
-from .loop import Run, finish, fit, init_distributed, pick_device, sgd, steps_and_total, wrap_distributed
+from .loop import Run, finish, fit, init_distributed, sgd, steps_and_total, update, wrap_distributed
 from .models import base_learner
 from .train import fold_classes
 
@@ -91,11 +91,7 @@ def train_base(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_m
         x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             loss = F.cross_entropy(run.net(x).float(), y, ignore_index=IGNORE)
-        if torch.isfinite(loss):
-            opt.zero_grad(set_to_none=True)
-            run.scaler.scale(loss).backward()
-            run.scaler.step(opt)
-            run.scaler.update()
+        update(run, loss)
         return loss, {}, x.shape[0]
 
     def validate(it):
@@ -121,4 +117,4 @@ def train_base(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_m
     return summary
 
 
-__all__ = ["base_miou", "pick_device", "train_base"]
+__all__ = ["base_miou", "checkpoint_path", "train_base"]

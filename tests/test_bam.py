@@ -257,7 +257,7 @@ def test_merge_and_onnx_parity(tmp_path, shots):
         ref, got = model(q, s, m), merged(q, s, m)
     assert rel_err(got, ref) < 1e-5
     path = onnx_export.export_onnx(merged, tmp_path / "model.onnx", 64)
-    enc, dec = onnx_export.export_split(merged, tmp_path, 64)
+    enc, dec = onnx_export.export_split(merged, tmp_path, 64, metadata={"input_size": [64, 64]})
     episodes = [_inputs(b=b, k=shots, size=64, seed=b) for b in (1, 2)]
     if shots == 1:   # a 1-shot model takes any number of supports (equal weights)
         episodes.append(_inputs(b=1, k=4, size=64, seed=5))
@@ -265,6 +265,19 @@ def test_merge_and_onnx_parity(tmp_path, shots):
         assert onnx_export.check_parity(merged, sess, episodes, 1e-4)["max_rel"] < 1e-4
     split = onnx_export.SplitSession(enc, dec, prefer_cuda=False)
     assert split.features == ["prototype", "support_feat4", "support_gram"]
+
+    # the service's backends serve BAM as they serve PFENet; a K-shot model says it takes exactly K
+    from pipeline import adapter as adapter_io
+    from serving.backends import OnnxBackend, TorchBackend
+    cfg = load_config({**bam_cfg("svf").to_dict(), "eval": {"test_size": 64}})
+    adapter_io.save(adapter_io.merged_state(merged, cfg), tmp_path / "merged.pt")
+    q, s, m = _inputs(b=1, k=shots, size=64, seed=9)
+    with torch.no_grad():
+        ref = merged(q, s, m).numpy()
+    for backend in (OnnxBackend(tmp_path), TorchBackend(tmp_path, "cpu")):
+        assert backend.size == 64 and backend.shots == (shots if shots > 1 else None)
+        got = backend.decode(q.numpy(), backend.encode(s.numpy(), m.numpy()))
+        assert onnx_export.rel_error(got, ref) < 1e-4
 
 
 def test_merged_and_adapter_round_trip(tmp_path):

@@ -71,6 +71,18 @@ def adapter_tensors(path: Path) -> dict:
     return {**a["head"], **a["backbone"]}
 
 
+def kill_at_first_checkpoint(cmd: list, cwd: Path, ckpt: Path) -> int:
+    """Start ``cmd``, SIGKILL it once ``ckpt`` exists; the checkpoint's iteration."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the run ended before its first checkpoint"
+    return torch.load(ckpt, weights_only=True)["state"]["iteration"]
+
+
 def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     write_params(a, data_root)
@@ -78,16 +90,8 @@ def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
     stage("train", a, "--fold", "0")
 
     ckpt = b / "checkpoints/synthetic/fold0/1shot/checkpoint.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--fold", "0"], cwd=b, env=env(b),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists(), "the run ended before its first checkpoint"
+    killed_at = kill_at_first_checkpoint([sys.executable, "-m", "stages.train", "--fold", "0"], b, ckpt)
     assert not (b / "models/fold0/1shot/adapter.pt").exists()
-    killed_at = torch.load(ckpt, weights_only=True)["state"]["iteration"]
     assert 0 < killed_at < TINY["train"]["iterations"]
 
     # resuming with another config is refused and names the differing keys
@@ -112,18 +116,6 @@ def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
 BAM = {"model__head": "bam", "model__finetune": "svf",
        "base__iterations": 12, "base__batch_size": 2, "base__crop_size": 48, "base__checkpoint_every": 3,
        "base__val_every": 6, "base__val_images": 6, "base__log_every": 2, "base__workers": 0}
-
-
-def kill_at_first_checkpoint(cmd: list, cwd: Path, ckpt: Path) -> int:
-    """Start ``cmd``, SIGKILL it once ``ckpt`` exists; the checkpoint's iteration."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists(), "the run ended before its first checkpoint"
-    return torch.load(ckpt, weights_only=True)["state"]["iteration"]
 
 
 def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path):
