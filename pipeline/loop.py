@@ -167,6 +167,7 @@ class Run:
     plots_dir: Path
     desc: str
     log_metrics: Callable | None = None
+    section: str = "train"            # the params.yaml section of ``lc``, for messages
     seen: int = 0                     # samples this process trained on (all ranks)
 
 
@@ -223,7 +224,7 @@ def fit(run: Run, step: Callable, validate: Callable, steps: int, total: int, va
             where = (f"; the last good checkpoint {run.ckpt_file} (iteration {last_good}) is kept"
                      if last_good is not None else "; no checkpoint had been written yet")
             raise NaNLossError(f"loss became {loss.item()} at iteration {it} ({run.desc}){where}. "
-                               "Lower the learning rate or disable amp")
+                               f"Lower {run.section}.lr or disable {run.section}.amp")
         state.iteration = it + 1
         run.seen += n * run.world
         if main and ((it + 1) % lc.log_every == 0 or it == 0):

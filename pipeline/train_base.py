@@ -80,7 +80,7 @@ def train_base(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_m
     amp = bc.amp and device.type == "cuda"
     run = Run(cfg, bc, SECTIONS, model, wrap_distributed(model, bc.sync_bn, world, device), opt,
               torch.amp.GradScaler("cuda", enabled=amp), train_ds, device, rank, world, checkpoint_path(cfg, fold),
-              plots_dir, f"base learner fold{fold}", log_metrics)
+              plots_dir, f"base learner fold{fold}", log_metrics, section="base")
     steps, total, val_every = steps_and_total(run, len(train_ds), steps_per_epoch)
     if rank == 0:
         log.info("fold %d base learner: PSPNet on %s, %d classes (background + %d base), %s parameters; %d iterations "

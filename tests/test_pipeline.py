@@ -113,9 +113,9 @@ def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
     assert params_b.exists()
 
 
-BAM = {"model__head": "bam", "model__finetune": "svf",
-       "base__iterations": 12, "base__batch_size": 2, "base__crop_size": 48, "base__checkpoint_every": 3,
-       "base__val_every": 6, "base__val_images": 6, "base__log_every": 2, "base__workers": 0}
+BAM = {"model__head": "bam", "model__finetune": "svf", "train__iterations": 4, "train__val_every": 4,
+       "base__iterations": 8, "base__batch_size": 2, "base__crop_size": 48, "base__checkpoint_every": 2,
+       "base__val_every": 4, "base__val_images": 6, "base__log_every": 2, "base__workers": 0}
 
 
 def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path):
@@ -191,7 +191,7 @@ def test_nan_loss_stops_and_names_iteration(data_root, tmp_path, monkeypatch):
     from pipeline.train import NaNLossError, train
     monkeypatch.chdir(tmp_path)
     cfg = load_config(write_params(tmp_path, data_root, train__lr=1e12, train__iterations=8))
-    with pytest.raises(NaNLossError, match=r"at iteration \d+ \(fold 0, 1-shot\)"):
+    with pytest.raises(NaNLossError, match=r"at iteration \d+ \(train fold0 1-shot\).*Lower train.lr"):
         train(cfg, 0, 1, tmp_path / "models", tmp_path / "plots")
     assert not (tmp_path / "models/adapter.pt").exists()
 
