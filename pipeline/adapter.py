@@ -138,9 +138,8 @@ def read_base(path: str | Path, cfg, fold: int | None = None) -> dict:
     from .data.benchmarks import base_classes
     state = _load(path, BASE_FORMAT, "base learner", "base" if fold is None else f"base@{fold}")
     fold = state["fold"] if fold is None else fold
-    expect = {"fold": fold, "benchmark": cfg.data.benchmark, **{k: getattr(cfg.model, k) for k in BASE_KEYS}}
-    if cfg.data.benchmark in ("synthetic", "pascal", "coco"):
-        expect["classes"] = len(base_classes(cfg.data.benchmark, fold, cfg.data.coco_split)) + 1
+    expect = {"fold": fold, "benchmark": cfg.data.benchmark, **{k: getattr(cfg.model, k) for k in BASE_KEYS},
+              "classes": len(base_classes(cfg.data.benchmark, fold, cfg.data.coco_split)) + 1}
     wrong = [f"{k} {state.get(k)!r} (expected {v!r})" for k, v in expect.items() if state.get(k) != v]
     if wrong:
         raise ValueError(f"base learner {path} does not fit this model: {', '.join(wrong)}; re-run the base stage "

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import adapter as adapter_io
 from .config import diff_configs
-from .data.episodes import EpochBatches
+from .data.episodes import EpochBatches, steps_per_epoch
 
 log = logging.getLogger(__name__)
 # keys that may change between an interrupted run and its resume without changing the result
@@ -180,7 +180,8 @@ def update(run: Run, loss: torch.Tensor) -> None:
         run.scaler.update()
 
 
-def steps_and_total(run: Run, n: int, steps_per_epoch) -> tuple[int, int, int]:
+def steps_and_total(run: Run, n: int) -> tuple[int, int, int]:
+    """(steps per epoch, total iterations, validation interval) for ``n`` samples an epoch."""
     lc = run.lc
     steps = steps_per_epoch(n, lc.batch_size, run.world)
     return steps, (lc.epochs * steps if lc.epochs else lc.iterations), (steps if lc.epochs else lc.val_every)

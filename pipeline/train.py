@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from . import adapter as adapter_io
-from .data.benchmarks import prepared_dir, split_dir
-from .data.episodes import EpisodeDataset, steps_per_epoch
+from .data.benchmarks import base_classes, prepared_dir, split_dir
+from .data.episodes import EpisodeDataset
 from .evaluate import evaluate
 from .figures import curves_figure
 from .loop import (NaNLossError, Run, finish, fit, init_distributed, lr_factor, pick_device, sgd, steps_and_total,
@@ -51,15 +51,6 @@ def make_optimizer(model, tc) -> torch.optim.SGD:
     return sgd([(head, tc.lr), (body, tc.lr * tc.backbone_lr_scale)], tc)
 
 
-def fold_classes(cfg, fold: int) -> dict:
-    """{"novel": [...], "base": [...]} of the fold, as the split stage wrote them."""
-    import json
-    f = split_dir(cfg.data.root, cfg.data.benchmark, fold) / "classes.json"
-    if not f.exists():
-        raise FileNotFoundError(f"{f} is missing; run the split stage (`dvc repro split`) first")
-    return json.loads(f.read_text())
-
-
 def datasets(cfg, fold: int, shots: int):
     """(training episodes, validation episodes) of ``fold`` with ``shots`` supports each; BAM's
     training episodes carry the query's base-class label too."""
@@ -68,7 +59,7 @@ def datasets(cfg, fold: int, shots: int):
     for f in (splits / "train.jsonl", splits / "val.jsonl"):
         if not f.exists():
             raise FileNotFoundError(f"split file {f} is missing; run the split stage (`dvc repro split`) first")
-    base = fold_classes(cfg, fold)["base"] if cfg.model.head == "bam" else None
+    base = base_classes(cfg.data.benchmark, fold, cfg.data.coco_split) if cfg.model.head == "bam" else None
     train_ds = EpisodeDataset(prepared, splits / "train.jsonl", shots, "train", tc.crop_size, tc.seed,
                               scale=tc.scale, rotate=tc.rotate, sampling=tc.sampling, base_classes=base)
     val_ds = EpisodeDataset(prepared, splits / "val.jsonl", shots, "test", cfg.eval.test_size, seed=tc.seed,
@@ -130,7 +121,7 @@ def train(cfg, fold: int, shots: int, out_dir: str | Path, plots_dir: str | Path
     run = Run(cfg, tc, SECTIONS, model, wrap_distributed(model, tc.sync_bn, world, device), opt,
               torch.amp.GradScaler("cuda", enabled=amp), train_ds, device, rank, world,
               checkpoint_path(cfg, fold, shots), plots_dir, f"train fold{fold} {shots}-shot", log_metrics)
-    steps, total, val_every = steps_and_total(run, len(train_ds), steps_per_epoch)
+    steps, total, val_every = steps_and_total(run, len(train_ds))
     if rank == 0:
         log.info("fold %d, %d-shot: %s head, %s backbone, regime %s: %s trainable backbone parameters of %s, "
                  "head %s; %d iterations (%d per epoch of %d %s episodes)", fold, shots, cfg.model.head,

@@ -19,13 +19,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import adapter as adapter_io
-from .data.benchmarks import prepared_dir
-from .data.episodes import IGNORE, steps_per_epoch
+from .data.benchmarks import base_classes, prepared_dir
+from .data.episodes import IGNORE
 from .data.semantic import SemanticDataset
 from .figures import curves_figure
 from .loop import Run, finish, fit, init_distributed, sgd, steps_and_total, update, wrap_distributed
 from .models import base_learner
-from .train import fold_classes
 
 log = logging.getLogger(__name__)
 # a resume (and the reuse of base.pt) depends on these only: not on the few-shot head or its training
@@ -72,7 +71,7 @@ def train_base(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_m
     t0, bc = time.time(), cfg.base
     rank, world, device = init_distributed(cfg.train.device)
     out_dir, plots_dir = Path(out_dir), Path(plots_dir)
-    classes = fold_classes(cfg, fold)["base"]
+    classes = base_classes(cfg.data.benchmark, fold, cfg.data.coco_split)
     train_ds, val_ds = base_datasets(cfg, fold, classes)
     model = base_learner(cfg.model, len(classes) + 1, pretrained=cfg.model.pretrained, root=cfg.data.root).to(device)
     heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
@@ -81,7 +80,7 @@ def train_base(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_m
     run = Run(cfg, bc, SECTIONS, model, wrap_distributed(model, bc.sync_bn, world, device), opt,
               torch.amp.GradScaler("cuda", enabled=amp), train_ds, device, rank, world, checkpoint_path(cfg, fold),
               plots_dir, f"base learner fold{fold}", log_metrics, section="base")
-    steps, total, val_every = steps_and_total(run, len(train_ds), steps_per_epoch)
+    steps, total, val_every = steps_and_total(run, len(train_ds))
     if rank == 0:
         log.info("fold %d base learner: PSPNet on %s, %d classes (background + %d base), %s parameters; %d iterations "
                  "(%d per epoch of %d images)", fold, cfg.model.backbone, len(classes) + 1, len(classes),

@@ -23,19 +23,16 @@ class SemanticDataset(Dataset):
             raise ValueError(f"unknown mode {mode!r}; choose 'train' or 'test'")
         if not image_ids:
             raise ValueError(f"no {mode} images for the base learner under {prepared}")
-        self.root, self.ids, self.mode, self.size, self.seed, self.epoch = Path(prepared), list(image_ids), mode, size, seed, 0
+        self.root, self.ids, self.mode, self.size, self.seed = Path(prepared), list(image_ids), mode, size, seed
         self.lut = base_lut(base_classes)
         self.classes = len(base_classes) + 1
         self.tf = TrainTransform(size, scale, rotate) if mode == "train" else None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index) -> dict:
-        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        epoch, index = index if isinstance(index, tuple) else (0, index)
         img, label = load_pair(self.root, self.ids[index])
         label = self.lut[label.long()].to(torch.uint8)
         if self.mode == "train":
