@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+from pipeline import adapter as adapter_io
 from pipeline import tracking
 from pipeline.train import train
 from stages.common import model_dir, plots_dir, run, setup, write_json
@@ -14,6 +15,8 @@ def main():
     rank = int(os.environ.get("RANK", "0"))
     out, plots = model_dir(args.fold, args.shot), plots_dir(args.fold, args.shot)
     run_id = None
+    if cfg.model.head == "bam":   # a missing or unfit base learner stops here, before an MLflow run is opened
+        adapter_io.read_base(adapter_io.base_path(out / "adapter.pt"), cfg, args.fold)
     if rank == 0:
         from pipeline.train import checkpoint_path
         rf = tracking.run_file(out)

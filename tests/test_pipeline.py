@@ -168,6 +168,12 @@ def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path
     write_params(a, data_root, **BAM, model__backbone="resnet34")
     r = stage("evaluate", a, "--fold", "0", check=False)
     assert r.returncode == 1 and "backbone 'resnet18' (expected 'resnet34')" in r.stderr and "base@0" in r.stderr
+    # without its base learner, train stops before it opens an MLflow run: the previous run's record stays
+    record = (out / "mlflow_run.json").read_bytes()
+    (a / "models/fold0/base/base.pt").unlink()
+    r = stage("train", a, "--fold", "0", check=False)
+    assert r.returncode == 1 and "dvc repro base@0" in r.stderr
+    assert (out / "mlflow_run.json").read_bytes() == record
 
 
 def test_ddp_two_cpu_processes_stay_in_sync(data_root, tmp_path):
