@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine; each creates (or reuses) the local virtual environment.
 #   make repro  - run the whole DVC pipeline (default: the embedded synthetic benchmark, offline)
 #   make test   - run the test suite
+#   make ablation - the default pipeline, then frozen / svf / full trained and scored alike (results/ablation)
 #   make serve  - start the inference service on the model the default pipeline exported
 #   make lock   - re-resolve requirements.lock after editing pyproject.toml or constraints.txt
 # The environment is installed from requirements.lock: every package pinned, every file's sha256 checked.
@@ -10,7 +11,7 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test serve venv bench lock clean-venv
+.PHONY: repro test ablation serve venv bench lock clean-venv
 
 venv: $(STAMP)
 
@@ -23,6 +24,10 @@ $(STAMP): requirements.lock requirements-stubs.lock pyproject.toml
 
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+ablation: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/python -m stages.ablation $(ABLATION_ARGS)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest

@@ -55,7 +55,7 @@ class SplitCfg:
 @dataclass
 class ModelCfg:
     head: str = field(default="pfenet", metadata=_choices("pfenet", "bam"))   # bam needs the base stage
-    backbone: str = field(default="resnet50", metadata=_choices("resnet18", "resnet34", "resnet50", "resnet101",
+    backbone: str = field(default="resnet50", metadata=_choices("resnet10_slim", "resnet18", "resnet34", "resnet50", "resnet101",
                                                                 "resnet50_deep", "resnet101_deep"))
     pretrained: str = "imagenet"      # imagenet | synthetic | random | path to a checkpoint of the backbone's family
     output_stride: int = field(default=8, metadata=_choices(8, 32))
@@ -79,13 +79,15 @@ class TrainCfg:
     lr: float = 0.0025                # the head's effective LR (no hidden x10)
     backbone_lr_scale: float = 0.1
     schedule: str = field(default="poly", metadata=_choices("poly", "constant"))
-    momentum: float = 0.9
+    optimizer: str = field(default="sgd", metadata=_choices("sgd", "adamw"))   # the papers: sgd
+    momentum: float = 0.9             # sgd only
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     aux_weight: float = 1.0
     crop_size: int = 473
     scale: list = field(default_factory=lambda: [0.9, 1.1])
     rotate: float = 10.0
+    hue_jitter: float = 0.0           # one random hue rotation in [-j, j] (turns) per episode, query and supports
     seed: int = 123
     device: str = "auto"
     amp: bool = True
@@ -108,7 +110,8 @@ class BaseCfg:
     lr: float = 0.0025                # PPM + classifier (BAM: 2.5e-4 x 10)
     backbone_lr_scale: float = 0.1    # BAM PASCAL: the backbone at 2.5e-4 (index_split 0); COCO: 1.0
     schedule: str = field(default="poly", metadata=_choices("poly", "constant"))
-    momentum: float = 0.9
+    optimizer: str = field(default="sgd", metadata=_choices("sgd", "adamw"))   # the papers: sgd
+    momentum: float = 0.9             # sgd only
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     crop_size: int = 417
@@ -267,13 +270,15 @@ def _validate(cfg: Config) -> Config:
             raise ConfigError(f"model.bins: {b!r} is neither a cell count (int > 1) nor a fraction (0 < f <= 1)")
     for name in ("train", "base"):
         _validate_loop(getattr(cfg, name), name)
+    if not 0 <= cfg.train.hue_jitter <= 0.5:
+        raise ConfigError(f"train.hue_jitter: expected 0 to 0.5 (a fraction of the hue circle), got {cfg.train.hue_jitter}")
     if cfg.train.val_episodes < 0 or cfg.base.val_images < 0:
         raise ConfigError("train.val_episodes and base.val_images must not be negative")
     if cfg.model.kshot_dim < 1:
         raise ConfigError(f"model.kshot_dim: expected >= 1, got {cfg.model.kshot_dim}")
     if cfg.eval.episodes < 1:
         raise ConfigError(f"eval.episodes must be >= 1, got {cfg.eval.episodes}")
-    if cfg.model.dilation == "torchvision" and cfg.model.backbone in ("resnet18", "resnet34"):
+    if cfg.model.dilation == "torchvision" and cfg.model.backbone in ("resnet10_slim", "resnet18", "resnet34"):
         raise ConfigError(f"model.dilation: torchvision cannot dilate {cfg.model.backbone}'s BasicBlocks; use pspnet")
     if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):
         raise ConfigError(f"train.device: {cfg.train.device!r}; choose auto, cpu, cuda or cuda:N")

@@ -30,6 +30,7 @@ class IoUAccumulator:
     fb_union: list = field(default_factory=lambda: [0, 0])
     episodes: int = 0
     strict: bool = False      # BAM: mIoU divides by every class of the fold, a class never drawn scores 0
+    records: list = field(default_factory=list)   # per episode (class, intersection, union): paired comparisons
 
     def add(self, pred: torch.Tensor, label: torch.Tensor, cls: int) -> None:
         """pred, label: [H, W] with pred in {0, 1}, label in {0, 1, 255}."""
@@ -38,8 +39,10 @@ class IoUAccumulator:
         for k, (pk, tk) in enumerate(((~p, ~t), (p, t))):
             self.fb_inter[k] += int((pk & tk).sum())
             self.fb_union[k] += int((pk | tk).sum())
-        self.inter[cls] = self.inter.get(cls, 0) + int((p & t).sum())
-        self.union[cls] = self.union.get(cls, 0) + int((p | t).sum())
+        inter, union = int((p & t).sum()), int((p | t).sum())
+        self.inter[cls] = self.inter.get(cls, 0) + inter
+        self.union[cls] = self.union.get(cls, 0) + union
+        self.records.append((int(cls), inter, union))
         self.episodes += 1
 
     def class_iou(self) -> dict[int, float]:

@@ -1,4 +1,5 @@
-"""Figures a person looks at: episodes with their predictions, IoU per class, training curves.
+"""Figures a person looks at: episodes with their predictions, IoU per class, training curves, the
+regime ablation.
 
 Colours are chosen not to collide with the objects' own: the prediction is a translucent cyan fill,
 the truth and the support masks a white outline.
@@ -132,4 +133,50 @@ def curves_figure(train_rows: list[dict], val_rows: list[dict], path, title: str
         ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def ablation_figure(result: dict, path) -> Path:
+    """Left: mIoU per regime and shot count, the bar the mean, dots the evaluation seeds (and training
+    seeds), error bars their standard deviation. Right: the paired differences with 95% intervals."""
+    plt = _plt()
+    regimes = list(result["regimes"])
+    keys = sorted({k for r in result["regimes"].values() for k, v in r.items() if isinstance(v, dict)})
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.2, 1]})
+    width = 0.8 / max(len(keys), 1)
+    lo = min((p for r in result["regimes"].values() for k in keys if r.get(k)
+              for seeds in r[k]["per_eval_seed"] for p in seeds), default=0.0)
+    ax_floor = max(0.0, lo - 10)
+    for j, k in enumerate(keys):
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(regimes))]
+        stats = [result["regimes"][r].get(k) for r in regimes]
+        means = [s["miou"] if s else 0.0 for s in stats]
+        errs = [s["std_eval_seeds"] if s else 0.0 for s in stats]
+        bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=k, alpha=0.8)
+        for x, s in zip(xs, stats):
+            pts = [p for seeds in (s or {}).get("per_eval_seed", []) for p in seeds]
+            ax.plot([x] * len(pts), pts, "k.", ms=4)
+        for bar, m in zip(bars, means):
+            ax.annotate(f"{m:.1f}", (bar.get_x() + bar.get_width() / 2, ax_floor), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=7)
+    ax.set_xticks(range(len(regimes)), regimes)
+    ax.set_ylim(ax_floor, 100)
+    ax.set_ylabel("mIoU % (novel classes)")
+    ax.set_title(f"fold {result['fold']}: mIoU per regime ({len(result['eval_seeds'])} seeds x "
+                 f"{result['episodes_per_seed']} episodes)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    rows = [(f"{pair}, {k}", d) for k, ds in result["differences"].items() for pair, d in ds.items()]
+    for i, (label, d) in enumerate(rows):
+        lo_, hi_ = d["ci95"]
+        dx.errorbar([d["mean"]], [i], xerr=[[d["mean"] - lo_], [hi_ - d["mean"]]], fmt="o", capsize=4,
+                    color="tab:green" if lo_ > 0 else "tab:red" if hi_ < 0 else "tab:gray")
+        dx.annotate(f"{d['mean']:+.2f} [{lo_:+.2f}, {hi_:+.2f}]", (d["mean"], i), textcoords="offset points",
+                    xytext=(0, 7), ha="center", fontsize=7)
+    dx.axvline(0, color="k", lw=0.8)
+    dx.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    dx.set_ylim(len(rows) - 0.3, -0.7)
+    dx.set_xlabel("mIoU difference (points, same episodes)")
+    dx.set_title("paired differences, 95% bootstrap intervals", fontsize=9)
+    dx.grid(axis="x", alpha=0.3)
     return _save(fig, path)

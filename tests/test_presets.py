@@ -13,7 +13,7 @@ COMMON = {
     "model.head": "pfenet", "model.backbone": "resnet50_deep", "model.output_stride": 8,
     "model.dilation": "torchvision", "model.reduce_dim": 256, "model.bins": [60, 30, 15, 8],
     "train.batch_size": 8, "train.shots": [1, 5], "train.sampling": "image", "train.patience": 75,
-    "train.backbone_lr_scale": 0.1, "train.momentum": 0.9, "train.weight_decay": 1e-4, "train.poly_power": 0.9,
+    "train.backbone_lr_scale": 0.1, "train.optimizer": "sgd", "train.hue_jitter": 0.0, "train.momentum": 0.9, "train.weight_decay": 1e-4, "train.poly_power": 0.9,
     "train.aux_weight": 1.0, "train.rotate": 10.0, "train.seed": 321, "train.amp": False, "train.val_episodes": 1000,
     "split.min_pixels": 2048, "split.filter": "bam", "split.folds": [0, 1, 2, 3],
     "eval.protocol": "bam", "eval.shots": [1, 5], "eval.episodes": 1000, "eval.seeds": [510, 365, 382, 322, 988],
@@ -35,7 +35,8 @@ PRESETS = {f"{b}_pfenet_{r}": {**COMMON, **DATA[b], **REGIME[r]} for b in DATA f
 # chunbolang/BAM config/{pascal,coco}/*_split0_resnet50{,_base}.yaml, model/BAM.py, model/PSPNet.py; the SVF
 # authors' BAM variant (model/BAM.py, train_BAM.py) for svf
 BAM = {**COMMON, "model.head": "bam", "model.dilation": "pspnet", "model.kshot_dim": 2,
-       "base.patience": 75, "base.batch_size": 12, "base.lr": 0.0025, "base.schedule": "poly", "base.momentum": 0.9,
+       "base.patience": 75, "base.batch_size": 12, "base.lr": 0.0025, "base.schedule": "poly", "base.optimizer": "sgd",
+       "base.momentum": 0.9,
        "base.weight_decay": 1e-4, "base.poly_power": 0.9, "base.crop_size": 417, "base.scale": [0.5, 2.0],
        "base.rotate": 10.0, "base.seed": 321, "base.sync_bn": True}
 BAM_DATA = {"pascal": {"base.epochs": 100, "base.backbone_lr_scale": 0.1},   # index_split 0

@@ -171,6 +171,8 @@ class EpisodeDataset(Dataset):
       * ``protocol='bam'`` (BAM's test.py): the val images in file order, cycling, the class drawn among
         the novel classes present in the image.
     Supports: ``shots`` distinct images holding the episode's class under the pixel rule, none the query.
+    ``hue_jitter`` rotates the hue of a training episode's query and supports by one shared random
+    amount, so a base class is not always one colour and the head has to compare query with support.
     With ``base_classes`` (BAM), a training episode also carries the query's base-class label
     (``query_base``: base classes renumbered 1..N in that order, other classes 0, 255 kept) and the
     episode's class in that numbering (``base_class``).
@@ -178,7 +180,8 @@ class EpisodeDataset(Dataset):
 
     def __init__(self, prepared: str | Path, pairs_file: str | Path, shots: int, mode: str = "train",
                  size: int = 473, seed: int = 0, episodes: int | None = None, scale=(0.9, 1.1), rotate: float = 10.0,
-                 sampling: str = "pair", protocol: str = "random", base_classes: list[int] | None = None):
+                 sampling: str = "pair", protocol: str = "random", base_classes: list[int] | None = None,
+                 hue_jitter: float = 0.0):
         if mode not in ("train", "test"):
             raise ValueError(f"unknown episode mode {mode!r}; choose 'train' or 'test'")
         if sampling not in ("pair", "image") or protocol not in ("random", "bam"):
@@ -218,6 +221,7 @@ class EpisodeDataset(Dataset):
                         len(self.images))
         self.train_tf = TrainTransform(size, scale, rotate) if mode == "train" else None
         self.base_lut = base_lut(base_classes) if base_classes else None
+        self.hue_jitter = hue_jitter if mode == "train" else 0.0
 
     def _image_classes(self) -> dict[str, list[int]]:
         """Per image, the classes of this split present in it (any pixel) that can form an episode."""
@@ -275,6 +279,9 @@ class EpisodeDataset(Dataset):
         if self.mode == "train":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(tseed)
+                if self.hue_jitter:       # one shift for query and supports (the class keeps one colour), drawn
+                    h = self.hue_jitter * (2 * np.random.default_rng([tseed, 1]).random() - 1)   # apart: same crops
+                    q_img, sups = TF.adjust_hue(q_img, h), [(TF.adjust_hue(i, h), m) for i, m in sups]
                 q, q_lab = self.train_tf(q_img, q_lab, keep_class=cls)
                 s = [self.train_tf(i, m) for i, m in sups]
             out.update(query=q, query_mask=binarize(q_lab, cls).long(), support=torch.stack([a for a, _ in s]),

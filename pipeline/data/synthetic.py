@@ -173,39 +173,51 @@ def generate(out_dir: str | Path, num_train: int, num_val: int, size: int, seed:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backbone pretraining set: the offline stand-in for ImageNet. Random blob-shaped objects with
-# random continuous colours and textures; the targets are class-agnostic (objectness, colour bin,
-# texture kind), so the backbone never sees the benchmark's classes or their labels.
-HUE_BINS = 12
+# Backbone pretraining set: the offline stand-in for ImageNet. Objects of PRETRAIN_FAMILIES shape
+# families of its own (random star-convex polygons, fixed per family: 5-11 vertices at radii
+# 0.45-1.0, so none is one of the benchmark's 20 shapes) in random continuous colours and textures.
+# Per-pixel targets: objectness, shape family, hue bin, texture kind, texture period. Like ImageNet
+# it teaches shape, colour and texture; it never shows the benchmark's classes or their images.
+PRETRAIN_FAMILIES = 16
+HUE_BINS = 24
+PERIODS = (3, 4, 5, 6)
+PRETRAIN_TARGETS = (2, PRETRAIN_FAMILIES, HUE_BINS, len(TEXTURES), len(PERIODS))   # classes per target
 
 
-def _blob(size, rng):
-    n = int(rng.integers(5, 11))
-    r = rng.uniform(0.5, 1.0, n)
-    pts = [(float(r[k] * math.cos(2 * math.pi * k / n)), float(r[k] * math.sin(2 * math.pi * k / n))) for k in range(n)]
-    scale, angle = rng.uniform(0.12, 0.32) * size, rng.uniform(0, 2 * math.pi)
+def pretrain_family(k: int) -> list[tuple[float, float]]:
+    """The polygon of pretraining family k (deterministic, independent of every seed)."""
+    rng = np.random.default_rng([7919, k])
+    n = int(rng.integers(5, 12))
+    r = rng.uniform(0.45, 1.0, n)
+    return [(float(r[j] * math.cos(2 * math.pi * j / n)), float(r[j] * math.sin(2 * math.pi * j / n))) for j in range(n)]
+
+
+def _family_mask(k, size, rng):
+    scale, angle = rng.uniform(0.18, 0.42) * size, rng.uniform(0, 2 * math.pi)
     cx, cy = rng.uniform(0.15 * size, 0.85 * size, 2)
     ca, sa = math.cos(angle), math.sin(angle)
     m = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(m).polygon([(cx + scale * (x * ca - y * sa), cy + scale * (x * sa + y * ca)) for x, y in pts], fill=255)
+    ImageDraw.Draw(m).polygon([(cx + scale * (x * ca - y * sa), cy + scale * (x * sa + y * ca))
+                               for x, y in pretrain_family(k)], fill=255)
     return np.asarray(m) > 127
 
 
 def generate_pretrain_image(index: int, size: int, seed: int):
-    """(image uint8 HxWx3, targets uint8 3xHxW: objectness, hue bin, texture id; 255 = ignore)."""
-    rng = np.random.default_rng([seed, 2, index])
+    """(image uint8 HxWx3, targets uint8 5xHxW: objectness, family, hue bin, texture, period; 255 = ignore)."""
+    rng = np.random.default_rng([seed, 3, index])
     img = _background(size, rng)
-    obj = np.zeros((size, size), np.uint8)
-    hue = np.full((size, size), 255, np.uint8)
-    tex = np.full((size, size), 255, np.uint8)
+    tgt = np.full((len(PRETRAIN_TARGETS), size, size), 255, np.uint8)
+    tgt[0] = 0
     for _ in range(int(rng.integers(1, 4))):
-        mask = _blob(size, rng)
+        k = int(rng.integers(PRETRAIN_FAMILIES))
+        mask = _family_mask(k, size, rng)
         h = rng.uniform(0, 1)
         rgb = np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))) * 255
-        kind = int(rng.integers(len(TEXTURES)))
-        t = _texture(TEXTURES[kind], int(rng.integers(3, 7)), size, size, rng)[..., None]
-        pix = np.clip(rgb * (0.65 + 0.35 * t) + rng.normal(0, 6, size=(size, size, 3)), 0, 255)
+        kind, period = int(rng.integers(len(TEXTURES))), int(rng.integers(len(PERIODS)))
+        t = _texture(TEXTURES[kind], PERIODS[period], size, size, rng)[..., None]
+        pix = np.clip(rgb * rng.uniform(0.8, 1.1) * (0.65 + 0.35 * t) + rng.normal(0, 6, size=(size, size, 3)), 0, 255)
         img[mask] = pix[mask]
-        obj[mask], hue[mask], tex[mask] = 1, int(h * HUE_BINS) % HUE_BINS, kind
+        for j, v in enumerate((1, k, int(h * HUE_BINS) % HUE_BINS, kind, period)):
+            tgt[j][mask] = v
     img = np.asarray(Image.fromarray(img.astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6)))
-    return img, np.stack([obj, hue, tex])
+    return img, tgt

