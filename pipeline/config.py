@@ -55,8 +55,8 @@ class SplitCfg:
 @dataclass
 class ModelCfg:
     head: str = field(default="pfenet", metadata=_choices("pfenet", "bam"))   # bam needs the base stage
-    backbone: str = field(default="resnet50", metadata=_choices("resnet10_slim", "resnet18", "resnet34", "resnet50", "resnet101",
-                                                                "resnet50_deep", "resnet101_deep"))
+    backbone: str = field(default="resnet50", metadata=_choices("resnet10_slim", "resnet18", "resnet34", "resnet50",
+                                                                "resnet101", "resnet50_deep", "resnet101_deep"))
     pretrained: str = "imagenet"      # imagenet | synthetic | random | path to a checkpoint of the backbone's family
     output_stride: int = field(default=8, metadata=_choices(8, 32))
     dilation: str = field(default="pspnet", metadata=_choices("pspnet", "torchvision"))  # pipeline/models/backbone.py

@@ -174,6 +174,7 @@ def ablation_figure(result: dict, path) -> Path:
         dx.annotate(f"{d['mean']:+.2f} [{lo_:+.2f}, {hi_:+.2f}]", (d["mean"], i), textcoords="offset points",
                     xytext=(0, 7), ha="center", fontsize=7)
     dx.axvline(0, color="k", lw=0.8)
+    dx.margins(x=0.3)                   # room for the labels beside the outermost intervals
     dx.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     dx.set_ylim(len(rows) - 0.3, -0.7)
     dx.set_xlabel("mIoU difference (points, same episodes)")

@@ -70,8 +70,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def optimizer(groups: list[tuple[list, float]], lc) -> torch.optim.Optimizer:
     """``lc.optimizer`` over (parameters, base LR) groups, empty groups dropped: SGD with ``lc.momentum``
-    (the papers' recipe) or AdamW (the synthetic default: its head learns in a few hundred iterations,
-    where SGD at any stable LR stayed below half the mIoU); weight decay ``lc.weight_decay`` either way."""
+    (the papers' recipe) or AdamW (the synthetic default: in 300 iterations PFENet reached 58 mIoU with
+    it, 33 and 42 with SGD at 0.025 and 0.1); weight decay ``lc.weight_decay`` either way."""
     groups = [{"params": ps, "base_lr": lr} for ps, lr in groups if ps]
     if lc.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=groups[0]["base_lr"], weight_decay=lc.weight_decay)
