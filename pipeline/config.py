@@ -270,6 +270,8 @@ def _validate(cfg: Config) -> Config:
             raise ConfigError(f"model.bins: {b!r} is neither a cell count (int > 1) nor a fraction (0 < f <= 1)")
     for name in ("train", "base"):
         _validate_loop(getattr(cfg, name), name)
+    if cfg.data.mirror and not cfg.data.mirror.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"data.mirror: {cfg.data.mirror!r} is not an http:// or https:// URL")
     if not 0 <= cfg.train.hue_jitter <= 0.5:
         raise ConfigError(f"train.hue_jitter: expected 0 to 0.5 (a fraction of the hue circle), got {cfg.train.hue_jitter}")
     if cfg.train.val_episodes < 0 or cfg.base.val_images < 0:

@@ -6,14 +6,17 @@ POST /v1/support-sets/{name}/segment  segment a query against a registered set
 DELETE /v1/support-sets/{name}
 GET  /healthz (liveness)  /readyz (model loaded and warmed up)  /metrics (Prometheus)
 
-Every user error answers 4xx with {"error": "..."}; inference runs in a worker thread behind a
-micro-batcher that stacks concurrent requests with the same shot count into one backend call.
+Every error answers {"error": "..."} (the framework's too); images are EXIF-transposed, 16-bit and float
+greys scaled, masks read from their alpha when they have one, masks without an object refused.
+Inference runs in a worker thread behind a micro-batcher that stacks concurrent requests with the
+same shot count into one backend call.
 """
 from __future__ import annotations
 
 import asyncio
 import io
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,8 @@ import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from starlette.routing import Match
+from PIL import Image, ImageOps, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from pipeline.data.episodes import eval_transform
@@ -51,51 +55,89 @@ class UserError(Exception):
 
 
 # ------------------------------------------------------------------ input decoding
-def read_image(data: bytes, what: str, limits: Limits) -> np.ndarray:
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
+
+
+def _open(data: bytes, what: str, limits: Limits, kind: str = "image") -> Image.Image:
+    """The decoded image, EXIF orientation applied, its pixel count checked before decoding (a
+    decompression bomb is a 413 like any image over the limit)."""
     if not data:
         raise UserError(f"{what} is empty")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > limits.max_pixels:
-                raise UserError(f"{what} has {im.width}x{im.height} pixels, more than the limit of {limits.max_pixels}",
-                                413)
-            im.load()
-            return np.array(im.convert("RGB"))
+        im = Image.open(io.BytesIO(data))
+        if im.width * im.height > limits.max_pixels:
+            raise UserError(f"{what} has {im.width}x{im.height} pixels, more than the limit of {limits.max_pixels}",
+                            413)
+        im.load()
+        return ImageOps.exif_transpose(im)
     except UserError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{what} is not a readable image ({type(e).__name__})") from e
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{what} declares more pixels than the limit of {limits.max_pixels} ({e})", 413) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{what} is not a readable {kind} ({type(e).__name__})") from e
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """RGB uint8 of any mode: 16-bit greys scaled by 65535 (not clipped at 255), 32-bit integer greys
+    by 65535 when they exceed 255, float greys taken as 0..1 (or 0..255 when above 1)."""
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+            a = a / 65535.0 * 255.0
+        elif im.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        g = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    return np.array(im.convert("RGB"))
+
+
+def read_image(data: bytes, what: str, limits: Limits) -> np.ndarray:
+    with _open(data, what, limits) as im:
+        return to_rgb8(im)
+
+
+def _mask_plane(im: Image.Image) -> np.ndarray:
+    """The mask's values: the alpha channel where the image has one that is not fully opaque (an
+    object cut out on a transparent background), else the grey or palette-index plane."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ALPHA_MODES:
+        alpha = np.asarray(im.getchannel("A"))
+        if (alpha < 255).any():
+            return alpha
+        im = im.convert("L")
+    if im.mode not in ("L", "P", "1", "I", "I;16"):
+        im = im.convert("L")
+    m = np.array(im)
+    return m.astype(np.uint8) if m.dtype == bool else m
 
 
 def read_mask(data: bytes, what: str, shape: tuple[int, int], limits: Limits) -> np.ndarray:
-    """A binary mask: values {0,1} (255 = ignore allowed) or {0,255}. Returns uint8 with 1 object,
-    0 background, 255 ignore."""
-    if not data:
-        raise UserError(f"{what} is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > limits.max_pixels:
-                raise UserError(f"{what} is larger than the limit of {limits.max_pixels} pixels", 413)
-            if im.mode not in ("L", "P", "1", "I", "I;16"):
-                im = im.convert("L")
-            m = np.array(im)
-    except UserError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{what} is not a readable mask image ({type(e).__name__})") from e
-    if m.dtype == bool:
-        m = m.astype(np.uint8)
+    """A binary mask: values {0,1} (255 = ignore allowed) or {0,255}; with an alpha channel, the alpha.
+    Returns uint8 with 1 object, 0 background, 255 ignore. A mask without any object pixel (empty,
+    or all 255) is refused: a support must show its object."""
+    with _open(data, what, limits, "mask image") as im:
+        m = _mask_plane(im)
     if m.ndim != 2:
         raise UserError(f"{what} must be a single-channel image")
     if m.shape != shape:
         raise UserError(f"{what} is {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]}")
     values = set(np.unique(m).tolist())
-    if values <= {0, 255} and 1 not in values:
-        return (m == 255).astype(np.uint8)
-    if values <= {0, 1, 255}:
-        return m.astype(np.uint8)
-    bad = sorted(values - {0, 1, 255})[:5]
-    raise UserError(f"{what} is not binary: it holds values {bad}; use 0/1 (255 = ignore) or 0/255")
+    if values == {255}:
+        raise UserError(f"{what} holds only the value 255: all ignore in the 0/1/255 encoding, so it marks no object; "
+                        "mark the object 1 (or 255 on a 0 background)")
+    if values <= {0, 255}:
+        out = (m == 255).astype(np.uint8)
+    elif values <= {0, 1, 255}:
+        out = m.astype(np.uint8)
+    else:
+        bad = sorted(values - {0, 1, 255})[:5]
+        raise UserError(f"{what} is not binary: it holds values {bad}; use 0/1 (255 = ignore) or 0/255")
+    if not (out == 1).any():
+        raise UserError(f"{what} marks no object pixel (all background); a support must show its object")
+    return out
 
 
 def rle(mask: np.ndarray) -> dict:
@@ -197,10 +239,18 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         if "batcher" in state:
             await state["batcher"].stop()
 
+    def route_template(scope) -> str:
+        """The matched route's template (``/v1/support-sets/{name}``), so that metrics have one label per
+        route however many paths clients invent; every unknown path is ``unmatched``."""
+        for route in app.router.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return route.path
+        return "unmatched"
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         t = time.perf_counter()
-        endpoint = request.url.path.split("/support-sets/")[0] + ("/support-sets" if "/support-sets/" in request.url.path else "")
+        endpoint = route_template(request.scope)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limits.max_upload_bytes:
             resp = JSONResponse({"error": f"upload of {length} bytes exceeds the limit of {limits.max_upload_bytes}"},
@@ -220,11 +270,23 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        """Errors raised inside the framework (an unparsable multipart body, too many parts, an unknown
+        path) keep the service's one error shape."""
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request, exc: RequestValidationError):
         msgs = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', []))}: {e.get('msg')}" for e in exc.errors())
         return JSONResponse({"error": f"bad request: {msgs}"}, status_code=422)
+
+    def check_name(name: str) -> None:
+        if not NAME_RULE.fullmatch(name):
+            raise UserError(f"support-set name {name[:64]!r}{'...' if len(name) > 64 else ''} is not allowed: 1 to 64 "
+                            "letters, digits, '.', '_' or '-', starting with a letter or digit")
 
     def backend_or_503() -> Backend:
         if not state["ready"]:
@@ -294,6 +356,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     @app.put("/v1/support-sets/{name}", status_code=201, summary="Register a named support set (encoded once)")
     async def register(name: str, supports: list[UploadFile] = File(default=[]),
                        masks: list[UploadFile] = File(default=[])):
+        check_name(name)
         s, m = await read_supports(supports, masks)
         state["sets"][name] = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
         return {"name": name, "shots": int(s.shape[1])}
@@ -305,14 +368,14 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     @app.delete("/v1/support-sets/{name}")
     async def delete_set(name: str):
         if state["sets"].pop(name, None) is None:
-            raise UserError(f"no support set named {name!r}", 404)
+            raise UserError(f"no support set named {name[:64]!r}", 404)
         return {"deleted": name}
 
     @app.post("/v1/support-sets/{name}/segment", summary="Segment a query against a registered support set")
     async def segment_named(name: str, query: UploadFile = File(...), format: str = Form("png")):
         feats = state["sets"].get(name)
         if feats is None:
-            raise UserError(f"no support set named {name!r}; registered: {sorted(state['sets'])}", 404)
+            raise UserError(f"no support set named {name[:64]!r}", 404)
         return await run_query(query, feats, format)
 
     return app

@@ -13,7 +13,8 @@ from conftest import make_synthetic
 from miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal
 from pipeline.data import sources
 from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, split_dir
-from pipeline.data.download import ChecksumError, DownloadError, Resource, UnsafeArchiveError, download, extract
+from pipeline.data.download import (ChecksumError, DownloadError, Resource, UnsafeArchiveError, _check_tar, download,
+                                     extract)
 from pipeline.data.episodes import MEAN, STD, EpisodeDataset, TrainTransform, binarize, eval_transform
 from pipeline.data.prepare import PrepareError, prepare
 from pipeline.data.split import fold_pairs, make_splits, read_pairs
@@ -118,15 +119,25 @@ def _evil_tar(path: Path, kind: str):
             bad = tarfile.TarInfo("good/link")
             bad.type, bad.linkname = tarfile.SYMTYPE, "../../outside"
             tf.addfile(bad)
+        elif kind == "chain":       # each link harmless on its own: q/r -> .. stays at the root, p -> q/r/../..
+            for name, to in (("q/r", ".."), ("p", "q/r/../..")):   # lexically the root, really its parent
+                link = tarfile.TarInfo(name)
+                link.type, link.linkname = tarfile.SYMTYPE, to
+                tf.addfile(link)
+            bad = tarfile.TarInfo("p/escaped.txt")
+            bad.size = 3
+            tf.addfile(bad, io.BytesIO(b"bad"))
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "chain"])
 def test_unsafe_tar_members_refused_and_nothing_written(tmp_path, kind):
     arc = tmp_path / "evil.tar"
     _evil_tar(arc, kind)
     target = tmp_path / "out" / "target"
     with pytest.raises(UnsafeArchiveError):
         extract(arc, target)
+    with tarfile.open(arc) as tf, pytest.raises(UnsafeArchiveError):
+        _check_tar(tf, target.resolve())       # the check alone, without the standard library's filter
     assert not (tmp_path / "out" / "escaped.txt").exists()
     assert not Path("/tmp/svf_fss_absolute.txt").exists()
     assert not (target / "good").exists()     # checked before anything was written

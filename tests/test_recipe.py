@@ -184,6 +184,10 @@ def test_each_shot_count_scored_by_its_own_model_or_labelled():
     ({"eval": {"protocol": "hsnet"}}, "eval.protocol: 'hsnet' is not one of ['random', 'bam']"),
     ({"model": {"backbone": "resnet50_v2"}}, "model.backbone: 'resnet50_v2' is not one of"),
     ({"train": {"epochs": 0, "iterations": 0}}, "train.iterations must be >= 1"),
+    ({"train": {"optimizer": "adam"}}, "train.optimizer: 'adam' is not one of ['sgd', 'adamw']"),
+    ({"train": {"hue_jitter": 0.7}}, "train.hue_jitter: expected 0 to 0.5"),
+    ({"data": {"mirror": "file:///etc"}}, "data.mirror: 'file:///etc' is not an http:// or https:// URL"),
+    ({"data": {"mirror": "ftp://host/x"}}, "is not an http:// or https:// URL"),
 ])
 def test_recipe_parameters_are_validated(bad, message):
     from pipeline.config import ConfigError, load_config

@@ -232,3 +232,92 @@ def test_missing_model_and_absent_service_say_what_to_do(tmp_path):
     assert r.returncode == 1 and url in r.stderr and "make serve" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "serving.client", "--help"], env=env, capture_output=True, text=True)
     assert r.stdout.startswith("usage: python -m serving.client")
+
+
+def _png(arr: np.ndarray, path: Path, **save) -> Path:
+    Image.fromarray(arr).save(path, **save)
+    return path
+
+
+def _bomb_png(path: Path, side: int = 30000) -> Path:
+    """A 1x1 PNG whose header declares side x side pixels: a few bytes that would decode to gigabytes."""
+    import struct
+    import zlib
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8                                        # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", side, side)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_inputs_are_read_as_people_mean_them(server, episode, tmp_path):
+    """EXIF orientation, masks in the alpha channel and 16-bit greys give the answer of the plain image;
+    empty, all-ignore and bomb masks, framework errors and invented paths are refused cleanly."""
+    import httpx
+    from serving.client import Client
+    c = Client(server.url)
+    q, _ = episode[0]
+    s, m = episode[1]
+    img = np.array(Image.open(q).convert("RGB"))
+    want = np.array(Image.open(io.BytesIO(c.segment(q, [s], [m]))))
+
+    # a phone photo: pixels stored rotated, EXIF orientation 6 says how to show them
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _png(np.ascontiguousarray(np.rot90(img, 1)), tmp_path / "exif.png", exif=exif)
+    from PIL import ImageOps
+    assert np.array_equal(np.array(ImageOps.exif_transpose(Image.open(rotated))), img)
+    got = np.array(Image.open(io.BytesIO(c.segment(rotated, [s], [m]))))
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+    # the object only in the alpha channel of an RGBA mask
+    lab = np.array(Image.open(m))
+    rgba = np.zeros((*lab.shape, 4), np.uint8)
+    rgba[..., 3] = np.where(lab == 1, 255, 0)
+    alpha = _png(rgba, tmp_path / "alpha.png")
+    plain = _png(np.where(lab == 1, 255, 0).astype(np.uint8), tmp_path / "plain.png")
+    assert np.array_equal(np.array(Image.open(io.BytesIO(c.segment(q, [s], [alpha])))),
+                          np.array(Image.open(io.BytesIO(c.segment(q, [s], [plain])))))
+
+    # a 16-bit grey query is the 8-bit grey one, not white
+    grey8 = np.array(Image.open(q).convert("L"))
+    g8 = _png(grey8, tmp_path / "g8.png")
+    g16 = tmp_path / "g16.png"
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(g16)
+    assert Image.open(g16).mode.startswith("I")
+    assert np.array_equal(np.array(Image.open(io.BytesIO(c.segment(g16, [s], [m])))),
+                          np.array(Image.open(io.BytesIO(c.segment(g8, [s], [m])))))
+
+    def post(path="/v1/segment", parts=None, **files):
+        parts = parts or [(k, (Path(v).name, Path(v).read_bytes())) for k, v in files.items()]
+        return httpx.post(server.url + path, files=parts, timeout=30)
+
+    empty = _png(np.zeros(lab.shape, np.uint8), tmp_path / "empty.png")
+    ignore = _png(np.full(lab.shape, 255, np.uint8), tmp_path / "ignore.png")
+    bomb = _bomb_png(tmp_path / "bomb.png")
+    many = [(f"f{i}", (None, "x")) for i in range(1100)]           # more parts than the parser allows
+    cases = {
+        "empty": (post(query=q, supports=s, masks=empty), 400, "marks no object pixel"),
+        "all_ignore": (post(query=q, supports=s, masks=ignore), 400, "only the value 255"),
+        "bomb_mask": (post(query=q, supports=s, masks=bomb), 413, "more pixels than the limit"),
+        "bomb_query": (post(query=bomb, supports=s, masks=m), 413, "more pixels than the limit"),
+        "parts": (post(parts=many), 400, ""),
+        "name": (httpx.put(server.url + "/v1/support-sets/" + "x" * 80, timeout=30), 400, "1 to 64"),
+        "odd_name": (httpx.put(server.url + "/v1/support-sets/a%20b", timeout=30), 400, "not allowed"),
+    }
+    for name, (r, status, text) in cases.items():
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert set(r.json()) == {"error"} and text in r.json()["error"], (name, r.json())
+    c.register("mine", [s], [m])
+    r = post("/v1/support-sets/other/segment", query=q)
+    assert r.status_code == 404 and "mine" not in r.text            # no list of the others' names
+
+    for i in range(40):
+        assert httpx.get(f"{server.url}/no/such/path/{i}").json() == {"error": "Not Found"}
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'endpoint="unmatched"' in metrics and "/no/such" not in metrics
+    assert 'endpoint="/v1/support-sets/{name}/segment"' in metrics
+    assert httpx.get(server.url + "/readyz").status_code == 200

@@ -139,16 +139,50 @@ def _safe_member_path(target: Path, name: str) -> Path:
     return dest
 
 
+def _inside(path: PurePosixPath, links: dict[str, str], depth: int = 0) -> PurePosixPath | None:
+    """``path`` (relative to the archive's root) with every component resolved through the archive's
+    own symbolic links, as the extracted tree would resolve it; None when it climbs above the root."""
+    parts: list[str] = []
+    for comp in path.parts:
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not parts:
+                return None
+            parts.pop()
+            continue
+        parts.append(comp)
+        link = links.get("/".join(parts))
+        if link is not None:
+            if depth > 40:
+                raise UnsafeArchiveError(f"archive links around {'/'.join(parts)!r} form a loop; refusing")
+            if PurePosixPath(link).is_absolute():
+                return None
+            resolved = _inside(PurePosixPath(*parts[:-1], link), links, depth + 1)
+            if resolved is None:
+                return None
+            parts = list(resolved.parts)
+    return PurePosixPath(*parts)
+
+
 def _check_tar(tf: tarfile.TarFile, target: Path) -> None:
-    for m in tf.getmembers():
-        dest = _safe_member_path(target, m.name)
+    """Every member, every link and every path written through a link stays inside ``target``,
+    links resolved through the archive's other links (a chain of individually harmless links can
+    climb out once extracted). Checked here, not left to the standard library's extraction filter,
+    which older Pythons lack."""
+    members = tf.getmembers()
+    links = {str(PurePosixPath(m.name)).strip("/"): m.linkname for m in members if m.issym()}
+    for m in members:
+        _safe_member_path(target, m.name)
+        name = PurePosixPath(m.name)
+        if _inside(name.parent, links) is None:
+            raise UnsafeArchiveError(f"archive member {m.name!r} would be written through a link outside {target}; "
+                                     "refusing")
         if m.issym() or m.islnk():
-            link = PurePosixPath(m.linkname)
-            base = dest.parent if m.issym() else target
-            if link.is_absolute():
+            if PurePosixPath(m.linkname).is_absolute():
                 raise UnsafeArchiveError(f"archive link {m.name!r} -> {m.linkname!r} is absolute; refusing")
-            resolved = (base / link).resolve()
-            if resolved != target and target not in resolved.parents:
+            link = name.parent / m.linkname if m.issym() else PurePosixPath(m.linkname)
+            if _inside(link, links) is None:
                 raise UnsafeArchiveError(f"archive link {m.name!r} -> {m.linkname!r} escapes {target}; refusing")
         elif not (m.isfile() or m.isdir()):
             raise UnsafeArchiveError(f"archive member {m.name!r} is a device or fifo; refusing")
