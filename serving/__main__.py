@@ -11,6 +11,9 @@ import uvicorn
 
 from .app import Limits, create_app
 from .backends import BACKENDS
+from .guard import LOOPBACK, load_keys
+
+log = logging.getLogger("serving")
 
 # what each backend loads from the model folder
 MODEL_FILES = {"tensorrt": ("model.engine",), "onnxruntime": ("support_encoder.onnx", "query_decoder.onnx"),
@@ -43,14 +46,37 @@ def main():
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
+    ap.add_argument("--max-request-pixels", type=int, default=4 * 4096 * 4096, help="all images of one request")
+    ap.add_argument("--max-inflight", type=int, default=64, help="/v1 requests at once; more answer 503")
+    ap.add_argument("--workers", type=int, default=4, help="threads that decode and encode images off the event loop")
+    ap.add_argument("--max-connections", type=int, default=512, help="open connections at once (uvicorn)")
+    ap.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+    ap.add_argument("--api-keys", default=None, help="file of API keys, one per line (also: SVF_FSS_API_KEYS, "
+                    "comma-separated); without any the service is open")
+    ap.add_argument("--allowed-hosts", default=None, help="comma-separated Host header names (default: the loopback "
+                    "names when bound to loopback, else any)")
+    ap.add_argument("--cors-origins", default="", help="comma-separated browser origins (default: no CORS)")
     args = ap.parse_args()
     problem = missing_model(Path(args.model_dir), args.backend)
     if problem:
         sys.exit(f"error: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    limits = Limits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels, args.max_shots, args.timeout,
-                    args.max_batch, args.batch_window_ms)
-    uvicorn.run(create_app(args.model_dir, args.backend, limits), host=args.host, port=args.port, log_level="info")
+    try:
+        keys = load_keys(args.api_keys)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    loopback = args.host in LOOPBACK
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else \
+        (list(LOOPBACK) if loopback else ["*"])
+    if not keys and not loopback:
+        log.warning("the service listens on %s without API keys: anyone who can reach it can segment and read, "
+                    "overwrite or delete support sets; give --api-keys (or SVF_FSS_API_KEYS)", args.host)
+    limits = Limits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels, args.max_request_pixels,
+                    args.max_inflight, args.max_shots, args.timeout, args.max_batch, args.batch_window_ms)
+    app = create_app(args.model_dir, args.backend, limits, keys=keys, allowed_hosts=hosts,
+                     cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()], workers=args.workers)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=args.keep_alive,
+                limit_concurrency=args.max_connections)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ POST /v1/support-sets/{name}/segment  segment a query against a registered set
 DELETE /v1/support-sets/{name}
 GET  /healthz (liveness)  /readyz (model loaded and warmed up)  /metrics (Prometheus)
 
+API keys, Host check, streaming body limit and in-flight limit: serving/guard.py, in front of the app.
 Every error answers {"error": "..."} (the framework's too); images are EXIF-transposed, 16-bit and float
 greys scaled, masks read from their alpha when they have one, masks without an object refused.
 Inference runs in a worker thread behind a micro-batcher that stacks concurrent requests with the
@@ -18,6 +19,7 @@ import io
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,14 +36,17 @@ from pipeline.data.episodes import eval_transform
 from pipeline.evaluate import predict_original
 
 from .backends import Backend, load_backend
+from .guard import Guard
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Limits:
-    max_upload_bytes: int = 20 * 1024 * 1024      # whole request body
+    max_upload_bytes: int = 20 * 1024 * 1024      # whole request body, counted while it streams
     max_pixels: int = 4096 * 4096                # per image
+    max_request_pixels: int = 4 * 4096 * 4096    # all images of one request together
+    max_inflight: int = 64                       # /v1 requests at once; the next answers 503 + Retry-After
     max_shots: int = 10
     timeout_s: float = 30.0
     max_batch: int = 8
@@ -59,7 +64,19 @@ NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
 
 
-def _open(data: bytes, what: str, limits: Limits, kind: str = "image") -> Image.Image:
+class PixelBudget:
+    """The pixels one request may still decode (``Limits.max_request_pixels``)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.left = limit, limit
+
+    def take(self, n: int, what: str) -> None:
+        if n > self.left:
+            raise UserError(f"{what} brings the request to more than {self.limit} pixels in all images", 413)
+        self.left -= n
+
+
+def _open(data: bytes, what: str, limits: Limits, kind: str = "image", budget: PixelBudget | None = None) -> Image.Image:
     """The decoded image, EXIF orientation applied, its pixel count checked before decoding (a
     decompression bomb is a 413 like any image over the limit)."""
     if not data:
@@ -69,6 +86,8 @@ def _open(data: bytes, what: str, limits: Limits, kind: str = "image") -> Image.
         if im.width * im.height > limits.max_pixels:
             raise UserError(f"{what} has {im.width}x{im.height} pixels, more than the limit of {limits.max_pixels}",
                             413)
+        if budget is not None:
+            budget.take(im.width * im.height, what)
         im.load()
         return ImageOps.exif_transpose(im)
     except UserError:
@@ -93,8 +112,8 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
     return np.array(im.convert("RGB"))
 
 
-def read_image(data: bytes, what: str, limits: Limits) -> np.ndarray:
-    with _open(data, what, limits) as im:
+def read_image(data: bytes, what: str, limits: Limits, budget: PixelBudget | None = None) -> np.ndarray:
+    with _open(data, what, limits, budget=budget) as im:
         return to_rgb8(im)
 
 
@@ -205,8 +224,17 @@ class Batcher:
 
 
 # ------------------------------------------------------------------ app
-def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | None = None) -> FastAPI:
+def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | None = None, keys=(),
+               allowed_hosts=("*",), cors_origins=(), workers: int = 4) -> FastAPI:
+    """The service over ``model_dir``. ``keys``: API keys (none: open); ``allowed_hosts``: Host header
+    names; ``cors_origins``: browser origins allowed (none: no CORS headers); ``workers``: the bounded
+    pool that decodes, preprocesses and encodes images off the event loop."""
     limits = limits or Limits()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="svf-io")
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
     registry = CollectorRegistry()
     requests = Counter("svf_requests_total", "Requests by endpoint and status", ["endpoint", "status"],
                        registry=registry)
@@ -238,6 +266,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     async def _shutdown():
         if "batcher" in state:
             await state["batcher"].stop()
+        pool.shutdown(wait=False)
 
     def route_template(scope) -> str:
         """The matched route's template (``/v1/support-sets/{name}``), so that metrics have one label per
@@ -251,16 +280,11 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     async def _guard(request: Request, call_next):
         t = time.perf_counter()
         endpoint = route_template(request.scope)
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limits.max_upload_bytes:
-            resp = JSONResponse({"error": f"upload of {length} bytes exceeds the limit of {limits.max_upload_bytes}"},
-                                status_code=413)
-        else:
-            try:
-                resp = await call_next(request)
-            except Exception:   # never a dead worker; report and go on
-                log.exception("unhandled error")
-                resp = JSONResponse({"error": "internal error"}, status_code=500)
+        try:
+            resp = await call_next(request)
+        except Exception:   # never a dead worker; report and go on
+            log.exception("unhandled error")
+            resp = JSONResponse({"error": "internal error"}, status_code=500)
         requests.labels(endpoint, str(resp.status_code)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - t)
         return resp
@@ -293,7 +317,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
             raise UserError("the model is still loading", 503)
         return state["backend"]
 
-    async def read_supports(supports: list[UploadFile], masks: list[UploadFile]):
+    async def read_supports(supports: list[UploadFile], masks: list[UploadFile], budget: PixelBudget):
         b = backend_or_503()
         if not supports:
             raise UserError("at least one support image is needed (zero shots given)")
@@ -304,33 +328,45 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         if b.shots and len(supports) != b.shots:
             raise UserError(f"{len(supports)} shots given; this model (BAM trained with {b.shots} shots) takes "
                             f"exactly {b.shots}")
+        blobs = [(f"support {i + 1} ({f.filename})", await f.read(), f"mask {i + 1} ({mf.filename})", await mf.read())
+                 for i, (f, mf) in enumerate(zip(supports, masks))]
+        return await off_loop(prepare_supports, blobs, b.size, budget)
+
+    def prepare_supports(blobs, size: int, budget: PixelBudget):
         xs, ms = [], []
-        for i, (f, mf) in enumerate(zip(supports, masks)):
-            img = read_image(await f.read(), f"support {i + 1} ({f.filename})", limits)
-            m = read_mask(await mf.read(), f"mask {i + 1} ({mf.filename})", img.shape[:2], limits)
-            x, mm, _ = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m), b.size)
+        for what, data, mwhat, mdata in blobs:
+            img = read_image(data, what, limits, budget)
+            m = read_mask(mdata, mwhat, img.shape[:2], limits)
+            x, mm, _ = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m), size)
             xs.append(x.numpy())
             ms.append((mm == 1).float().numpy())
         return np.stack(xs)[None].astype(np.float32), np.stack(ms)[None].astype(np.float32)
 
-    async def run_query(query: UploadFile, feats, fmt: str):
-        b = backend_or_503()
-        if fmt not in ("png", "json"):
-            raise UserError(f"format {fmt!r} is unknown; choose png or json")
-        img = read_image(await query.read(), f"query ({query.filename})", limits)
+    def prepare_query(data: bytes, what: str, size: int, budget: PixelBudget):
+        img = read_image(data, what, limits, budget)
         h, w = img.shape[:2]
-        x, _, valid = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.zeros(h, w, dtype=torch.uint8),
-                                     b.size)
-        try:
-            logits = await state["batcher"].decode(x.numpy()[None].astype(np.float32), feats)
-        except asyncio.TimeoutError:
-            raise UserError(f"inference took longer than {limits.timeout_s} s", 504)
+        x, _, valid = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.zeros(h, w, dtype=torch.uint8), size)
+        return x.numpy()[None].astype(np.float32), valid, (h, w)
+
+    def answer(logits, valid, hw, fmt: str, backend_name: str):
+        h, w = hw
         mask = predict_original(torch.from_numpy(np.ascontiguousarray(logits[0])), valid, (h, w)).numpy().astype(np.uint8)
         if fmt == "png":
             buf = io.BytesIO()
             Image.fromarray(mask * 255).save(buf, "PNG")
             return Response(buf.getvalue(), media_type="image/png", headers={"X-Foreground-Area": str(int(mask.sum()))})
-        return {"height": h, "width": w, "area": int(mask.sum()), "rle": rle(mask), "backend": b.name}
+        return {"height": h, "width": w, "area": int(mask.sum()), "rle": rle(mask), "backend": backend_name}
+
+    async def run_query(query: UploadFile, feats, fmt: str, budget: PixelBudget):
+        b = backend_or_503()
+        if fmt not in ("png", "json"):
+            raise UserError(f"format {fmt!r} is unknown; choose png or json")
+        x, valid, hw = await off_loop(prepare_query, await query.read(), f"query ({query.filename})", b.size, budget)
+        try:
+            logits = await state["batcher"].decode(x, feats)
+        except asyncio.TimeoutError:
+            raise UserError(f"inference took longer than {limits.timeout_s} s", 504)
+        return await off_loop(answer, logits, valid, hw, fmt, b.name)
 
     @app.get("/healthz")
     async def healthz():
@@ -346,36 +382,51 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    def owned(request: Request, name: str) -> tuple[str, str]:
+        """Support sets belong to the API key that registered them: another key never sees them."""
+        return request.scope.get("svf.owner", ""), name
+
     @app.post("/v1/segment", summary="Segment a query given k support images and their masks")
     async def segment(query: UploadFile = File(...), supports: list[UploadFile] = File(default=[]),
                       masks: list[UploadFile] = File(default=[]), format: str = Form("png")):
-        s, m = await read_supports(supports, masks)
+        budget = PixelBudget(limits.max_request_pixels)
+        s, m = await read_supports(supports, masks, budget)
         feats = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
-        return await run_query(query, feats, format)
+        return await run_query(query, feats, format, budget)
 
     @app.put("/v1/support-sets/{name}", status_code=201, summary="Register a named support set (encoded once)")
-    async def register(name: str, supports: list[UploadFile] = File(default=[]),
+    async def register(request: Request, name: str, supports: list[UploadFile] = File(default=[]),
                        masks: list[UploadFile] = File(default=[])):
         check_name(name)
-        s, m = await read_supports(supports, masks)
-        state["sets"][name] = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
+        s, m = await read_supports(supports, masks, PixelBudget(limits.max_request_pixels))
+        state["sets"][owned(request, name)] = await asyncio.get_running_loop().run_in_executor(
+            None, state["backend"].encode, s, m)
         return {"name": name, "shots": int(s.shape[1])}
 
     @app.get("/v1/support-sets")
-    async def list_sets():
-        return {"support_sets": sorted(state["sets"])}
+    async def list_sets(request: Request):
+        owner = request.scope.get("svf.owner", "")
+        return {"support_sets": sorted(n for o, n in state["sets"] if o == owner)}
 
     @app.delete("/v1/support-sets/{name}")
-    async def delete_set(name: str):
-        if state["sets"].pop(name, None) is None:
+    async def delete_set(request: Request, name: str):
+        if state["sets"].pop(owned(request, name), None) is None:
             raise UserError(f"no support set named {name[:64]!r}", 404)
         return {"deleted": name}
 
     @app.post("/v1/support-sets/{name}/segment", summary="Segment a query against a registered support set")
-    async def segment_named(name: str, query: UploadFile = File(...), format: str = Form("png")):
-        feats = state["sets"].get(name)
+    async def segment_named(request: Request, name: str, query: UploadFile = File(...), format: str = Form("png")):
+        feats = state["sets"].get(owned(request, name))
         if feats is None:
             raise UserError(f"no support set named {name[:64]!r}", 404)
-        return await run_query(query, feats, format)
+        return await run_query(query, feats, format, PixelBudget(limits.max_request_pixels))
 
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "PUT",
+                           "DELETE"], allow_headers=["authorization", "x-api-key", "content-type"])
+    # outermost: acts before the body is read (pure ASGI, serving/guard.py)
+    app.add_middleware(Guard, keys=list(keys), allowed_hosts=list(allowed_hosts), max_body=limits.max_upload_bytes,
+                       max_inflight=limits.max_inflight,
+                       on_refusal=lambda scope, status: requests.labels(route_template(scope), str(status)).inc())
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,8 +21,10 @@ class ServiceError(RuntimeError):
 
 
 class Client:
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0):
-        self.http = httpx.Client(base_url=url, timeout=timeout)
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, api_key: str | None = None):
+        api_key = api_key or os.environ.get("SVF_FSS_API_KEY")
+        self.http = httpx.Client(base_url=url, timeout=timeout,
+                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
 
     def _check(self, r: httpx.Response) -> httpx.Response:
         if r.status_code >= 400:
@@ -61,6 +64,7 @@ class Client:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m serving.client", description="svf-fss client")
     ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--api-key", default=None, help="the service's API key (default: SVF_FSS_API_KEY)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     seg = sub.add_parser("segment", help="segment a query")
     seg.add_argument("--query", required=True)
@@ -75,7 +79,7 @@ def main(argv=None):
     reg.add_argument("--mask", action="append", required=True)
     sub.add_parser("health", help="readiness of the service")
     args = ap.parse_args(argv)
-    c = Client(args.url)
+    c = Client(args.url, api_key=args.api_key)
     try:
         if args.cmd == "health":
             print(json.dumps(c.ready()))

@@ -321,3 +321,83 @@ def test_inputs_are_read_as_people_mean_them(server, episode, tmp_path):
     assert 'endpoint="unmatched"' in metrics and "/no/such" not in metrics
     assert 'endpoint="/v1/support-sets/{name}/segment"' in metrics
     assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def keyed(model_dir, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text("# two clients\nalice-0123456789abcdef\nbob-0123456789abcdef0\n")
+    s = Server(model_dir, "onnxruntime", "--api-keys", str(keys), "--max-upload-mb", "1", "--max-inflight", "1",
+               "--max-pixels", "40000", "--max-request-pixels", "9000")
+    yield s
+    s.stop()
+
+
+def test_keys_hosts_and_limits_that_hold(keyed, episode, tmp_path):
+    """Support sets belong to their key; a wrong Host, no key, a chunked upload over the limit, too many
+    pixels in one request and requests beyond the in-flight limit are refused, each with {"error": ...}."""
+    import httpx
+    from serving.client import Client, ServiceError
+    q, _ = episode[0]
+    s, m = episode[1]
+    alice = Client(keyed.url, api_key="alice-0123456789abcdef")
+    bob = Client(keyed.url, api_key="bob-0123456789abcdef0")
+    alice.register("cats", [s], [m])
+    assert alice.http.get("/v1/support-sets").json() == {"support_sets": ["cats"]}
+    assert bob.http.get("/v1/support-sets").json() == {"support_sets": []}
+    with pytest.raises(ServiceError, match="404"):
+        bob.segment_with("cats", q)
+    assert bob.http.delete("/v1/support-sets/cats").status_code == 404
+    assert alice.segment_with("cats", q)[:4] == b"\x89PNG"                   # still there for its owner
+
+    anon = httpx.post(keyed.url + "/v1/segment", files=[("query", ("q.png", q.read_bytes()))])
+    wrong = httpx.get(keyed.url + "/v1/support-sets", headers={"X-API-Key": "mallory-0123456789abcdef"})
+    assert anon.status_code == wrong.status_code == 401 and "API key" in anon.json()["error"]
+    assert anon.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(keyed.url + "/healthz").status_code == 200              # probes need no key
+    rebound = httpx.get(keyed.url + "/readyz", headers={"Host": "evil.example"})
+    assert rebound.status_code == 400 and rebound.json() == {"error": "Host header not allowed"}
+    assert "access-control-allow-origin" not in httpx.options(
+        keyed.url + "/v1/segment", headers={"Origin": "https://evil.example",
+                                             "Access-Control-Request-Method": "POST"}).headers
+
+    sent = []
+
+    def body():                          # chunked, no Content-Length: a file part that never ends
+        yield (b'--x\r\nContent-Disposition: form-data; name="query"; filename="q.png"\r\n'
+               b"Content-Type: application/octet-stream\r\n\r\n")
+        for _ in range(400):
+            sent.append(1)
+            yield b"\0" * (1 << 20)
+    try:
+        r = httpx.post(keyed.url + "/v1/segment", content=body(), timeout=30,
+                       headers={"Authorization": "Bearer alice-0123456789abcdef",
+                                "Content-Type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+    except httpx.TransportError:
+        pass                             # the server may close while the client still sends
+    assert len(sent) < 64, f"the server read {len(sent)} MiB of a 1 MiB-limited upload"
+
+    big = _png(np.zeros((60, 100, 3), np.uint8), tmp_path / "q6000.png")     # 6,000 + 3,600 > 9,000 in all
+    r = httpx.post(keyed.url + "/v1/segment", headers={"X-API-Key": "alice-0123456789abcdef"},
+                   files=[("query", ("q.png", big.read_bytes())), ("supports", ("s.png", s.read_bytes())),
+                          ("masks", ("m.png", m.read_bytes()))], timeout=30)
+    assert r.status_code == 413 and "in all images" in r.json()["error"], r.text
+
+    codes, barrier = [], threading.Barrier(12)
+
+    def client():
+        with httpx.Client(base_url=keyed.url, timeout=60, headers={"X-API-Key": "bob-0123456789abcdef0"}) as c:
+            barrier.wait()
+            r = c.post("/v1/segment", files=[("query", ("q.png", q.read_bytes())), ("supports", ("s.png", s.read_bytes())),
+                                             ("masks", ("m.png", m.read_bytes()))])
+            codes.append((r.status_code, r.headers.get("retry-after"), r.json() if r.status_code != 200 else None))
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(codes) == 12 and {c for c, _, _ in codes} <= {200, 503} and any(c == 200 for c, _, _ in codes)
+    refused = [(ra, js) for c, ra, js in codes if c == 503]
+    assert refused and all(ra == "1" and "retry" in js["error"] for ra, js in refused)
+    assert httpx.get(keyed.url + "/readyz").status_code == 200

@@ -1,0 +1,149 @@
+"""What stands between the network and the model: API keys, the Host header, body and concurrency limits.
+
+A pure ASGI layer in front of the app, so that it acts before the body is parsed:
+  * Host header: only the names in ``allowed_hosts`` (DNS rebinding against a loopback service);
+  * API keys (``Authorization: Bearer <key>`` or ``X-API-Key``) on /v1/*, compared in constant time;
+    the key's id (a sha256 prefix, never the key) goes to the app as ``scope["svf.owner"]``;
+  * the body limit counted while the body streams, chunked or not: past the limit the client gets
+    413 and the app a disconnect, so a 400 MiB upload is never read whole;
+  * at most ``max_inflight`` /v1 requests at once; the next answers 503 with Retry-After instead of
+    queueing into timeouts.
+Every refusal is ``{"error": ...}`` like the app's own errors.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def key_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def load_keys(path: str | None = None, env: str = "SVF_FSS_API_KEYS") -> list[str]:
+    """Keys from a file (one per line, '#' comments) and/or the environment (comma-separated)."""
+    keys = []
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"API key file {p} does not exist")
+        keys += [line.split("#", 1)[0].strip() for line in p.read_text().splitlines()]
+    keys += [k.strip() for k in os.environ.get(env, "").split(",")]
+    keys = [k for k in keys if k]
+    short = [key_id(k) for k in keys if len(k) < 16]
+    if short:
+        raise ValueError(f"API keys must have at least 16 characters (keys with ids {short} are shorter)")
+    return keys
+
+
+async def _answer(send, status: int, message: str, headers: dict | None = None) -> None:
+    body = json.dumps({"error": message}).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    def __init__(self, app, keys=(), allowed_hosts=("*",), max_body: int = 20 << 20, max_inflight: int = 64,
+                 on_refusal=None):
+        self.app, self.max_body, self.max_inflight = app, max_body, max_inflight
+        self.keys = {key_id(k): k.encode() for k in keys}
+        self.hosts = {h.lower() for h in allowed_hosts}
+        self.inflight = 0
+        self.on_refusal = on_refusal or (lambda scope, status: None)
+
+    def _host_ok(self, headers: dict) -> bool:
+        if "*" in self.hosts:
+            return True
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return name in self.hosts or host in self.hosts
+
+    def _owner(self, headers: dict) -> str | None:
+        """The id of the presented key, '' when the service is open, None when the key is wrong."""
+        if not self.keys:
+            return ""
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else \
+            headers.get(b"x-api-key", b"").decode("latin-1").strip()
+        if not given:
+            return None
+        kid = key_id(given)
+        known = self.keys.get(kid)
+        return kid if known is not None and hmac.compare_digest(known, given.encode()) else None
+
+    async def _refuse(self, scope, send, status, message, headers=None):
+        self.on_refusal(scope, status)
+        await _answer(send, status, message, headers)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if not self._host_ok(headers):
+            return await self._refuse(scope, send, 400, "Host header not allowed")
+        api = scope["path"].startswith("/v1/")
+        if api:
+            owner = self._owner(headers)
+            if owner is None:
+                return await self._refuse(scope, send, 401, "a valid API key is required (Authorization: Bearer <key> "
+                                                     "or X-API-Key)", {"www-authenticate": "Bearer"})
+            scope["svf.owner"] = owner
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            return await self._refuse(scope, send, 413, f"upload of {int(length)} bytes exceeds the limit of {self.max_body}")
+        if api and self.inflight >= self.max_inflight:
+            return await self._refuse(scope, send, 503, f"{self.inflight} requests in progress, the limit; retry shortly",
+                                      {"retry-after": "1"})
+        seen, over, started = 0, False, False
+
+        async def limited_receive():
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:
+                    over = True
+                    if not started:       # and close: the server stops reading the rest
+                        await self._refuse(scope, send, 413, f"upload exceeds the limit of {self.max_body} bytes",
+                                           {"connection": "close"})
+                    return {"type": "http.disconnect"}
+            return msg
+
+        counted = bool(api)
+
+        def release():
+            nonlocal counted
+            if counted:
+                self.inflight -= 1
+                counted = False
+
+        async def guarded_send(msg):
+            nonlocal started
+            if over:
+                return                        # the 413 went out; what the app says after the disconnect does not
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+            if msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                release()                     # answered: the app's clean-up after it no longer counts
+
+        self.inflight += counted
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        finally:
+            release()
