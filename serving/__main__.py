@@ -56,6 +56,10 @@ def main():
     ap.add_argument("--allowed-hosts", default=None, help="comma-separated Host header names (default: the loopback "
                     "names when bound to loopback, else any)")
     ap.add_argument("--cors-origins", default="", help="comma-separated browser origins (default: no CORS)")
+    ap.add_argument("--store", default="support_sets", help="folder where registered support sets persist "
+                    "(default: support_sets); 'none' keeps them in memory only")
+    ap.add_argument("--max-sets", type=int, default=100, help="support sets per API key")
+    ap.add_argument("--max-set-mb", type=float, default=256, help="megabytes of support-set features per API key")
     args = ap.parse_args()
     problem = missing_model(Path(args.model_dir), args.backend)
     if problem:
@@ -74,7 +78,9 @@ def main():
     limits = Limits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels, args.max_request_pixels,
                     args.max_inflight, args.max_shots, args.timeout, args.max_batch, args.batch_window_ms)
     app = create_app(args.model_dir, args.backend, limits, keys=keys, allowed_hosts=hosts,
-                     cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()], workers=args.workers)
+                     cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()], workers=args.workers,
+                     store=None if args.store == "none" else args.store, max_sets=args.max_sets,
+                     max_set_bytes=int(args.max_set_mb * 1024 * 1024))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=args.keep_alive,
                 limit_concurrency=args.max_connections)
 

@@ -37,6 +37,7 @@ from pipeline.evaluate import predict_original
 
 from .backends import Backend, load_backend
 from .guard import Guard
+from .store import QuotaError, SupportStore, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +226,12 @@ class Batcher:
 
 # ------------------------------------------------------------------ app
 def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | None = None, keys=(),
-               allowed_hosts=("*",), cors_origins=(), workers: int = 4) -> FastAPI:
+               allowed_hosts=("*",), cors_origins=(), workers: int = 4, store: str | Path | None = None,
+               max_sets: int = 100, max_set_bytes: int = 256 << 20) -> FastAPI:
     """The service over ``model_dir``. ``keys``: API keys (none: open); ``allowed_hosts``: Host header
     names; ``cors_origins``: browser origins allowed (none: no CORS headers); ``workers``: the bounded
-    pool that decodes, preprocesses and encodes images off the event loop."""
+    pool that decodes, preprocesses and encodes images off the event loop; ``store``: the folder where
+    registered support sets persist (None: memory only), ``max_sets`` / ``max_set_bytes`` per key."""
     limits = limits or Limits()
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="svf-io")
 
@@ -246,7 +249,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     # ReDoc instead of a CDN: the pages work on a machine without internet.
     app = FastAPIOffline(title="svf-fss", version="0.1.0",
                   description="Few-shot segmentation (PFENet + SVF) over the exported model.")
-    state = {"ready": False, "sets": {}}
+    state = {"ready": False}
 
     @app.on_event("startup")
     async def _startup():
@@ -259,6 +262,10 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         k = b.shots or 1
         feats = b.encode(np.zeros((1, k, 3, s, s), np.float32), np.ones((1, k, s, s), np.float32))
         b.decode(x, feats)    # warm-up
+        state["store"] = SupportStore(store, fingerprint(b.kind, b.files), max_sets, max_set_bytes)
+        loaded, refused = state["store"].load()
+        if store:
+            log.info("support sets: %d reloaded from %s, %d refused", loaded, store, len(refused))
         state["ready"] = True
         log.info("ready: backend %s, input %dx%d", b.name, s, s)
 
@@ -333,14 +340,17 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         return await off_loop(prepare_supports, blobs, b.size, budget)
 
     def prepare_supports(blobs, size: int, budget: PixelBudget):
-        xs, ms = [], []
+        """(support [1,K,3,S,S], masks [1,K,S,S], the masks' metadata)."""
+        xs, ms, meta = [], [], []
         for what, data, mwhat, mdata in blobs:
             img = read_image(data, what, limits, budget)
             m = read_mask(mdata, mwhat, img.shape[:2], limits)
             x, mm, _ = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m), size)
             xs.append(x.numpy())
             ms.append((mm == 1).float().numpy())
-        return np.stack(xs)[None].astype(np.float32), np.stack(ms)[None].astype(np.float32)
+            meta.append({"file": what, "height": int(m.shape[0]), "width": int(m.shape[1]),
+                         "object_pixels": int((m == 1).sum()), "ignore_pixels": int((m == 255).sum())})
+        return np.stack(xs)[None].astype(np.float32), np.stack(ms)[None].astype(np.float32), meta
 
     def prepare_query(data: bytes, what: str, size: int, budget: PixelBudget):
         img = read_image(data, what, limits, budget)
@@ -390,7 +400,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     async def segment(query: UploadFile = File(...), supports: list[UploadFile] = File(default=[]),
                       masks: list[UploadFile] = File(default=[]), format: str = Form("png")):
         budget = PixelBudget(limits.max_request_pixels)
-        s, m = await read_supports(supports, masks, budget)
+        s, m, _ = await read_supports(supports, masks, budget)
         feats = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
         return await run_query(query, feats, format, budget)
 
@@ -398,25 +408,30 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     async def register(request: Request, name: str, supports: list[UploadFile] = File(default=[]),
                        masks: list[UploadFile] = File(default=[])):
         check_name(name)
-        s, m = await read_supports(supports, masks, PixelBudget(limits.max_request_pixels))
-        state["sets"][owned(request, name)] = await asyncio.get_running_loop().run_in_executor(
-            None, state["backend"].encode, s, m)
+        s, m, meta = await read_supports(supports, masks, PixelBudget(limits.max_request_pixels))
+        feats = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
+        try:
+            await off_loop(state["store"].put, *owned(request, name), feats, {"shots": int(s.shape[1]), "masks": meta})
+        except QuotaError as e:
+            raise UserError(str(e), e.status) from e
         return {"name": name, "shots": int(s.shape[1])}
 
     @app.get("/v1/support-sets")
     async def list_sets(request: Request):
-        owner = request.scope.get("svf.owner", "")
-        return {"support_sets": sorted(n for o, n in state["sets"] if o == owner)}
+        backend_or_503()
+        return {"support_sets": state["store"].names(request.scope.get("svf.owner", ""))}
 
     @app.delete("/v1/support-sets/{name}")
     async def delete_set(request: Request, name: str):
-        if state["sets"].pop(owned(request, name), None) is None:
+        backend_or_503()
+        if not await off_loop(state["store"].delete, *owned(request, name)):
             raise UserError(f"no support set named {name[:64]!r}", 404)
         return {"deleted": name}
 
     @app.post("/v1/support-sets/{name}/segment", summary="Segment a query against a registered support set")
     async def segment_named(request: Request, name: str, query: UploadFile = File(...), format: str = Form("png")):
-        feats = state["sets"].get(owned(request, name))
+        backend_or_503()
+        feats = state["store"].get(*owned(request, name))
         if feats is None:
             raise UserError(f"no support set named {name[:64]!r}", 404)
         return await run_query(query, feats, format, PixelBudget(limits.max_request_pixels))

@@ -18,6 +18,8 @@ BACKENDS = ("tensorrt", "onnxruntime", "torch")
 
 class Backend:
     name = "base"
+    kind = "base"     # the feature format: a support set encoded by one kind is not another's
+    files: list = []  # the model files loaded (their sha256 is the model's fingerprint)
     size = 0          # the square input size the model was exported for
     shots = None      # the one shot count a fixed-shot model takes (BAM trained with K > 1), else None
 
@@ -34,11 +36,12 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    name = "torch"
+    name = kind = "torch"
 
     def __init__(self, model_dir: Path, device: str = "auto"):
         from pipeline.adapter import load_merged
         self.model, self.cfg = load_merged(model_dir / "merged.pt")
+        self.files = [model_dir / "merged.pt"]
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.model.to(self.device).eval()
@@ -58,7 +61,7 @@ class TorchBackend(Backend):
 
 
 class OnnxBackend(Backend):
-    name = "onnxruntime"
+    name = kind = "onnxruntime"
 
     def __init__(self, model_dir: Path, threads: int | None = None):
         from export.onnx_export import SplitSession
@@ -67,6 +70,7 @@ class OnnxBackend(Backend):
             if not f.exists():
                 raise FileNotFoundError(f"{f} is missing; run the export stage (`dvc repro export`) first")
         self.sess = SplitSession(enc, dec, threads=threads)
+        self.files = [enc, dec]
         from export.onnx_export import read_metadata
         self.size = int(read_metadata(dec)["input_size"][0])
         k = self.sess.enc.get_inputs()[0].shape[1]    # the support's shots axis: a name when dynamic
@@ -83,11 +87,12 @@ class OnnxBackend(Backend):
 class TensorRTBackend(Backend):
     """The full-graph engine: a registered support set keeps its preprocessed tensors (the engine
     recomputes its features per query, as one engine holds the whole network)."""
-    name = "tensorrt"
+    name = kind = "tensorrt"
 
     def __init__(self, model_dir: Path):
         from export.tensorrt_engine import TRTRunner
         self.runner = TRTRunner(model_dir / "model.engine")
+        self.files = [model_dir / "model.engine"]
         self.size = int(self.runner.meta["size"])
 
     def encode(self, support, mask):

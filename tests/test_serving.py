@@ -47,7 +47,10 @@ def _free_port():
 
 
 class Server:
-    def __init__(self, model_dir, backend, *flags):
+    def __init__(self, model_dir, backend, *flags, store=None):
+        import tempfile
+        self.store = store or tempfile.mkdtemp(prefix="svf-sets-")
+        flags = (*flags, "--store", str(self.store))
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -401,3 +404,43 @@ def test_keys_hosts_and_limits_that_hold(keyed, episode, tmp_path):
     refused = [(ra, js) for c, ra, js in codes if c == 503]
     assert refused and all(ra == "1" and "retry" in js["error"] for ra, js in refused)
     assert httpx.get(keyed.url + "/readyz").status_code == 200
+
+
+def test_support_sets_survive_a_restart_and_never_cross_models(model_dir, episode, tmp_path):
+    """Registered sets are written atomically, reloaded at start, refused (not used) by another model,
+    and capped per key in count (429) and bytes (507)."""
+    from serving.client import Client, ServiceError
+    q, _ = episode[0]
+    s, m = episode[1]
+    store = tmp_path / "sets"
+    a = Server(model_dir, "onnxruntime", "--max-sets", "1", store=store)
+    try:
+        c = Client(a.url)
+        c.register("cats", [s], [m])
+        want = c.segment_with("cats", q)
+        with pytest.raises(ServiceError, match="429.*limit per key"):
+            c.register("dogs", [s], [m])
+        c.register("cats", [s], [m])                   # replacing one's own set is not a new one
+    finally:
+        a.stop()
+    files = sorted(p.relative_to(store).as_posix() for p in store.rglob("*"))
+    assert files == ["_open", "_open/cats.npz"]        # no temporary file left
+    b = Server(model_dir, "onnxruntime", store=store)
+    try:
+        assert Client(b.url).segment_with("cats", q) == want
+    finally:
+        b.stop()
+    t = Server(model_dir, "torch", store=store)        # other backend: features of another form
+    try:
+        with pytest.raises(ServiceError, match="404"):
+            Client(t.url).segment_with("cats", q)
+    finally:
+        t.stop()
+    assert "encoded by another model" in t.proc.stderr.read().decode()
+    assert (store / "_open/cats.npz").exists()         # refused, not deleted
+    small = Server(model_dir, "onnxruntime", "--max-set-mb", "0.0001", store=tmp_path / "small")
+    try:
+        with pytest.raises(ServiceError, match="507"):
+            Client(small.url).register("cats", [s], [m])
+    finally:
+        small.stop()

@@ -1,0 +1,110 @@
+"""Registered support sets that survive a restart: one file per set, per-key quotas, the model's fingerprint.
+
+Layout: ``<root>/<owner>/<name>.npz`` (owner: the API key's id, ``_open`` without keys) holding the
+encoded features and a JSON ``meta`` (shots, the masks' sizes and object areas, the model's
+fingerprint, when). Written to a temporary file and renamed, so a crash leaves the old set or the new
+one, never half of one. At start every set is reloaded; a set encoded by another model (another
+fingerprint: other weights, or another backend whose features differ in form) is refused with a
+warning and left on disk, never used: its images are not kept, so it cannot be re-encoded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class QuotaError(Exception):
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def fingerprint(kind: str, files: list[Path]) -> str:
+    """sha256 over the backend kind and the model files it loaded."""
+    h = hashlib.sha256(kind.encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class SupportStore:
+    def __init__(self, root: str | Path | None, model_fingerprint: str, max_sets: int = 100,
+                 max_bytes: int = 256 << 20):
+        self.root = Path(root) if root else None
+        self.fp, self.max_sets, self.max_bytes = model_fingerprint, max_sets, max_bytes
+        self.sets: dict[tuple[str, str], tuple] = {}
+
+    @staticmethod
+    def _dir(owner: str) -> str:
+        return owner or "_open"
+
+    def _path(self, owner: str, name: str) -> Path:
+        return self.root / self._dir(owner) / f"{name}.npz"
+
+    def load(self) -> tuple[int, list[str]]:
+        """Reload every stored set of this model; returns (loaded, refused files)."""
+        refused = []
+        if self.root is None or not self.root.is_dir():
+            return 0, refused
+        for f in sorted(self.root.glob("*/*.npz")):
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    meta = json.loads(str(z["meta"]))
+                    feats = tuple(z[f"f{i}"] for i in range(meta["features"]))
+            except Exception as e:     # unreadable: say so, keep serving the rest
+                log.warning("support set %s is unreadable (%s); skipped", f, e)
+                refused.append(str(f))
+                continue
+            if meta.get("model") != self.fp:
+                log.warning("support set %s was encoded by another model (fingerprint %s, this one %s); not used, "
+                            "register it again", f, str(meta.get("model"))[:12], self.fp[:12])
+                refused.append(str(f))
+                continue
+            owner = "" if f.parent.name == "_open" else f.parent.name
+            self.sets[(owner, f.stem)] = feats
+        return len(self.sets), refused
+
+    def names(self, owner: str) -> list[str]:
+        return sorted(n for o, n in self.sets if o == owner)
+
+    def get(self, owner: str, name: str):
+        return self.sets.get((owner, name))
+
+    def used_bytes(self, owner: str) -> int:
+        return sum(sum(a.nbytes for a in f) for (o, _), f in self.sets.items() if o == owner)
+
+    def put(self, owner: str, name: str, feats: tuple, meta: dict) -> None:
+        others = [n for n in self.names(owner) if n != name]
+        if len(others) >= self.max_sets:
+            raise QuotaError(f"{len(others)} support sets registered, the limit per key; delete one first", 429)
+        size = sum(a.nbytes for a in feats)
+        old = self.get(owner, name)
+        used = self.used_bytes(owner) - (sum(a.nbytes for a in old) if old else 0)
+        if used + size > self.max_bytes:
+            raise QuotaError(f"this set needs {size} bytes and {used} of the {self.max_bytes} per key are used; "
+                             "delete a set first", 507)
+        if self.root is not None:
+            path = self._path(owner, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+            record = {**meta, "model": self.fp, "features": len(feats), "created": time.time()}
+            np.savez(tmp, meta=np.array(json.dumps(record)), **{f"f{i}": a for i, a in enumerate(feats)})
+            os.replace(tmp, path)
+        self.sets[(owner, name)] = feats
+
+    def delete(self, owner: str, name: str) -> bool:
+        if self.sets.pop((owner, name), None) is None:
+            return False
+        if self.root is not None:
+            self._path(owner, name).unlink(missing_ok=True)
+        return True
