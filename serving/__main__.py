@@ -11,7 +11,7 @@ import uvicorn
 
 from .app import Limits, create_app
 from .backends import BACKENDS
-from .guard import LOOPBACK, load_keys
+from .guard import LOOPBACK, guarded_protocol, load_keys
 
 log = logging.getLogger("serving")
 
@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--workers", type=int, default=4, help="threads that decode and encode images off the event loop")
     ap.add_argument("--max-connections", type=int, default=512, help="open connections at once (uvicorn)")
     ap.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+    ap.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a connection may take to send a complete request line and headers")
     ap.add_argument("--api-keys", default=None, help="file of API keys, one per line (also: SVF_FSS_API_KEYS, "
                     "comma-separated); without any the service is open")
     ap.add_argument("--allowed-hosts", default=None, help="comma-separated Host header names (default: the loopback "
@@ -82,7 +84,8 @@ def main():
                      store=None if args.store == "none" else args.store, max_sets=args.max_sets,
                      max_set_bytes=int(args.max_set_mb * 1024 * 1024))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=args.keep_alive,
-                limit_concurrency=args.max_connections)
+                limit_concurrency=args.max_connections,
+                http=guarded_protocol(args.max_connections, args.header_timeout))
 
 
 if __name__ == "__main__":

@@ -147,3 +147,52 @@ class Guard:
                 raise
         finally:
             release()
+
+
+def guarded_protocol(max_connections: int, header_timeout: float):
+    """uvicorn's h11 protocol with two more limits, for what never reaches the app:
+    * a connection beyond ``max_connections`` open ones is closed at once (file descriptors never run
+      out, so the accept loop never fails and floods the log);
+    * a connection that has not completed its request line and headers ``header_timeout`` seconds
+      after it opened (or after its previous response) is closed: a half-sent request is not kept."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.warning("%d connections open, the limit is %d: closing the newest", len(self.connections),
+                            max_connections)
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self):
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(header_timeout, self._header_timeout)
+
+        def _disarm(self):
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _header_timeout(self):
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:
+                self._arm()              # a request still incomplete: its headers must arrive in time
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol

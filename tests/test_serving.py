@@ -444,3 +444,31 @@ def test_support_sets_survive_a_restart_and_never_cross_models(model_dir, episod
             Client(small.url).register("cats", [s], [m])
     finally:
         small.stop()
+
+
+def test_half_sent_requests_and_surplus_connections_are_closed(model_dir):
+    """A client that never finishes its headers is dropped after --header-timeout; connections beyond
+    --max-connections are closed at once; the service answers again as soon as they are gone."""
+    import httpx
+    srv = Server(model_dir, "onnxruntime", "--max-connections", "4", "--header-timeout", "1.5")
+    try:
+        def half_sent():
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")     # no blank line: never complete
+            sock.settimeout(10)
+            return sock
+        def closed(sock) -> bool:
+            try:
+                return sock.recv(1024) == b""
+            except ConnectionResetError:                                # closed with unread data pending
+                return True
+        slow = [half_sent() for _ in range(4)]
+        extra = half_sent()
+        t0 = time.time()
+        assert closed(extra) and time.time() - t0 < 1.0                 # beyond the cap: closed at once
+        for s in slow:
+            assert closed(s)                                            # dropped by the header timeout
+        assert time.time() - t0 < 6
+        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        srv.stop()
