@@ -252,7 +252,7 @@ def test_invalid_parameter_names_the_key(tmp_path):
 def _copy_project(dst: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split("\n")
-    outputs = ("data/", "models/", "metrics/", "plots/", "checkpoints/", "mlartifacts/", "dvc.lock")
+    outputs = ("data/", "models/", "metrics/", "plots/", "results/", "checkpoints/", "mlartifacts/", "dvc.lock")
     for f in filter(None, files):
         if f.startswith(outputs):          # results of this checkout's own runs stay behind
             continue
