@@ -144,7 +144,8 @@ def table(result: dict) -> str:
     many = len(result["train_seeds"]) > 1
     lines = [f"Fold {result['fold']}, {result['head']} on {result['backbone']}, {result['model_shots']}-shot models, "
              f"{len(result['eval_seeds'])} evaluation seeds x {result['episodes_per_seed']} episodes"
-             + (f", training seeds {result['train_seeds']}" if many else "") + ".", "",
+             + (f", training seeds {result['train_seeds']}" if many else "")
+             + "; mIoU as mean ± std over the evaluation seeds.", "",
              "| regime | trainable backbone params | train s | " + " | ".join(f"{k} mIoU" for k in keys) + " |",
              "|---|---:|---:|" + "---:|" * len(keys)]
     for name, r in result["regimes"].items():
