@@ -12,23 +12,19 @@ over training seeds (``--train-seeds``), which the interval does not contain.
 """
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import adapter as adapter_io
 from .config import load_config
 from .data.benchmarks import novel_classes, prepared_dir, split_dir
 from .data.episodes import EpisodeDataset
-from .evaluate import evaluate
+from .evaluate import evaluate, shot_key
 from .loop import pick_device
 from .models import accepts_shots
 from .train import train
-
-log = logging.getLogger(__name__)
 
 REGIMES = ("frozen", "svf", "full")
 PAIRS = (("svf", "frozen"), ("svf", "full"))
@@ -86,7 +82,8 @@ def score(model, cfg, fold: int, shots: int, device, progress: bool = True) -> l
 
 def run_ablation(cfg, fold: int, out_dir: str | Path, regimes=REGIMES, train_seeds=None, base_file=None,
                  progress: bool = True) -> dict:
-    """Train and score every regime (x training seed); returns the result that ``write`` records."""
+    """Train and score every regime (x training seed); returns the result (``table`` and
+    figures.ablation_figure render it)."""
     out_dir = Path(out_dir)
     train_seeds = list(train_seeds or [cfg.train.seed])
     model_shots = cfg.train.shots[0]
@@ -116,7 +113,7 @@ def run_ablation(cfg, fold: int, out_dir: str | Path, regimes=REGIMES, train_see
         for k, runs in by_shots.items():
             per_run = [[100 * pooled_miou(r, novel)[0] for r in seeds] for seeds in runs]   # [train seed][eval seed]
             means = [float(np.mean(v)) for v in per_run]
-            result["regimes"][regime][_key(k, model_shots)] = {
+            result["regimes"][regime][shot_key(k, model_shots)] = {
                 "miou": round(float(np.mean(means)), 2),
                 "std_eval_seeds": round(float(np.mean([np.std(v) for v in per_run])), 2),
                 "std_train_seeds": round(float(np.std(means)), 2) if len(means) > 1 else None,
@@ -129,13 +126,9 @@ def run_ablation(cfg, fold: int, out_dir: str | Path, regimes=REGIMES, train_see
             if k in records[b]:
                 flat_a = [r for seeds in records[a][k] for r in seeds]
                 flat_b = [r for seeds in records[b][k] for r in seeds]
-                result["differences"].setdefault(_key(k, model_shots), {})[f"{a} - {b}"] = \
+                result["differences"].setdefault(shot_key(k, model_shots), {})[f"{a} - {b}"] = \
                     paired_difference(flat_a, flat_b, novel)
     return result
-
-
-def _key(shots: int, model_shots: int) -> str:
-    return f"{shots}shot" + (f"_by{model_shots}" if shots != model_shots else "")
 
 
 def table(result: dict) -> str:

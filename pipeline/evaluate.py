@@ -129,6 +129,11 @@ def summarise(per_seed: list[IoUAccumulator]) -> dict:
             "episodes": int(sum(a.episodes for a in per_seed))}
 
 
+def shot_key(episode_shots: int, model_shots: int) -> str:
+    """'5shot' for the protocol's case; '5shot_by1' when a 1-shot model is scored on 5-shot episodes."""
+    return f"{episode_shots}shot" + (f"_by{model_shots}" if episode_shots != model_shots else "")
+
+
 def spread_text(summary: dict) -> str:
     return (f"mIoU {summary['miou']:.2f} +- {summary['miou_std']:.2f} (min {summary['miou_min']:.2f}, "
             f"max {summary['miou_max']:.2f}), FB-IoU {summary['fbiou']:.2f}")

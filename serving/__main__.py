@@ -77,8 +77,10 @@ def main():
     if not keys and not loopback:
         log.warning("the service listens on %s without API keys: anyone who can reach it can segment and read, "
                     "overwrite or delete support sets; give --api-keys (or SVF_FSS_API_KEYS)", args.host)
-    limits = Limits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels, args.max_request_pixels,
-                    args.max_inflight, args.max_shots, args.timeout, args.max_batch, args.batch_window_ms)
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                    max_request_pixels=args.max_request_pixels, max_inflight=args.max_inflight,
+                    max_shots=args.max_shots, timeout_s=args.timeout, max_batch=args.max_batch,
+                    batch_window_ms=args.batch_window_ms)
     app = create_app(args.model_dir, args.backend, limits, keys=keys, allowed_hosts=hosts,
                      cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()], workers=args.workers,
                      store=None if args.store == "none" else args.store, max_sets=args.max_sets,

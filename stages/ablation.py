@@ -8,15 +8,12 @@ Not a DVC stage: it trains three models where `dvc repro` trains one.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from pipeline import tracking
 from pipeline.ablation import REGIMES, run_ablation, table
 from pipeline.figures import ablation_figure
 from stages.common import run, setup, write_json
-
-log = logging.getLogger("ablation")
 
 
 def main():

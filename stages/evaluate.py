@@ -14,7 +14,7 @@ from pipeline import adapter as adapter_io
 from pipeline import tracking
 from pipeline.data.benchmarks import novel_classes, prepared_dir, split_dir
 from pipeline.data.episodes import EpisodeDataset, class_names
-from pipeline.evaluate import evaluate, spread_text, summarise
+from pipeline.evaluate import evaluate, shot_key, spread_text, summarise
 from pipeline.figures import episodes_figure
 from pipeline.models import accepts_shots, fixed_shots
 from pipeline.train import pick_device
@@ -94,11 +94,6 @@ def eval_shots(cfg, model_shots: int) -> list[int]:
     no model was trained for when it is the first of train.shots."""
     first = model_shots == cfg.train.shots[0]
     return [k for k in cfg.eval.shots if k == model_shots or (first and k not in cfg.train.shots)] or [model_shots]
-
-
-def shot_key(episode_shots: int, model_shots: int) -> str:
-    """'5shot' for the protocol's case; '5shot_by1' when a 1-shot model is scored on 5-shot episodes."""
-    return f"{episode_shots}shot" + (f"_by{model_shots}" if episode_shots != model_shots else "")
 
 
 def seed_everything(seed: int) -> None:

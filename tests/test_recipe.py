@@ -158,7 +158,8 @@ def test_bam_protocol_order_sizes_and_scoring(synthetic, caplog):
 
 def test_each_shot_count_scored_by_its_own_model_or_labelled():
     from pipeline.config import load_config
-    from stages.evaluate import eval_shots, shot_key
+    from pipeline.evaluate import shot_key
+    from stages.evaluate import eval_shots
     from stages.report import summary
     cfg = load_config({"train": {"shots": [1]}, "eval": {"shots": [1, 5]}})
     assert eval_shots(cfg, 1) == [1, 5] and shot_key(5, 1) == "5shot_by1" and shot_key(5, 5) == "5shot"
