@@ -137,8 +137,9 @@ def curves_figure(train_rows: list[dict], val_rows: list[dict], path, title: str
 
 
 def ablation_figure(result: dict, path) -> Path:
-    """Left: mIoU per regime and shot count, the bar the mean, dots the evaluation seeds (and training
-    seeds), error bars their standard deviation. Right: the paired differences with 95% intervals."""
+    """Left: mIoU per regime and shot count, the bar the mean, dots every (training seed, evaluation
+    seed) pair, error bars the standard deviation over training seeds when there are several (over
+    evaluation seeds otherwise). Right: the paired differences with 95% intervals."""
     plt = _plt()
     regimes = list(result["regimes"])
     keys = sorted({k for r in result["regimes"].values() for k, v in r.items() if isinstance(v, dict)})
@@ -151,7 +152,8 @@ def ablation_figure(result: dict, path) -> Path:
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(regimes))]
         stats = [result["regimes"][r].get(k) for r in regimes]
         means = [s["miou"] if s else 0.0 for s in stats]
-        errs = [s["std_eval_seeds"] if s else 0.0 for s in stats]
+        errs = [(s["std_train_seeds"] if s["std_train_seeds"] is not None else s["std_eval_seeds"]) if s else 0.0
+                for s in stats]
         bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=k, alpha=0.8)
         for x, s in zip(xs, stats):
             pts = [p for seeds in (s or {}).get("per_eval_seed", []) for p in seeds]
@@ -162,7 +164,8 @@ def ablation_figure(result: dict, path) -> Path:
     ax.set_xticks(range(len(regimes)), regimes)
     ax.set_ylim(ax_floor, 100)
     ax.set_ylabel("mIoU % (novel classes)")
-    ax.set_title(f"fold {result['fold']}: mIoU per regime ({len(result['eval_seeds'])} seeds x "
+    trained = f"{len(result['train_seeds'])} training seeds, " if len(result["train_seeds"]) > 1 else ""
+    ax.set_title(f"fold {result['fold']}: mIoU per regime ({trained}{len(result['eval_seeds'])} evaluation seeds x "
                  f"{result['episodes_per_seed']} episodes)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", ncol=2)
     ax.grid(axis="y", alpha=0.3)
@@ -174,7 +177,9 @@ def ablation_figure(result: dict, path) -> Path:
         dx.annotate(f"{d['mean']:+.2f} [{lo_:+.2f}, {hi_:+.2f}]", (d["mean"], i), textcoords="offset points",
                     xytext=(0, 7), ha="center", fontsize=7)
     dx.axvline(0, color="k", lw=0.8)
-    dx.margins(x=0.3)                   # room for the labels beside the outermost intervals
+    ends = [0.0] + [v for _, d in rows for v in d["ci95"]]
+    pad = 0.45 * (max(ends) - min(ends) or 1.0)      # room for the labels beside the outermost intervals
+    dx.set_xlim(min(ends) - pad, max(ends) + pad)
     dx.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     dx.set_ylim(len(rows) - 0.3, -0.7)
     dx.set_xlabel("mIoU difference (points, same episodes)")
