@@ -1,10 +1,13 @@
 """Load on the real service over loopback: requests per second and p50/p99 latency at 1, 4 and 16
-concurrent clients, for /v1/segment (supports uploaded each time) and for a registered support set.
+concurrent clients, for /v1/segment (supports uploaded each time) and for a registered support set,
+with /healthz polled every 50 ms meanwhile; and, first, the backend's own batched throughput on the
+same queries (in this process, no HTTP), so the service's overhead is one ratio.
 
     python benchmarks/serve_load.py [--model-dir models/fold0/1shot] [--backend auto] [--seconds 10]
 
 Starts `python -m serving` on a free 127.0.0.1 port, drives it with threads of httpx clients for a
-bounded time per level, then stops it.
+bounded time per level, then stops it. The goal printed at the end: the registered set at 16 clients
+serves at least 80% of the backend's batched throughput, and /healthz answers within 100 ms.
 """
 from __future__ import annotations
 
@@ -41,9 +44,46 @@ def episode(size: int):
     return png(qi), png(si), png(np.where(sl == cls, 255, 0).astype(np.uint8))
 
 
+def pct(values, p: float) -> float:
+    values = sorted(values)
+    return 1000 * values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
+
+
+def backend_throughput(model_dir: str, backend: str, q: bytes, s: bytes, m: bytes, batch: int, seconds: float):
+    """Episodes per second of the backend alone: one encoded support set, queries decoded ``batch`` at a
+    time, preprocessed once (what the service's batcher hands the backend)."""
+    from pipeline.data.episodes import eval_transform
+    from serving.backends import load_backend
+    import torch
+    b = load_backend(model_dir, backend)
+
+    def tensor(data, mask=False):
+        a = np.array(Image.open(io.BytesIO(data)))
+        return torch.from_numpy(a) if mask else torch.from_numpy(a[..., :3]).permute(2, 0, 1)
+    xs, ms, _ = eval_transform(tensor(s), (tensor(m, True) > 0).to(torch.uint8), b.size)
+    feats = b.encode(xs.numpy()[None, None], (ms == 1).float().numpy()[None, None])
+    xq, _, _ = eval_transform(tensor(q), torch.zeros(tensor(q).shape[1:], dtype=torch.uint8), b.size)
+    x = np.repeat(xq.numpy()[None], batch, 0)
+    fb = type(b).concat([feats] * batch)
+    b.decode(x, fb)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        b.decode(x, fb)
+        n += batch
+    return b.name, n / (time.perf_counter() - t0)
+
+
 def load(url: str, path: str, files, clients: int, seconds: float):
-    lat, errors = [], []
+    lat, errors, health = [], [], []
     stop = time.perf_counter() + seconds
+
+    def prober():                        # liveness as an orchestrator sees it while the load runs
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                c.get("/healthz")
+                health.append(time.perf_counter() - t)
+                time.sleep(0.05)
 
     def worker():
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -54,15 +94,14 @@ def load(url: str, path: str, files, clients: int, seconds: float):
                 (lat if r.status_code == 200 else errors).append(dt)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    threads = [threading.Thread(target=worker) for _ in range(clients)] + [threading.Thread(target=prober)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    lat.sort()
-    pct = (lambda p: 1000 * lat[min(len(lat) - 1, int(p * len(lat)))]) if lat else (lambda p: float("nan"))
-    return {"rps": len(lat) / wall, "p50": pct(0.5), "p99": pct(0.99), "ok": len(lat), "errors": len(errors)}
+    return {"rps": len(lat) / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "ok": len(lat),
+            "errors": len(errors), "health_p99": pct(health, 0.99), "health_max": pct(health, 1.0)}
 
 
 def main():
@@ -72,13 +111,19 @@ def main():
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--image-size", type=int, default=128, help="side of the uploaded test images")
+    ap.add_argument("--max-batch", type=int, default=8, help="the service's batch (and the backend measurement's)")
+    ap.add_argument("--workers", type=int, default=4, help="the service's image worker threads")
     args = ap.parse_args()
+    q, s, m = episode(args.image_size)
+    name, batched = backend_throughput(args.model_dir, args.backend, q, s, m, args.max_batch, args.seconds)
+    print(f"backend alone ({name}, batch {args.max_batch}, this process): {batched:.1f} episodes/s")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "serving", "--model-dir", args.model_dir, "--backend", args.backend,
-                             "--port", str(port)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                             "--port", str(port), "--max-batch", str(args.max_batch), "--workers", str(args.workers),
+                             "--store", "none"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -93,23 +138,31 @@ def main():
                 sys.exit("the service did not start")
             time.sleep(0.3)
         info = ready.json()
-        q, s, m = episode(args.image_size)
         httpx.put(url + "/v1/support-sets/bench", files=[("supports", ("s.png", s)), ("masks", ("m.png", m))])
         print(f"service: backend {info['backend']}, model input {info['input_size']} px, uploads "
               f"{args.image_size}x{args.image_size} PNG, {args.seconds:g} s per level, {os.cpu_count()} CPUs")
-        print(f"{'endpoint':34s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
+        print(f"{'endpoint':34s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} "
+              f"{'healthz p99':>11s} {'max ms':>7s}")
+        results = {}
         for name, path, files in (
                 ("/v1/segment (1 shot uploaded)", "/v1/segment",
                  [("query", ("q.png", q)), ("supports", ("s.png", s)), ("masks", ("m.png", m))]),
                 ("/v1/support-sets/bench/segment", "/v1/support-sets/bench/segment", [("query", ("q.png", q))])):
             for c in args.levels:
-                r = load(url, path, files, c, args.seconds)
-                print(f"{name:34s} {c:7d} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:7d}")
+                r = results[path, c] = load(url, path, files, c, args.seconds)
+                print(f"{name:34s} {c:7d} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:7d} "
+                      f"{r['health_p99']:11.1f} {r['health_max']:7.1f}")
         batches = [line for line in httpx.get(url + "/metrics").text.splitlines()
                    if line.startswith(("svf_batch_size_sum", "svf_batch_size_count"))]
         vals = {line.split()[0]: float(line.split()[1]) for line in batches}
         if vals.get("svf_batch_size_count"):
             print(f"mean queries per backend call: {vals['svf_batch_size_sum'] / vals['svf_batch_size_count']:.2f}")
+        top = max(args.levels)
+        r = results["/v1/support-sets/bench/segment", top]
+        worst = max(v["health_max"] for v in results.values())
+        print(f"registered set at {top} clients / backend alone: {r['rps']:.1f} / {batched:.1f} = "
+              f"{r['rps'] / batched:.2f} (goal >= 0.80: {'met' if r['rps'] >= 0.8 * batched else 'NOT met'}); "
+              f"slowest /healthz under load {worst:.1f} ms (goal <= 100: {'met' if worst <= 100 else 'NOT met'})")
     finally:
         proc.terminate()
         proc.wait(10)

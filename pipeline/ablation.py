@@ -19,7 +19,7 @@ import numpy as np
 
 from . import adapter as adapter_io
 from .config import load_config
-from .data.benchmarks import novel_classes, prepared_dir, split_dir
+from .data.benchmarks import fold_classes, prepared_dir, split_dir
 from .data.episodes import EpisodeDataset
 from .evaluate import evaluate, shot_key
 from .loop import pick_device
@@ -69,7 +69,7 @@ def score(model, cfg, fold: int, shots: int, device, progress: bool = True) -> l
     """Per evaluation seed, the [N, 3] episode records of ``model`` on ``shots``-shot episodes."""
     prepared = prepared_dir(cfg.data.root, cfg.data.benchmark)
     pairs = split_dir(cfg.data.root, cfg.data.benchmark, fold) / "val.jsonl"
-    novel = novel_classes(cfg.data.benchmark, fold, cfg.data.coco_split)
+    novel = fold_classes(cfg, fold)[0]
     out = []
     for seed in cfg.eval.seeds:
         ds = EpisodeDataset(prepared, pairs, shots, "test", cfg.eval.test_size, seed=seed, episodes=cfg.eval.episodes,
@@ -87,7 +87,7 @@ def run_ablation(cfg, fold: int, out_dir: str | Path, regimes=REGIMES, train_see
     out_dir = Path(out_dir)
     train_seeds = list(train_seeds or [cfg.train.seed])
     model_shots = cfg.train.shots[0]
-    novel = novel_classes(cfg.data.benchmark, fold, cfg.data.coco_split)
+    novel = fold_classes(cfg, fold)[0]
     device = pick_device(cfg.eval.device)
     records: dict = {}          # regime -> shots -> [per train seed: [per eval seed: records]]
     result = {"fold": fold, "benchmark": cfg.data.benchmark, "head": cfg.model.head, "backbone": cfg.model.backbone,

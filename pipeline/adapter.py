@@ -135,11 +135,11 @@ def base_state(model, cfg, fold: int, base_classes: list[int], extra: dict | Non
 def read_base(path: str | Path, cfg, fold: int | None = None) -> dict:
     """Load a base learner checkpoint and refuse one that does not fit ``cfg`` (and ``fold``): another
     fold, benchmark, class count or backbone is named, with what was expected."""
-    from .data.benchmarks import base_classes
+    from .data.benchmarks import fold_classes
     state = _load(path, BASE_FORMAT, "base learner", "base" if fold is None else f"base@{fold}")
     fold = state["fold"] if fold is None else fold
     expect = {"fold": fold, "benchmark": cfg.data.benchmark, **{k: getattr(cfg.model, k) for k in BASE_KEYS},
-              "classes": len(base_classes(cfg.data.benchmark, fold, cfg.data.coco_split)) + 1}
+              "classes": len(fold_classes(cfg, fold)[1]) + 1}
     wrong = [f"{k} {state.get(k)!r} (expected {v!r})" for k, v in expect.items() if state.get(k) != v]
     if wrong:
         raise ValueError(f"base learner {path} does not fit this model: {', '.join(wrong)}; re-run the base stage "

@@ -12,7 +12,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-BENCHMARKS = ("synthetic", "pascal", "coco")
+BENCHMARKS = ("synthetic", "pascal", "coco", "folder")
 
 
 class ConfigError(ValueError):
@@ -35,12 +35,21 @@ class SyntheticCfg:
 
 
 @dataclass
+class FolderCfg:
+    """Your own data (``data.benchmark: folder``): layout in pipeline/data/folder.py."""
+    root: str = "examples/folder"
+    val_fraction: float = 0.25        # images held out for novel-class episodes when the folder has no val.txt
+    seed: int = 0
+
+
+@dataclass
 class DataCfg:
     benchmark: str = field(default="synthetic", metadata=_choices(*BENCHMARKS))
     root: str = "data"
     mirror: str = ""                  # base URL serving the archives under their file names (else official URLs)
     coco_split: str = field(default="interleaved", metadata=_choices("interleaved", "consecutive"))
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
+    folder: FolderCfg = field(default_factory=FolderCfg)
     backbones: list = field(default_factory=lambda: ["resnet50"])  # ImageNet weights fetched by `download`
     workers: int = 2
 
@@ -50,6 +59,8 @@ class SplitCfg:
     folds: list = field(default_factory=lambda: [0])
     min_pixels: int = 2048            # 2 x 32 x 32, the PFENet/BAM rule
     filter: str = field(default="bam", metadata=_choices("bam", "pfenet"))
+    num_folds: int = 4                # folder benchmark: its classes cut into this many folds, like PASCAL-5i
+    novel_classes: list = field(default_factory=list)   # folder benchmark: one fold, these novel classes (names or ids)
 
 
 @dataclass
@@ -255,10 +266,32 @@ def _validate_loop(c, name: str) -> None:
         raise ConfigError(f"{name}.checkpoint_every and {name}.log_every must be >= 1")
 
 
+def _validate_folds(cfg: Config) -> None:
+    s = cfg.split
+    if cfg.data.benchmark != "folder":
+        if s.num_folds != 4 or s.novel_classes:
+            raise ConfigError(f"split.num_folds and split.novel_classes are for data.benchmark: folder; the folds of "
+                              f"{cfg.data.benchmark} are fixed by its protocol (keep num_folds 4, novel_classes [])")
+        folds = [0, 1, 2, 3]
+    elif s.novel_classes:
+        if any(isinstance(c, bool) or not isinstance(c, (int, str)) for c in s.novel_classes) or \
+                len(set(s.novel_classes)) < len(s.novel_classes):
+            raise ConfigError(f"split.novel_classes: expected distinct class names or ids, got {s.novel_classes!r}")
+        folds = [0]
+    else:
+        if s.num_folds < 2:
+            raise ConfigError(f"split.num_folds: expected at least 2, got {s.num_folds}")
+        folds = list(range(s.num_folds))
+    if not 0 < cfg.data.folder.val_fraction < 1:
+        raise ConfigError(f"data.folder.val_fraction: expected between 0 and 1, got {cfg.data.folder.val_fraction}")
+    for fold in s.folds:
+        if fold not in folds:
+            why = " (split.novel_classes makes a single fold)" if s.novel_classes else ""
+            raise ConfigError(f"split.folds: fold {fold!r} does not exist; choose from {folds}{why}")
+
+
 def _validate(cfg: Config) -> Config:
-    for fold in cfg.split.folds:
-        if fold not in (0, 1, 2, 3):
-            raise ConfigError(f"split.folds: fold {fold!r} does not exist; choose from [0, 1, 2, 3]")
+    _validate_folds(cfg)
     for key, ks in (("train.shots", cfg.train.shots), ("eval.shots", cfg.eval.shots),
                     ("export.shots", cfg.export.shots)):
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks) or len(set(ks)) < len(ks):

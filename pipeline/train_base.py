@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import adapter as adapter_io
-from .data.benchmarks import base_classes, prepared_dir
+from .data.benchmarks import fold_classes, prepared_dir
 from .data.episodes import IGNORE
 from .data.semantic import SemanticDataset
 from .figures import curves_figure
@@ -71,7 +71,7 @@ def train_base(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_m
     t0, bc = time.time(), cfg.base
     rank, world, device = init_distributed(cfg.train.device)
     out_dir, plots_dir = Path(out_dir), Path(plots_dir)
-    classes = base_classes(cfg.data.benchmark, fold, cfg.data.coco_split)
+    classes = fold_classes(cfg, fold)[1]
     train_ds, val_ds = base_datasets(cfg, fold, classes)
     model = base_learner(cfg.model, len(classes) + 1, pretrained=cfg.model.pretrained, root=cfg.data.root).to(device)
     heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]

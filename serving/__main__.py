@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
     ap.add_argument("--max-request-pixels", type=int, default=4 * 4096 * 4096, help="all images of one request")
     ap.add_argument("--max-inflight", type=int, default=64, help="/v1 requests at once; more answer 503")
+    ap.add_argument("--body-timeout", type=float, default=60.0,
+                    help="seconds a request body may take to arrive whole (a trickling upload answers 408)")
     ap.add_argument("--workers", type=int, default=4, help="threads that decode and encode images off the event loop")
     ap.add_argument("--max-connections", type=int, default=512, help="open connections at once (uvicorn)")
     ap.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
@@ -79,6 +81,7 @@ def main():
                     "overwrite or delete support sets; give --api-keys (or SVF_FSS_API_KEYS)", args.host)
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                     max_request_pixels=args.max_request_pixels, max_inflight=args.max_inflight,
+                    body_timeout_s=args.body_timeout,
                     max_shots=args.max_shots, timeout_s=args.timeout, max_batch=args.max_batch,
                     batch_window_ms=args.batch_window_ms)
     app = create_app(args.model_dir, args.backend, limits, keys=keys, allowed_hosts=hosts,

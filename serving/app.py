@@ -48,6 +48,7 @@ class Limits:
     max_pixels: int = 4096 * 4096                # per image
     max_request_pixels: int = 4 * 4096 * 4096    # all images of one request together
     max_inflight: int = 64                       # /v1 requests at once; the next answers 503 + Retry-After
+    body_timeout_s: float = 60.0                 # the whole body must arrive within this (408 otherwise)
     max_shots: int = 10
     timeout_s: float = 30.0
     max_batch: int = 8
@@ -442,6 +443,6 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
                            "DELETE"], allow_headers=["authorization", "x-api-key", "content-type"])
     # outermost: acts before the body is read (pure ASGI, serving/guard.py)
     app.add_middleware(Guard, keys=list(keys), allowed_hosts=list(allowed_hosts), max_body=limits.max_upload_bytes,
-                       max_inflight=limits.max_inflight,
+                       max_inflight=limits.max_inflight, body_timeout=limits.body_timeout_s,
                        on_refusal=lambda scope, status: requests.labels(route_template(scope), str(status)).inc())
     return app

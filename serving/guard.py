@@ -6,6 +6,8 @@ A pure ASGI layer in front of the app, so that it acts before the body is parsed
     the key's id (a sha256 prefix, never the key) goes to the app as ``scope["svf.owner"]``;
   * the body limit counted while the body streams, chunked or not: past the limit the client gets
     413 and the app a disconnect, so a 400 MiB upload is never read whole;
+  * a body that trickles in: it must arrive whole within ``body_timeout`` seconds of the first read
+    (408 and the connection closed), so a client sending a byte a second holds no slot for long;
   * at most ``max_inflight`` /v1 requests at once; the next answers 503 with Retry-After instead of
     queueing into timeouts.
 Every refusal is ``{"error": ...}`` like the app's own errors.
@@ -13,6 +15,7 @@ Every refusal is ``{"error": ...}`` like the app's own errors.
 from __future__ import annotations
 
 import hashlib
+import asyncio
 import hmac
 import json
 import logging
@@ -54,8 +57,8 @@ async def _answer(send, status: int, message: str, headers: dict | None = None) 
 
 class Guard:
     def __init__(self, app, keys=(), allowed_hosts=("*",), max_body: int = 20 << 20, max_inflight: int = 64,
-                 on_refusal=None):
-        self.app, self.max_body, self.max_inflight = app, max_body, max_inflight
+                 body_timeout: float = 60.0, on_refusal=None):
+        self.app, self.max_body, self.max_inflight, self.body_timeout = app, max_body, max_inflight, body_timeout
         self.keys = {key_id(k): k.encode() for k in keys}
         self.hosts = {h.lower() for h in allowed_hosts}
         self.inflight = 0
@@ -104,21 +107,32 @@ class Guard:
         if api and self.inflight >= self.max_inflight:
             return await self._refuse(scope, send, 503, f"{self.inflight} requests in progress, the limit; retry shortly",
                                       {"retry-after": "1"})
-        seen, over, started = 0, False, False
+        seen, over, started, body_done, deadline = 0, False, False, False, None
+
+        async def cut(status, message):
+            nonlocal over
+            over = True
+            if not started:               # and close: the server stops reading the rest
+                await self._refuse(scope, send, status, message, {"connection": "close"})
+            return {"type": "http.disconnect"}
 
         async def limited_receive():
-            nonlocal seen, over
+            nonlocal seen, body_done, deadline
             if over:
                 return {"type": "http.disconnect"}
-            msg = await receive()
+            if body_done:                 # after the body: only a disconnect can come, whenever it comes
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.body_timeout
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return await cut(408, f"the request body did not arrive within {self.body_timeout:g} s")
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_body:
-                    over = True
-                    if not started:       # and close: the server stops reading the rest
-                        await self._refuse(scope, send, 413, f"upload exceeds the limit of {self.max_body} bytes",
-                                           {"connection": "close"})
-                    return {"type": "http.disconnect"}
+                    return await cut(413, f"upload exceeds the limit of {self.max_body} bytes")
+                body_done = not msg.get("more_body", False)
             return msg
 
         counted = bool(api)

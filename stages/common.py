@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
+from pipeline.data.benchmarks import fold_ids
 
 
 _FOLD_HINT = ""
@@ -50,7 +51,7 @@ def setup(description: str, fold: bool = False, extra=None):
         extra(ap)
     ap.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     if fold:
-        ap.add_argument("--fold", type=int, required=True, help="fold 0..3")
+        ap.add_argument("--fold", type=int, required=True, help="fold 0..3 (a folder benchmark: 0..split.num_folds-1)")
         ap.add_argument("--shot", type=int, default=None,
                         help="the model trained with this many shots (default: the first of train.shots)")
     args = ap.parse_args()
@@ -62,8 +63,8 @@ def setup(description: str, fold: bool = False, extra=None):
         cfg = load_config(args.params)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    if fold and args.fold not in (0, 1, 2, 3):
-        sys.exit(f"error: unknown fold {args.fold}; choose one of [0, 1, 2, 3]")
+    if fold and args.fold not in fold_ids(cfg):
+        sys.exit(f"error: unknown fold {args.fold}; choose one of {fold_ids(cfg)}")
     if fold:
         args.shot = cfg.train.shots[0] if args.shot is None else args.shot
         if args.shot < 1:

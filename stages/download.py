@@ -12,7 +12,7 @@ from stages.common import run, setup, write_json
 def main():
     _, cfg = setup(__doc__)
     d = cfg.data
-    fetch_benchmark(d.benchmark, d.root, d.mirror, d.synthetic, d.workers)
+    fetch_benchmark(d.benchmark, d.root, d.mirror, d.synthetic, d.workers, folder=d.folder)
     wdir = Path(d.root) / "weights" / "imagenet"
     wdir.mkdir(parents=True, exist_ok=True)
     if cfg.model.pretrained == "imagenet":

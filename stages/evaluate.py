@@ -12,8 +12,8 @@ import torch
 
 from pipeline import adapter as adapter_io
 from pipeline import tracking
-from pipeline.data.benchmarks import novel_classes, prepared_dir, split_dir
-from pipeline.data.episodes import EpisodeDataset, class_names
+from pipeline.data.benchmarks import class_names, fold_classes, prepared_dir, split_dir
+from pipeline.data.episodes import EpisodeDataset, episodes_possible
 from pipeline.evaluate import evaluate, shot_key, spread_text, summarise
 from pipeline.figures import episodes_figure
 from pipeline.models import accepts_shots, fixed_shots
@@ -40,7 +40,7 @@ def main():
     prepared = prepared_dir(cfg.data.root, cfg.data.benchmark)
     pairs = split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl"
     names = class_names(prepared)
-    novel = novel_classes(cfg.data.benchmark, args.fold, cfg.data.coco_split)
+    novel = fold_classes(cfg, args.fold)[0]
     shots = [k for k in eval_shots(cfg, args.shot) if accepts_shots(model, k)]
     if not shots:
         raise ValueError(f"the {args.shot}-shot {cfg.model.head} model takes exactly {fixed_shots(model)} shots and "
@@ -50,7 +50,12 @@ def main():
               "seeds": cfg.eval.seeds}
     figures = []
     torch.manual_seed(0)
-    for k in shots:
+    for k in list(shots):
+        if k != args.shot and not episodes_possible(pairs, k):
+            log.warning("%d-shot episodes skipped: no novel class of fold %d has %d val images (%s)", k, args.fold,
+                        k + 1, pairs)
+            shots.remove(k)
+            continue
         accs = []
         for i, seed in enumerate(cfg.eval.seeds):
             ds = EpisodeDataset(prepared, pairs, k, "test", cfg.eval.test_size, seed=seed, episodes=cfg.eval.episodes,

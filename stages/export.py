@@ -11,8 +11,8 @@ import torch
 from export import onnx_export, tensorrt_engine, triton
 from pipeline import adapter as adapter_io
 from pipeline import tracking
-from pipeline.data.benchmarks import novel_classes, prepared_dir, split_dir
-from pipeline.data.episodes import MEAN, STD, class_names, fixed_batches
+from pipeline.data.benchmarks import class_names, fold_classes, prepared_dir, split_dir
+from pipeline.data.episodes import MEAN, STD, fixed_batches
 from pipeline.models import fixed_shots
 from stages.common import model_dir, run, setup, write_json
 
@@ -67,7 +67,7 @@ def main():
             "finetune": mcfg.model.finetune, "benchmark": cfg.data.benchmark, "fold": args.fold,
             "model_shots": args.shot,
             "class_names": class_names(prepared),
-            "novel_classes": novel_classes(cfg.data.benchmark, args.fold, cfg.data.coco_split),
+            "novel_classes": fold_classes(cfg, args.fold)[0],
             "input_size": [size, size], "normalisation": {"mean": list(MEAN), "std": list(STD), "scale": 1 / 255},
             "inputs": "query[B,3,S,S], support[B,K,3,S,S], support_mask[B,K,S,S] (1 object, 0 or 255 not)",
             "outputs": "logits[B,2,S,S] (background, object)"}

@@ -1,7 +1,7 @@
 """DVC stage `split`: per-fold (image, class) pairs with the pixel rule and the chosen image filter."""
 from __future__ import annotations
 
-from pipeline.data.benchmarks import prepared_dir, split_dir
+from pipeline.data.benchmarks import class_names, fold_classes, fold_ids, prepared_dir, split_dir
 from pipeline.data.split import make_splits
 from stages.common import run, setup, write_json
 
@@ -10,8 +10,9 @@ def main():
     _, cfg = setup(__doc__)
     d, s = cfg.data, cfg.split
     out = split_dir(d.root, d.benchmark)
-    summary = make_splits(prepared_dir(d.root, d.benchmark), out, d.benchmark, range(4), s.min_pixels, s.filter,
-                          d.coco_split)
+    prepared = prepared_dir(d.root, d.benchmark)
+    summary = make_splits(prepared, out, {f: fold_classes(cfg, f) for f in fold_ids(cfg)}, s.min_pixels, s.filter,
+                          checked=s.folds, names=class_names(prepared))
     counts = write_json(out / "counts.json", {"benchmark": d.benchmark, "filter": s.filter,
                                               "min_pixels": s.min_pixels, **summary})
     for fold, v in summary.items():

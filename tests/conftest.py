@@ -28,11 +28,12 @@ def make_synthetic(root: Path, num_train: int, num_val: int, seed: int, rule: st
     """A small prepared synthetic benchmark with fold 0 split under ``root``; returns ``root``."""
     from pipeline.config import SyntheticCfg
     from pipeline.data import sources
-    from pipeline.data.benchmarks import prepared_dir, split_dir
+    from pipeline.data.benchmarks import prepared_dir, protocol_folds, split_dir
     from pipeline.data.prepare import prepare
     from pipeline.data.split import make_splits
     raw = sources.fetch_benchmark("synthetic", root, synthetic=SyntheticCfg(num_train=num_train, num_val=num_val,
                                                                            image_size=64, seed=seed), workers=1)
     prepare("synthetic", raw, prepared_dir(root, "synthetic"), workers=1)
-    make_splits(prepared_dir(root, "synthetic"), split_dir(root, "synthetic"), "synthetic", [0], min_pixels, rule)
+    make_splits(prepared_dir(root, "synthetic"), split_dir(root, "synthetic"), protocol_folds("synthetic", [0]), min_pixels,
+                rule)
     return root

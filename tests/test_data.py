@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from conftest import make_synthetic
 from miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal
 from pipeline.data import sources
-from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, split_dir
+from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, protocol_folds, split_dir
 from pipeline.data.download import (ChecksumError, DownloadError, Resource, UnsafeArchiveError, _check_tar, download,
                                      extract)
 from pipeline.data.episodes import MEAN, STD, EpisodeDataset, TrainTransform, binarize, eval_transform
@@ -176,7 +176,8 @@ def test_pascal_download_prepare_split(pascal_raw):
     val = (out / "val.txt").read_text().split()
     # VOC train + SBD train_noval with the duplicate removed, VOC val never in train
     assert train == ["2007_a", "2007_b", "2008_s1", "2008_s2"] and val == ["2009_v1", "2009_v2"]
-    assert counts == {"train_images": 4, "val_images": 2}
+    assert counts["train_images"] == 4 and counts["val_images"] == 2
+    assert counts["classes"][6] == {"id": 7, "name": "car", "images": 1, "pixels": 64 * 40 - 40}
     lab_b = np.array(Image.open(out / "labels/2007_b.png"))
     assert lab_b.dtype == np.uint8 and set(np.unique(lab_b)) == {0, 7, 255}      # VOC png with its 255 band
     lab_s1 = np.array(Image.open(out / "labels/2008_s1.png"))                    # converted from SBD .mat
@@ -187,14 +188,14 @@ def test_pascal_download_prepare_split(pascal_raw):
     assert pixels["2007_a"] == {"1": 2048, "2": 2047}
     assert pixels["2007_b"] == {"7": 64 * 40 - 40}      # the 255 row took 40 pixels of class 7
 
-    summary = make_splits(out, split_dir(root, "pascal"), "pascal", range(4), min_pixels=2048, rule="pfenet")
+    summary = make_splits(out, split_dir(root, "pascal"), protocol_folds("pascal", range(4)), min_pixels=2048, rule="pfenet")
     f0_train = read_pairs(split_dir(root, "pascal", 0) / "train.jsonl")
     f0_val = read_pairs(split_dir(root, "pascal", 0) / "val.jsonl")
     assert f0_train == [("2007_b", 7), ("2008_s2", 12)]     # 2008_s1's class 6 covers 16 px only
     assert f0_val == [("2009_v1", 1), ("2009_v2", 2)]
     assert summary["fold0"]["train_pairs"] == 2
     assert read_pairs(split_dir(root, "pascal", 1) / "train.jsonl") == [("2007_a", 1), ("2008_s1", 3), ("2008_s2", 12)]
-    make_splits(out, split_dir(root, "pascal"), "pascal", [1], min_pixels=2048, rule="bam")
+    make_splits(out, split_dir(root, "pascal"), protocol_folds("pascal", [1]), min_pixels=2048, rule="bam")
     f1_train = read_pairs(split_dir(root, "pascal", 1) / "train.jsonl")
     # fold 1 novel 6..10: 2007_b (class 7) and 2008_s1 (16 pixels of class 6) are dropped by BAM's rule;
     # 2007_a keeps class 1 (2048 px) and loses class 2 (2047 px)
@@ -238,7 +239,7 @@ def test_coco_download_prepare_split(tmp_path):
     assert COCO_CAT_IDS.index(13) + 1 == 12
     names = json.loads((out / "classes.json").read_text())["names"]
     assert len(names) == 80 and names[79] == "cat90"
-    make_splits(out, split_dir(tmp_path / "data", "coco"), "coco", [0, 3], 100, "pfenet")
+    make_splits(out, split_dir(tmp_path / "data", "coco"), protocol_folds("coco", [0, 3]), 100, "pfenet")
     # fold 0 novel = {1, 5, ..., 77}: class 1 is novel, 80 (fold 3) base; class 2 of val is base in fold 0
     assert read_pairs(split_dir(tmp_path / "data", "coco", 0) / "train.jsonl") == [
         ("COCO_train2014_000000000001", 80), ("COCO_train2014_000000000002", 12)]
@@ -385,3 +386,131 @@ def test_pretraining_families_are_not_benchmark_shapes():
         fam = raster([pretrain_family(k)], [], 0.0, False)
         best = max((fam & b).sum() / (fam | b).sum() for b in bench)
         assert best < 0.9, (k, best)
+
+
+# ------------------------------------------------------------------ your own data (data.benchmark: folder)
+def _folder_cfg(root: Path, data_root: Path, **split):
+    from pipeline.config import load_config
+    return load_config({"data": {"benchmark": "folder", "root": str(data_root), "folder": {"root": str(root)}},
+                        "split": {"min_pixels": 20, **split}})
+
+
+def _prepare_folder(cfg):
+    return prepare("folder", cfg.data.folder.root, prepared_dir(cfg.data.root, "folder"), workers=1,
+                   folder=cfg.data.folder)
+
+
+def test_folder_benchmark_labels_or_coco_json_give_the_same_prepared_data(tmp_path):
+    """A folder of images + label PNGs + classes.txt is prepared, reported and cut into folds like PASCAL
+    (or by explicit novel class names); the same folder described by a COCO instances JSON gives the same
+    class pixels (the 255 band aside, which COCO cannot carry)."""
+    from pipeline.data.benchmarks import fold_classes
+    from pipeline.data.synthetic import write_folder_example
+    root = write_folder_example(tmp_path / "own", num_images=40, size=48, seed=3, classes=4)
+    cfg = _folder_cfg(root, tmp_path / "data", num_folds=2, folds=[0, 1])
+    counts = _prepare_folder(cfg)
+    prepared = prepared_dir(cfg.data.root, "folder")
+    assert counts["train_images"] == 30 and counts["val_images"] == 10      # val_fraction 0.25 of 40
+    assert json.loads((prepared / "classes.json").read_text())["names"] == ["disc", "square", "triangle", "star"]
+    report = json.loads((prepared / "class_report.json").read_text())
+    assert [r["name"] for r in report] == ["disc", "square", "triangle", "star"] and all(r["images"] for r in report)
+    assert fold_classes(cfg, 0) == ([1, 2], [3, 4]) and fold_classes(cfg, 1) == ([3, 4], [1, 2])
+    named = _folder_cfg(root, tmp_path / "data", novel_classes=["star", 1])
+    assert fold_classes(named, 0) == ([1, 4], [2, 3])
+    with pytest.raises(ValueError, match="'cat' is not in the class list"):
+        fold_classes(_folder_cfg(root, tmp_path / "data", novel_classes=["cat"]), 0)
+    summary = make_splits(prepared, split_dir(cfg.data.root, "folder"), {f: fold_classes(cfg, f) for f in (0, 1)},
+                          20, "bam", checked=[0, 1])
+    assert summary["fold0"]["val_pairs"] > 0 and summary["fold1"]["train_pairs"] > 0
+    for i, c in read_pairs(split_dir(cfg.data.root, "folder", 0) / "val.jsonl"):
+        assert c in (1, 2)
+    pixels = json.loads((prepared / "class_pixels.json").read_text())
+
+    from pycocotools import mask as mask_utils
+    coco = tmp_path / "own_coco"
+    (coco / "images").mkdir(parents=True)
+    images, anns = [], []
+    for k, f in enumerate(sorted((root / "images").iterdir())):
+        (coco / "images" / f.name).write_bytes(f.read_bytes())
+        lab = np.array(Image.open(root / "labels" / f"{f.stem}.png"))
+        images.append({"id": k + 1, "file_name": f.name, "height": lab.shape[0], "width": lab.shape[1]})
+        for c in sorted(set(np.unique(lab).tolist()) - {0, 255}):
+            r = mask_utils.encode(np.asfortranarray((lab == c).astype(np.uint8)))
+            anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": 10 * c, "iscrowd": 0,
+                         "segmentation": {"size": r["size"], "counts": r["counts"].decode()}, "area": 1, "bbox": [0] * 4})
+    cats = [{"id": 10 * (i + 1), "name": n} for i, n in enumerate(["disc", "square", "triangle", "star"])]
+    (coco / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    ccfg = _folder_cfg(coco, tmp_path / "data_coco", num_folds=2)
+    assert _prepare_folder(ccfg)["train_images"] == 30
+    cprep = prepared_dir(ccfg.data.root, "folder")
+    assert json.loads((cprep / "classes.json").read_text())["names"] == ["disc", "square", "triangle", "star"]
+    assert (cprep / "train.txt").read_text() == (prepared / "train.txt").read_text()
+    cpixels = json.loads((cprep / "class_pixels.json").read_text())
+    assert cpixels.keys() == pixels.keys()
+    for name in pixels:
+        assert cpixels[name].keys() == pixels[name].keys()
+        assert all(cpixels[name][c] >= pixels[name][c] for c in pixels[name])
+
+
+def test_folder_benchmark_bad_input_is_named_and_nothing_is_half_written(tmp_path, caplog):
+    from pipeline.data.folder import FolderError
+    from pipeline.data.split import SplitError
+    from pipeline.data.synthetic import write_folder_example
+    good = write_folder_example(tmp_path / "good", num_images=12, size=40, seed=1, classes=3)
+    cfg = _folder_cfg(good, tmp_path / "data", num_folds=3)
+    _prepare_folder(cfg)
+    prepared = prepared_dir(cfg.data.root, "folder")
+    before = sorted(p.name for p in (prepared / "labels").iterdir())
+
+    def broken(name, change):
+        import shutil
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        change(d)
+        return _prepare_folder(_folder_cfg(d, tmp_path / "data", num_folds=3))
+
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    with pytest.raises(FolderError, match="holds no .jpg, .jpeg or .png image"):
+        _prepare_folder(_folder_cfg(empty, tmp_path / "data"))
+    with pytest.raises(FolderError, match="have no label .*photo_004"):
+        broken("nolabel", lambda d: (d / "labels" / "photo_004.png").unlink())
+    with pytest.raises(FolderError, match="classes.txt is missing"):
+        broken("noclasses", lambda d: (d / "classes.txt").unlink())
+    with pytest.raises(PrepareError, match=r"photo_002.png has shape \(20, 40\), its image .*photo_002.jpg is 40x40"):
+        broken("size", lambda d: Image.fromarray(np.zeros((20, 40), np.uint8)).save(d / "labels" / "photo_002.png"))
+    with pytest.raises(PrepareError, match=r"photo_003.png holds class ids \[7\] outside 0..3"):
+        broken("index", lambda d: Image.fromarray(np.full((40, 40), 7, np.uint8)).save(d / "labels" / "photo_003.png"))
+    with pytest.raises(PrepareError, match="unreadable image .*photo_005.jpg"):
+        broken("corrupt", lambda d: (d / "images" / "photo_005.jpg").write_bytes(b"not a jpeg"))
+    with pytest.raises(PrepareError, match="photo_001.png has 3 channels; a label is a single-channel PNG"):
+        broken("rgb", lambda d: Image.new("RGB", (40, 40)).save(d / "labels" / "photo_001.png"))
+    assert sorted(p.name for p in (prepared / "labels").iterdir()) == before      # the good result untouched
+    assert not list(prepared.parent.glob(".*.tmp"))                                # no temporary left
+
+    caplog.clear()
+    broken("extra", lambda d: (d / "images" / "notes.txt").write_text("x"))       # skipped with a warning
+    assert "notes.txt" in caplog.text
+    caplog.clear()
+    broken("fewer", lambda d: (d / "classes.txt").write_text("disc\nsquare\ntriangle\nhexagon\n"))
+    assert "hexagon appear in no label" in caplog.text
+
+    from pipeline.data.benchmarks import fold_classes
+    cfg = _folder_cfg(good, tmp_path / "data", novel_classes=["triangle"], min_pixels=10 ** 6)
+    _prepare_folder(cfg)
+    out = split_dir(cfg.data.root, "folder")
+    with pytest.raises(SplitError, match="fold 0: novel class\\(es\\) triangle \\(0 images\\)"):
+        make_splits(prepared, out, {0: fold_classes(cfg, 0)}, 10 ** 6, "bam", checked=[0], names=["disc", "square",
+                                                                                                  "triangle"])
+    assert not (out / "fold0" / "val.jsonl").exists()
+
+
+def test_folder_split_parameters_are_validated():
+    from pipeline.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="split.num_folds and split.novel_classes are for data.benchmark: folder"):
+        load_config({"split": {"num_folds": 5}})
+    with pytest.raises(ConfigError, match=r"split.folds: fold 1 does not exist; choose from \[0\]"):
+        load_config({"data": {"benchmark": "folder"}, "split": {"novel_classes": ["a"], "folds": [1]}})
+    with pytest.raises(ConfigError, match=r"choose from \[0, 1, 2, 3, 4, 5\]"):
+        load_config({"data": {"benchmark": "folder"}, "split": {"num_folds": 6, "folds": [6]}})
+    assert load_config({"data": {"benchmark": "folder"}, "split": {"num_folds": 6, "folds": [5]}}).split.folds == [5]

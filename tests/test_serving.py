@@ -447,11 +447,33 @@ def test_support_sets_survive_a_restart_and_never_cross_models(model_dir, episod
 
 
 def test_half_sent_requests_and_surplus_connections_are_closed(model_dir):
-    """A client that never finishes its headers is dropped after --header-timeout; connections beyond
-    --max-connections are closed at once; the service answers again as soon as they are gone."""
+    """A client that never finishes its headers is dropped after --header-timeout; a body that trickles
+    in answers 408 after --body-timeout; connections beyond --max-connections are closed at once; the
+    service answers again as soon as they are gone."""
     import httpx
-    srv = Server(model_dir, "onnxruntime", "--max-connections", "4", "--header-timeout", "1.5")
+    srv = Server(model_dir, "onnxruntime", "--max-connections", "4", "--header-timeout", "1.5",
+                 "--body-timeout", "1.5")
     try:
+        trickle = socket.create_connection(("127.0.0.1", srv.port))
+        trickle.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                        b"Content-Type: multipart/form-data; boundary=x\r\n\r\n--x\r\n")
+        trickle.settimeout(10)
+        t0 = time.time()
+        answer = b""
+        while b"\r\n\r\n{" not in answer and time.time() - t0 < 8:
+            try:
+                trickle.sendall(b"a")                                   # a byte every 0.2 s
+                time.sleep(0.2)
+                trickle.settimeout(0.01)
+                answer += trickle.recv(4096)
+            except TimeoutError:
+                pass
+            except OSError:                                             # closed by the server
+                break
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1.5 s" in answer, answer
+        assert 1.4 < time.time() - t0 < 4
+        trickle.close()
+
         def half_sent():
             sock = socket.create_connection(("127.0.0.1", srv.port))
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")     # no blank line: never complete

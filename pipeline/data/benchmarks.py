@@ -1,6 +1,7 @@
 """Benchmark definitions: class names, fold class sets, and where each stage puts its files."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import BENCHMARKS
@@ -29,6 +30,8 @@ def novel_classes(benchmark: str, fold: int, coco_split: str = "interleaved") ->
     ``use_split_coco``): {fold+1, fold+5, ..., fold+77}; consecutive: 20*fold+1 .. 20*fold+20.
     """
     check_benchmark(benchmark)
+    if benchmark == "folder":
+        raise ValueError("a folder benchmark's folds depend on its class list: use fold_classes(cfg, fold)")
     if fold not in FOLDS:
         raise ValueError(f"unknown fold {fold!r}; choose one of {list(FOLDS)}")
     if benchmark == "coco":
@@ -43,6 +46,64 @@ def novel_classes(benchmark: str, fold: int, coco_split: str = "interleaved") ->
 def base_classes(benchmark: str, fold: int, coco_split: str = "interleaved") -> list[int]:
     novel = set(novel_classes(benchmark, fold, coco_split))
     return [c for c in range(1, NUM_CLASSES[benchmark] + 1) if c not in novel]
+
+
+def protocol_folds(benchmark: str, folds, coco_split: str = "interleaved") -> dict:
+    """{fold: (novel, base)} of a benchmark whose folds its protocol fixes."""
+    return {f: (novel_classes(benchmark, f, coco_split), base_classes(benchmark, f, coco_split)) for f in folds}
+
+
+def folder_novel(num_classes: int, fold: int, num_folds: int) -> list[int]:
+    """Class ids 1..N cut into ``num_folds`` contiguous blocks, as PASCAL-5i cuts its 20 (fold i: 5i+1..5i+5);
+    block sizes differ by at most one."""
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold {fold} does not exist; there are {num_folds}")
+    return list(range(fold * num_classes // num_folds + 1, (fold + 1) * num_classes // num_folds + 1))
+
+
+def class_names(prepared: str | Path) -> list[str]:
+    """The prepared benchmark's class names (index i-1 is class id i)."""
+    path = Path(prepared) / "classes.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; run `dvc repro prepare` first")
+    return json.loads(path.read_text())["names"]
+
+
+def fold_classes(cfg, fold: int) -> tuple[list[int], list[int]]:
+    """(novel, base) class ids of ``fold`` for the configured benchmark: the protocol's for PASCAL-5i,
+    COCO-20i and the synthetic set; for a folder, its class list cut into ``split.num_folds`` blocks,
+    or ``split.novel_classes`` (names or ids) as the one fold."""
+    d, s = cfg.data, cfg.split
+    if d.benchmark != "folder":
+        return protocol_folds(d.benchmark, [fold], d.coco_split)[fold]
+    names = class_names(prepared_dir(d.root, "folder"))
+    if s.novel_classes:
+        if fold != 0:
+            raise ValueError(f"fold {fold} does not exist: split.novel_classes makes a single fold 0")
+        novel = []
+        for c in s.novel_classes:
+            if isinstance(c, str):
+                if c not in names:
+                    raise ValueError(f"split.novel_classes: {c!r} is not in the class list {names}")
+                c = names.index(c) + 1
+            if not 1 <= c <= len(names):
+                raise ValueError(f"split.novel_classes: class id {c} is outside 1..{len(names)}")
+            novel.append(c)
+        novel = sorted(novel)
+    else:
+        novel = folder_novel(len(names), fold, s.num_folds)
+    base = [c for c in range(1, len(names) + 1) if c not in novel]
+    if not novel or not base:
+        raise ValueError(f"fold {fold} has {len(novel)} novel and {len(base)} base classes; both must be at least one "
+                         f"(the folder has {len(names)} classes, split.num_folds is {s.num_folds})")
+    return novel, base
+
+
+def fold_ids(cfg) -> list[int]:
+    """Every fold the configured benchmark has (the split stage writes them all)."""
+    if cfg.data.benchmark != "folder":
+        return list(FOLDS)
+    return [0] if cfg.split.novel_classes else list(range(cfg.split.num_folds))
 
 
 def raw_dir(root, benchmark) -> Path:

@@ -157,6 +157,14 @@ def base_lut(base_classes: list[int]) -> torch.Tensor:
     return lut
 
 
+def episodes_possible(pairs_file: str | Path, shots: int) -> bool:
+    """Whether some class of the pairs has ``shots + 1`` images (a query and its supports)."""
+    by_class: dict[int, set] = {}
+    for i, c in read_pairs(pairs_file):
+        by_class.setdefault(c, set()).add(i)
+    return any(len(ids) > shots for ids in by_class.values())
+
+
 class EpisodeDataset(Dataset):
     """Few-shot episodes over the (image, class) pairs of one fold split.
 
@@ -297,10 +305,6 @@ class EpisodeDataset(Dataset):
         return out
 
 
-def class_names(prepared: str | Path) -> list[str]:
-    return json.loads((Path(prepared) / "classes.json").read_text())["names"]
-
-
 def steps_per_epoch(n_pairs: int, batch: int, world: int = 1) -> int:
     """Full global batches per epoch (the last incomplete one is dropped)."""
     return max(1, n_pairs // (batch * world))
@@ -337,6 +341,10 @@ def fixed_batches(prepared, pairs_file, size: int, shots_list, per_shots: int = 
     for each shot count, ``per_shots`` batches alternating batch size 1 and 2."""
     out = []
     for k in shots_list:
+        if k > 1 and not episodes_possible(pairs_file, k):
+            log.warning("no %d-shot val episode can be formed from %s: parity checked without %d-shot batches",
+                        k, pairs_file, k)
+            continue
         ds = EpisodeDataset(prepared, pairs_file, k, "test", size, seed=seed, episodes=3 * per_shots)
         j = 0
         for n in range(per_shots):

@@ -6,6 +6,10 @@ prepared/<benchmark>/
     train.txt, val.txt      image ids
     classes.json            {"benchmark", "names": [...]} (index i-1 is class id i)
     class_pixels.json       {id: {class id: pixel count}} for the fold filters of the split stage
+    class_report.json       per class: images holding it, pixels
+
+Benchmarks: synthetic, pascal, coco from their raw downloads; folder from the user's folder
+(pipeline/data/folder.py).
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .benchmarks import NUM_CLASSES, SYNTHETIC_CLASSES, VOC_CLASSES, check_benchmark
+from .benchmarks import SYNTHETIC_CLASSES, VOC_CLASSES, check_benchmark
 from .download import link_or_copy as _link
+from .folder import class_report, folder_jobs
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,10 @@ def _prepare_one(job):
     except Exception as e:
         where = label_src if label_kind != "coco" else f"annotations of {image_id}"
         raise PrepareError(f"corrupt or unreadable label {where}: {e}") from e
-    if label.ndim != 2 or (label.shape[1], label.shape[0]) != size:
+    if label.ndim != 2:
+        raise PrepareError(f"label {label_src} has {label.shape[2]} channels; a label is a single-channel PNG of "
+                           f"class indices (0 background, 1..{num_classes} the classes, 255 ignore)")
+    if (label.shape[1], label.shape[0]) != size:
         raise PrepareError(f"label {label_src if label_kind != 'coco' else image_id} has shape {label.shape}, "
                            f"its image {img_src} is {size[0]}x{size[1]}")
     values = np.unique(label)
@@ -147,19 +155,25 @@ def _jobs_coco(raw: Path, out: Path):
     return jobs, lists["train"], lists["val"], names
 
 
-def prepare(benchmark: str, raw: str | Path, out: str | Path, workers: int = 2) -> dict:
-    """Convert the raw benchmark into the prepared layout; writes to a temporary directory first."""
+def prepare(benchmark: str, raw: str | Path, out: str | Path, workers: int = 2, folder=None) -> dict:
+    """Convert the raw benchmark (for ``folder``: the user's folder, ``folder`` its data.folder config)
+    into the prepared layout; writes to a temporary directory first, so an error leaves nothing."""
     check_benchmark(benchmark)
     raw, out = Path(raw), Path(out)
     if not raw.exists():
-        raise PrepareError(f"raw data {raw} is missing; run `dvc repro download` first")
+        raise PrepareError(f"data.folder.root: {raw} does not exist" if benchmark == "folder" else
+                           f"raw data {raw} is missing; run `dvc repro download` first")
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     (tmp / "labels").mkdir(parents=True)
-    jobs, train, val, names = {"synthetic": _jobs_synthetic, "pascal": _jobs_pascal, "coco": _jobs_coco}[benchmark](raw, tmp)
     pixels = {}
     try:
+        if benchmark == "folder":
+            jobs, train, val, names = folder_jobs(raw, tmp, folder.val_fraction, folder.seed)
+        else:
+            jobs, train, val, names = {"synthetic": _jobs_synthetic, "pascal": _jobs_pascal,
+                                       "coco": _jobs_coco}[benchmark](raw, tmp)
         with ProcessPoolExecutor(max(1, workers)) as ex:
             for image_id, counts in tqdm(ex.map(_prepare_one, jobs, chunksize=32), total=len(jobs),
                                          desc=f"prepare {benchmark}", unit="img", mininterval=1.0):
@@ -169,10 +183,15 @@ def prepare(benchmark: str, raw: str | Path, out: str | Path, workers: int = 2) 
         raise
     (tmp / "train.txt").write_text("\n".join(train) + "\n")
     (tmp / "val.txt").write_text("\n".join(val) + "\n")
-    (tmp / "classes.json").write_text(json.dumps({"benchmark": benchmark, "num_classes": NUM_CLASSES[benchmark],
+    (tmp / "classes.json").write_text(json.dumps({"benchmark": benchmark, "num_classes": len(names),
                                                   "names": names}, indent=1))
     (tmp / "class_pixels.json").write_text(json.dumps(pixels))
+    report = class_report(pixels, names)
+    (tmp / "class_report.json").write_text(json.dumps(report, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
-    return {"train_images": len(train), "val_images": len(val)}
+    absent = [r["name"] for r in report if not r["images"]]
+    if absent and benchmark == "folder":
+        log.warning("class(es) %s appear in no label: the class list and the labels do not match", ", ".join(absent))
+    return {"train_images": len(train), "val_images": len(val), "classes": report}

@@ -1,6 +1,7 @@
 """Where the real benchmarks and backbone weights come from (official URLs and checksums)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -45,13 +46,26 @@ def mirrored(res: Resource, mirror: str) -> Resource:
 
 
 def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, workers: int = 2,
-                    resources=None) -> Path:
+                    resources=None, folder=None) -> Path:
     """Download, verify and extract a real benchmark, or generate the synthetic one, into raw/<benchmark>.
+    A folder benchmark (``folder``: its data.folder config) is read in place by prepare: raw/folder
+    only records where it is and what it holds.
 
     ``resources`` replaces the official (resource, marker) list, e.g. for a private mirror with
     its own checksums.
     """
     raw = raw_dir(root, check_benchmark(benchmark))
+    if benchmark == "folder":
+        src = Path(folder.root)
+        if not src.is_dir():
+            raise FileNotFoundError(f"data.folder.root: {src} is not a folder; point it to your images "
+                                    "(layout: pipeline/data/folder.py, README 'Your own data')")
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "source.json").write_text(json.dumps({"root": folder.root, "files": len(files),
+                                                     "bytes": sum(p.stat().st_size for p in files)}, indent=1))
+        log.info("folder benchmark: %d files in %s (read in place by prepare)", len(files), src)
+        return raw
     if benchmark == "synthetic":
         from .synthetic import generate
         if synthetic is None:

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
-from .benchmarks import base_classes, novel_classes
+log = logging.getLogger(__name__)
+
+
+class SplitError(ValueError):
+    pass
 
 
 def fold_pairs(class_pixels: dict, train_ids: list[str], val_ids: list[str], novel: list[int], base: list[int],
@@ -44,18 +49,38 @@ def read_pairs(path: str | Path) -> list[tuple[str, int]]:
     return [(d["image"], int(d["class"])) for d in map(json.loads, path.read_text().splitlines()) if d]
 
 
-def make_splits(prepared: str | Path, out: str | Path, benchmark: str, folds, min_pixels: int, rule: str,
-                coco_split: str = "interleaved") -> dict:
+def too_few(val: list, novel: list[int], names: list[str] | None = None) -> list[str]:
+    """The novel classes with fewer than two val images: an episode needs a query and a support."""
+    per = {c: len({i for i, k in val if k == c}) for c in novel}
+    return [f"{names[c - 1] if names else c} ({n} image{'s' if n != 1 else ''})" for c, n in per.items() if n < 2]
+
+
+def make_splits(prepared: str | Path, out: str | Path, folds: dict, min_pixels: int, rule: str,
+                checked=(), names: list[str] | None = None) -> dict:
+    """Write train/val pairs of every fold in ``folds`` ({fold: (novel, base)}). A fold in ``checked``
+    (those to be trained) must give every novel class two val images and have training pairs, or
+    nothing is written; for the others it is a warning."""
     prepared, out = Path(prepared), Path(out)
     if not (prepared / "class_pixels.json").exists():
         raise FileNotFoundError(f"{prepared}/class_pixels.json is missing; run `dvc repro prepare` first")
     pixels = json.loads((prepared / "class_pixels.json").read_text())
     train_ids = (prepared / "train.txt").read_text().split()
     val_ids = (prepared / "val.txt").read_text().split()
+    pairs = {fold: fold_pairs(pixels, train_ids, val_ids, novel, base, min_pixels, rule)
+             for fold, (novel, base) in folds.items()}
+    for fold, (train, val) in pairs.items():
+        short = too_few(val, folds[fold][0], names)
+        problem = (f"fold {fold}: novel class(es) {', '.join(short)} with fewer than two val images of at least "
+                   f"{min_pixels} pixels; an episode needs a query and a support") if short else \
+            (f"fold {fold}: no training image holds a base class with {min_pixels} pixels" if not train else None)
+        if problem and fold in checked:
+            raise SplitError(f"{problem}. Add images, lower split.min_pixels, or choose other novel classes "
+                             "(split.novel_classes, split.num_folds)")
+        if problem:
+            log.warning("%s (not in split.folds: not trained)", problem)
     summary = {}
-    for fold in folds:
-        novel, base = novel_classes(benchmark, fold, coco_split), base_classes(benchmark, fold, coco_split)
-        train, val = fold_pairs(pixels, train_ids, val_ids, novel, base, min_pixels, rule)
+    for fold, (novel, base) in folds.items():
+        train, val = pairs[fold]
         d = out / f"fold{fold}"
         d.mkdir(parents=True, exist_ok=True)
         _write_jsonl(d / "train.jsonl", train)

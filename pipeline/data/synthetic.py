@@ -123,14 +123,15 @@ def _shape_mask(c, size, rng):
     return np.asarray(m) > 127
 
 
-def generate_image(index: int, split: str, size: int, seed: int):
-    """One (image uint8 HxWx3, label uint8 HxW) pair; depends only on its arguments."""
+def generate_image(index: int, split: str, size: int, seed: int, classes: int = 20, most: int = 3):
+    """One (image uint8 HxWx3, label uint8 HxW) pair of 1 to ``most`` objects of the first ``classes``
+    shapes; depends only on its arguments."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     img = _background(size, rng)
     label = np.zeros((size, size), np.uint8)
-    n = int(rng.integers(1, 4))
-    classes = rng.choice(np.arange(1, 21), size=n, replace=False)
-    for c in classes:
+    n = int(rng.integers(1, most + 1))
+    chosen = rng.choice(np.arange(1, classes + 1), size=min(n, classes), replace=False)
+    for c in chosen:
         mask = _shape_mask(int(c), size, rng)
         rgb, tex, period = class_appearance(int(c))
         t = _texture(tex, period, size, size, rng)[..., None]
@@ -170,6 +171,21 @@ def generate(out_dir: str | Path, num_train: int, num_val: int, size: int, seed:
     (out / "train.txt").write_text("\n".join(n for n in names if n.startswith("train_")) + "\n")
     (out / "val.txt").write_text("\n".join(n for n in names if n.startswith("val_")) + "\n")
     return {"train": num_train, "val": num_val}
+
+
+def write_folder_example(root: str | Path, num_images: int = 48, size: int = 96, seed: int = 0,
+                         classes: int = 6) -> Path:
+    """A small dataset in the folder benchmark's layout (pipeline/data/folder.py): images/*.jpg,
+    labels/*.png, classes.txt naming the first ``classes`` shapes; ids are the shape's line number."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for i in range(num_images):
+        img, label = generate_image(i, "train", size, seed, classes=classes, most=2)
+        Image.fromarray(img).save(root / "images" / f"photo_{i:03d}.jpg", quality=90)
+        Image.fromarray(label).save(root / "labels" / f"photo_{i:03d}.png")
+    (root / "classes.txt").write_text("\n".join(SYNTHETIC_CLASSES[:classes]) + "\n")
+    return root
 
 
 # ---------------------------------------------------------------------------------------------
