@@ -29,6 +29,21 @@ def _save(fig, path) -> Path:
     return path
 
 
+FILL_RGB, FILL_ALPHA = (0, 255, 255), 0.45        # translucent cyan: a colour no synthetic object has
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image (uint8 HxWx3) with the mask (HxW, 1 object) filled translucent cyan and outlined in
+    solid cyan, at the image's resolution; numpy only, for the service and the command line."""
+    m = mask == 1
+    out = image.astype(np.float32)
+    out[m] = (1 - FILL_ALPHA) * out[m] + FILL_ALPHA * np.array(FILL_RGB, np.float32)
+    p = np.pad(m, 1, mode="edge")
+    inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    out[m & ~inner] = FILL_RGB
+    return out.round().astype(np.uint8)
+
+
 def episodes_figure(episodes: list[dict], path, class_names: list[str] | None = None, title: str = "") -> Path:
     """One row per episode: the query, the query with the prediction (translucent cyan) and the truth
     (white outline), and the supports with their masks outlined in white."""
@@ -41,7 +56,7 @@ def episodes_figure(episodes: list[dict], path, class_names: list[str] | None = 
 
     k = max(ep["support"].shape[0] for ep in episodes)
     cols = 2 + k
-    fill = np.array([0.0, 1.0, 1.0, 0.45])          # translucent cyan: a colour no synthetic object has
+    fill = np.array([*(c / 255 for c in FILL_RGB), FILL_ALPHA])
 
     def overlay(ax, img, mask=None, outline=None):
         ax.imshow(img)

@@ -3,35 +3,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
 import uvicorn
 
 from .app import Limits, create_app
-from .backends import BACKENDS
+from .backends import BACKENDS, missing_model
 from .guard import LOOPBACK, guarded_protocol, load_keys
 
 log = logging.getLogger("serving")
-
-# what each backend loads from the model folder
-MODEL_FILES = {"tensorrt": ("model.engine",), "onnxruntime": ("support_encoder.onnx", "query_decoder.onnx"),
-               "torch": ("merged.pt",)}
-
-
-def missing_model(model_dir: Path, backend: str) -> str | None:
-    """One line saying which file is missing and which command makes it, or None when one loads."""
-    wanted = BACKENDS if backend == "auto" else (backend,)
-    if any(all((model_dir / f).exists() for f in MODEL_FILES[b]) for b in wanted):
-        return None
-    files = ", ".join(f for b in wanted for f in MODEL_FILES[b])
-    m = re.search(r"fold(\d)/(\d+)shot$", model_dir.as_posix())
-    make = (f"`dvc repro export@{m.group(1)}-{m.group(2)}` (fold {m.group(1)} must be listed in split.folds and "
-            f"{m.group(2)} in train.shots in params.yaml)") if m else \
-        "`dvc repro` (it exports models/fold<i>/<k>shot for every fold of split.folds and shot count of train.shots)"
-    return f"{model_dir} holds no exported model for backend {backend} (looked for {files}); make it with {make}"
-
 
 def main():
     ap = argparse.ArgumentParser(prog="python -m serving", description="svf-fss inference service")

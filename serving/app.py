@@ -1,42 +1,42 @@
 """The inference service (FastAPI): few-shot segmentation over the exported model.
 
-POST /v1/segment                      query + k supports + k masks (multipart) -> PNG mask or JSON (COCO RLE)
+POST /v1/segment                      query + k supports + k masks (multipart) -> PNG mask, overlay PNG or JSON (COCO RLE)
 PUT  /v1/support-sets/{name}          register a support set: its features are computed once and cached
 POST /v1/support-sets/{name}/segment  segment a query against a registered set
 DELETE /v1/support-sets/{name}
 GET  /healthz (liveness)  /readyz (model loaded and warmed up)  /metrics (Prometheus)
 
 API keys, Host check, streaming body limit and in-flight limit: serving/guard.py, in front of the app.
-Every error answers {"error": "..."} (the framework's too); images are EXIF-transposed, 16-bit and float
-greys scaled, masks read from their alpha when they have one, masks without an object refused.
+Every error answers {"error": "..."} (the framework's too); how images and masks are read:
+serving/inputs.py (``mask_threshold`` binarises JPEG or anti-aliased masks).
 Inference runs in a worker thread behind a micro-batcher that stacks concurrent requests with the
 same shot count into one backend call.
 """
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
-import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.routing import Match
-from PIL import Image, ImageOps, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from pipeline.data.episodes import eval_transform
-from pipeline.evaluate import predict_original
+from pipeline.figures import overlay
 
 from .backends import Backend, load_backend
 from .guard import Guard
+from .inputs import (PixelBudget, UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask,
+                     rle, support_tensors)
 from .store import QuotaError, SupportStore, fingerprint
 
 log = logging.getLogger(__name__)
@@ -55,116 +55,41 @@ class Limits:
     batch_window_ms: float = 5.0
 
 
-class UserError(Exception):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-# ------------------------------------------------------------------ input decoding
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
+Format = Literal["png", "json", "overlay"]
 
 
-class PixelBudget:
-    """The pixels one request may still decode (``Limits.max_request_pixels``)."""
-
-    def __init__(self, limit: int):
-        self.limit, self.left = limit, limit
-
-    def take(self, n: int, what: str) -> None:
-        if n > self.left:
-            raise UserError(f"{what} brings the request to more than {self.limit} pixels in all images", 413)
-        self.left -= n
+class RLE(BaseModel):
+    size: list[int]
+    counts: str
 
 
-def _open(data: bytes, what: str, limits: Limits, kind: str = "image", budget: PixelBudget | None = None) -> Image.Image:
-    """The decoded image, EXIF orientation applied, its pixel count checked before decoding (a
-    decompression bomb is a 413 like any image over the limit)."""
-    if not data:
-        raise UserError(f"{what} is empty")
-    try:
-        im = Image.open(io.BytesIO(data))
-        if im.width * im.height > limits.max_pixels:
-            raise UserError(f"{what} has {im.width}x{im.height} pixels, more than the limit of {limits.max_pixels}",
-                            413)
-        if budget is not None:
-            budget.take(im.width * im.height, what)
-        im.load()
-        return ImageOps.exif_transpose(im)
-    except UserError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise UserError(f"{what} declares more pixels than the limit of {limits.max_pixels} ({e})", 413) from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"{what} is not a readable {kind} ({type(e).__name__})") from e
+class SegmentJSON(BaseModel):
+    """format=json: the mask at the query's resolution as COCO RLE (pycocotools.mask.decode reads it)."""
+    height: int
+    width: int
+    area: int
+    rle: RLE
+    backend: str
 
 
-def to_rgb8(im: Image.Image) -> np.ndarray:
-    """RGB uint8 of any mode: 16-bit greys scaled by 65535 (not clipped at 255), 32-bit integer greys
-    by 65535 when they exceed 255, float greys taken as 0..1 (or 0..255 when above 1)."""
-    if im.mode.startswith("I") or im.mode == "F":
-        a = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
-            a = a / 65535.0 * 255.0
-        elif im.mode == "F" and a.max(initial=0) <= 1.0:
-            a = a * 255.0
-        g = np.clip(np.round(a), 0, 255).astype(np.uint8)
-        return np.repeat(g[..., None], 3, axis=2)
-    return np.array(im.convert("RGB"))
+class ErrorBody(BaseModel):
+    error: str
 
 
-def read_image(data: bytes, what: str, limits: Limits, budget: PixelBudget | None = None) -> np.ndarray:
-    with _open(data, what, limits, budget=budget) as im:
-        return to_rgb8(im)
-
-
-def _mask_plane(im: Image.Image) -> np.ndarray:
-    """The mask's values: the alpha channel where the image has one that is not fully opaque (an
-    object cut out on a transparent background), else the grey or palette-index plane."""
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ALPHA_MODES:
-        alpha = np.asarray(im.getchannel("A"))
-        if (alpha < 255).any():
-            return alpha
-        im = im.convert("L")
-    if im.mode not in ("L", "P", "1", "I", "I;16"):
-        im = im.convert("L")
-    m = np.array(im)
-    return m.astype(np.uint8) if m.dtype == bool else m
-
-
-def read_mask(data: bytes, what: str, shape: tuple[int, int], limits: Limits) -> np.ndarray:
-    """A binary mask: values {0,1} (255 = ignore allowed) or {0,255}; with an alpha channel, the alpha.
-    Returns uint8 with 1 object, 0 background, 255 ignore. A mask without any object pixel (empty,
-    or all 255) is refused: a support must show its object."""
-    with _open(data, what, limits, "mask image") as im:
-        m = _mask_plane(im)
-    if m.ndim != 2:
-        raise UserError(f"{what} must be a single-channel image")
-    if m.shape != shape:
-        raise UserError(f"{what} is {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]}")
-    values = set(np.unique(m).tolist())
-    if values == {255}:
-        raise UserError(f"{what} holds only the value 255: all ignore in the 0/1/255 encoding, so it marks no object; "
-                        "mark the object 1 (or 255 on a 0 background)")
-    if values <= {0, 255}:
-        out = (m == 255).astype(np.uint8)
-    elif values <= {0, 1, 255}:
-        out = m.astype(np.uint8)
-    else:
-        bad = sorted(values - {0, 1, 255})[:5]
-        raise UserError(f"{what} is not binary: it holds values {bad}; use 0/1 (255 = ignore) or 0/255")
-    if not (out == 1).any():
-        raise UserError(f"{what} marks no object pixel (all background); a support must show its object")
-    return out
-
-
-def rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(x) for x in r["size"]], "counts": r["counts"].decode("ascii")}
+SEGMENT_RESPONSES = {
+    200: {"description": "format=png (default): the mask as a PNG at the query's resolution, 0 background and 255 "
+                         "object, its area in the X-Foreground-Area header; format=overlay: the query as a PNG with the "
+                         "mask filled translucent cyan and outlined; format=json: the mask as COCO RLE.",
+          "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": SegmentJSON.model_json_schema()}}},
+    **{code: {"model": ErrorBody, "description": what} for code, what in (
+        (400, "an input that cannot be used (unreadable image, mask of another size, no object in a mask, ...)"),
+        (401, "API key missing or wrong (when the service has keys)"), (404, "no support set of that name"),
+        (408, "the body did not arrive in time"), (413, "too many bytes or pixels"),
+        (422, "a field missing or of the wrong type (format outside png/json/overlay, mask_threshold outside (0, 1))"),
+        (503, "model loading, or too many requests in progress (Retry-After)"), (504, "inference timed out"))},
+}
 
 
 # ------------------------------------------------------------------ batching
@@ -325,8 +250,10 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
             raise UserError("the model is still loading", 503)
         return state["backend"]
 
-    async def read_supports(supports: list[UploadFile], masks: list[UploadFile], budget: PixelBudget):
+    async def read_supports(supports: list[UploadFile], masks: list[UploadFile], budget: PixelBudget,
+                            threshold: float | None = None):
         b = backend_or_503()
+        check_threshold(threshold)
         if not supports:
             raise UserError("at least one support image is needed (zero shots given)")
         if len(supports) > limits.max_shots:
@@ -338,46 +265,45 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
                             f"exactly {b.shots}")
         blobs = [(f"support {i + 1} ({f.filename})", await f.read(), f"mask {i + 1} ({mf.filename})", await mf.read())
                  for i, (f, mf) in enumerate(zip(supports, masks))]
-        return await off_loop(prepare_supports, blobs, b.size, budget)
+        return await off_loop(prepare_supports, blobs, b.size, budget, threshold)
 
-    def prepare_supports(blobs, size: int, budget: PixelBudget):
+    def prepare_supports(blobs, size: int, budget: PixelBudget, threshold: float | None):
         """(support [1,K,3,S,S], masks [1,K,S,S], the masks' metadata)."""
-        xs, ms, meta = [], [], []
+        images, masks, meta = [], [], []
         for what, data, mwhat, mdata in blobs:
-            img = read_image(data, what, limits, budget)
-            m = read_mask(mdata, mwhat, img.shape[:2], limits)
-            x, mm, _ = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m), size)
-            xs.append(x.numpy())
-            ms.append((mm == 1).float().numpy())
+            img = read_image(data, what, limits.max_pixels, budget)
+            m = read_mask(mdata, mwhat, img.shape[:2], limits.max_pixels, threshold)
+            images.append(img)
+            masks.append(m)
             meta.append({"file": what, "height": int(m.shape[0]), "width": int(m.shape[1]),
                          "object_pixels": int((m == 1).sum()), "ignore_pixels": int((m == 255).sum())})
-        return np.stack(xs)[None].astype(np.float32), np.stack(ms)[None].astype(np.float32), meta
+        return (*support_tensors(images, masks, size), meta)
 
-    def prepare_query(data: bytes, what: str, size: int, budget: PixelBudget):
-        img = read_image(data, what, limits, budget)
-        h, w = img.shape[:2]
-        x, _, valid = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.zeros(h, w, dtype=torch.uint8), size)
-        return x.numpy()[None].astype(np.float32), valid, (h, w)
+    def prepare_query(data: bytes, what: str, size: int, budget: PixelBudget, fmt: str):
+        img = read_image(data, what, limits.max_pixels, budget)
+        x, valid = query_tensor(img, size)
+        return x, valid, img if fmt == "overlay" else img.shape[:2]
 
-    def answer(logits, valid, hw, fmt: str, backend_name: str):
-        h, w = hw
-        mask = predict_original(torch.from_numpy(np.ascontiguousarray(logits[0])), valid, (h, w)).numpy().astype(np.uint8)
+    def answer(logits, valid, image_or_hw, fmt: str, backend_name: str):
+        hw = image_or_hw.shape[:2] if fmt == "overlay" else image_or_hw
+        mask = mask_of(logits[0], valid, hw)
+        area = str(int(mask.sum()))
         if fmt == "png":
-            buf = io.BytesIO()
-            Image.fromarray(mask * 255).save(buf, "PNG")
-            return Response(buf.getvalue(), media_type="image/png", headers={"X-Foreground-Area": str(int(mask.sum()))})
-        return {"height": h, "width": w, "area": int(mask.sum()), "rle": rle(mask), "backend": backend_name}
+            return Response(png_bytes(mask * 255), media_type="image/png", headers={"X-Foreground-Area": area})
+        if fmt == "overlay":
+            return Response(png_bytes(overlay(image_or_hw, mask)), media_type="image/png",
+                            headers={"X-Foreground-Area": area})
+        return {"height": hw[0], "width": hw[1], "area": int(mask.sum()), "rle": rle(mask), "backend": backend_name}
 
     async def run_query(query: UploadFile, feats, fmt: str, budget: PixelBudget):
         b = backend_or_503()
-        if fmt not in ("png", "json"):
-            raise UserError(f"format {fmt!r} is unknown; choose png or json")
-        x, valid, hw = await off_loop(prepare_query, await query.read(), f"query ({query.filename})", b.size, budget)
+        x, valid, kept = await off_loop(prepare_query, await query.read(), f"query ({query.filename})", b.size, budget,
+                                        fmt)
         try:
             logits = await state["batcher"].decode(x, feats)
         except asyncio.TimeoutError:
             raise UserError(f"inference took longer than {limits.timeout_s} s", 504)
-        return await off_loop(answer, logits, valid, hw, fmt, b.name)
+        return await off_loop(answer, logits, valid, kept, fmt, b.name)
 
     @app.get("/healthz")
     async def healthz():
@@ -397,19 +323,28 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         """Support sets belong to the API key that registered them: another key never sees them."""
         return request.scope.get("svf.owner", ""), name
 
-    @app.post("/v1/segment", summary="Segment a query given k support images and their masks")
-    async def segment(query: UploadFile = File(...), supports: list[UploadFile] = File(default=[]),
-                      masks: list[UploadFile] = File(default=[]), format: str = Form("png")):
+    threshold_doc = ("binarise masks that are not 0/1 or 0/255 (JPEG, anti-aliased): object where the value is at "
+                     "least this fraction of white, 0 < t < 1; without it such masks are refused")
+    format_doc = "png: the mask; overlay: the query with the mask drawn; json: COCO RLE"
+
+    @app.post("/v1/segment", summary="Segment a query given k support images and their masks",
+              responses=SEGMENT_RESPONSES, response_model=None)
+    async def segment(query: UploadFile = File(..., description="the image to segment"),
+                      supports: list[UploadFile] = File(default=[], description="k support images"),
+                      masks: list[UploadFile] = File(default=[], description="their masks, in the same order"),
+                      format: Format = Form("png", description=format_doc),
+                      mask_threshold: Optional[float] = Form(None, gt=0, lt=1, description=threshold_doc)):
         budget = PixelBudget(limits.max_request_pixels)
-        s, m, _ = await read_supports(supports, masks, budget)
+        s, m, _ = await read_supports(supports, masks, budget, mask_threshold)
         feats = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
         return await run_query(query, feats, format, budget)
 
     @app.put("/v1/support-sets/{name}", status_code=201, summary="Register a named support set (encoded once)")
     async def register(request: Request, name: str, supports: list[UploadFile] = File(default=[]),
-                       masks: list[UploadFile] = File(default=[])):
+                       masks: list[UploadFile] = File(default=[]),
+                       mask_threshold: Optional[float] = Form(None, gt=0, lt=1, description=threshold_doc)):
         check_name(name)
-        s, m, meta = await read_supports(supports, masks, PixelBudget(limits.max_request_pixels))
+        s, m, meta = await read_supports(supports, masks, PixelBudget(limits.max_request_pixels), mask_threshold)
         feats = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
         try:
             await off_loop(state["store"].put, *owned(request, name), feats, {"shots": int(s.shape[1]), "masks": meta})
@@ -429,8 +364,10 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
             raise UserError(f"no support set named {name[:64]!r}", 404)
         return {"deleted": name}
 
-    @app.post("/v1/support-sets/{name}/segment", summary="Segment a query against a registered support set")
-    async def segment_named(request: Request, name: str, query: UploadFile = File(...), format: str = Form("png")):
+    @app.post("/v1/support-sets/{name}/segment", summary="Segment a query against a registered support set",
+              responses=SEGMENT_RESPONSES, response_model=None)
+    async def segment_named(request: Request, name: str, query: UploadFile = File(..., description="the image to segment"),
+                            format: Format = Form("png", description=format_doc)):
         backend_or_503()
         feats = state["store"].get(*owned(request, name))
         if feats is None:

@@ -3,6 +3,7 @@
     python -m serving.client segment --query q.jpg --support s1.jpg --mask m1.png [--support ... --mask ...] --out mask.png
     python -m serving.client register NAME --support s1.jpg --mask m1.png
     python -m serving.client segment --set NAME --query q.jpg --json
+    python -m serving.client segment --set NAME --query q.jpg --overlay --out overlay.png
     python -m serving.client health
 """
 from __future__ import annotations
@@ -44,18 +45,25 @@ class Client:
         files += [("masks", (Path(p).name, Path(p).read_bytes())) for p in masks]
         return files
 
-    def segment(self, query, supports, masks, fmt: str = "png"):
-        """PNG bytes (0 background / 255 object, at the query's resolution) or the JSON answer."""
-        r = self._check(self.http.post("/v1/segment", files=self._files(query, supports, masks), data={"format": fmt}))
-        return r.content if fmt == "png" else r.json()
+    @staticmethod
+    def _form(fmt: str | None = None, mask_threshold: float | None = None) -> dict:
+        return {k: str(v) for k, v in (("format", fmt), ("mask_threshold", mask_threshold)) if v is not None}
 
-    def register(self, name: str, supports, masks) -> dict:
-        return self._check(self.http.put(f"/v1/support-sets/{name}", files=self._files(None, supports, masks))).json()
+    def segment(self, query, supports, masks, fmt: str = "png", mask_threshold: float | None = None):
+        """PNG bytes (format png: 0 background / 255 object at the query's resolution; overlay: the query
+        with the mask drawn) or the JSON answer."""
+        r = self._check(self.http.post("/v1/segment", files=self._files(query, supports, masks),
+                                       data=self._form(fmt, mask_threshold)))
+        return r.json() if fmt == "json" else r.content
+
+    def register(self, name: str, supports, masks, mask_threshold: float | None = None) -> dict:
+        return self._check(self.http.put(f"/v1/support-sets/{name}", files=self._files(None, supports, masks),
+                                         data=self._form(None, mask_threshold))).json()
 
     def segment_with(self, name: str, query, fmt: str = "png"):
         r = self._check(self.http.post(f"/v1/support-sets/{name}/segment", files=self._files(query),
-                                       data={"format": fmt}))
-        return r.content if fmt == "png" else r.json()
+                                       data=self._form(fmt)))
+        return r.json() if fmt == "json" else r.content
 
     def ready(self) -> dict:
         return self._check(self.http.get("/readyz")).json()
@@ -72,11 +80,15 @@ def main(argv=None):
     seg.add_argument("--mask", action="append", default=[])
     seg.add_argument("--set", help="a registered support set instead of --support/--mask")
     seg.add_argument("--json", action="store_true", help="print JSON (COCO RLE, area) instead of writing a PNG")
+    seg.add_argument("--overlay", action="store_true", help="write the query with the mask drawn instead of the mask")
+    seg.add_argument("--mask-threshold", type=float, default=None,
+                     help="binarise JPEG or anti-aliased masks at this fraction of white (0 < t < 1)")
     seg.add_argument("--out", default="mask.png")
     reg = sub.add_parser("register", help="register a named support set")
     reg.add_argument("name")
     reg.add_argument("--support", action="append", required=True)
     reg.add_argument("--mask", action="append", required=True)
+    reg.add_argument("--mask-threshold", type=float, default=None)
     sub.add_parser("health", help="readiness of the service")
     args = ap.parse_args(argv)
     c = Client(args.url, api_key=args.api_key)
@@ -84,16 +96,17 @@ def main(argv=None):
         if args.cmd == "health":
             print(json.dumps(c.ready()))
         elif args.cmd == "register":
-            print(json.dumps(c.register(args.name, args.support, args.mask)))
+            print(json.dumps(c.register(args.name, args.support, args.mask, args.mask_threshold)))
         else:
-            fmt = "json" if args.json else "png"
+            fmt = "json" if args.json else "overlay" if args.overlay else "png"
             out = c.segment_with(args.set, args.query, fmt) if args.set else c.segment(args.query, args.support,
-                                                                                       args.mask, fmt)
+                                                                                       args.mask, fmt,
+                                                                                       args.mask_threshold)
             if fmt == "json":
                 print(json.dumps(out))
             else:
                 Path(args.out).write_bytes(out)
-                print(f"mask written to {args.out}")
+                print(f"{'overlay' if fmt == 'overlay' else 'mask'} written to {args.out}")
     except httpx.ConnectError as e:
         sys.exit(f"error: no service answers at {args.url} ({e}); start one with `make serve` "
                  "(or `python -m serving --model-dir models/fold0/1shot`), or point --url at it")

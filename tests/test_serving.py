@@ -223,6 +223,80 @@ def test_openapi_and_onnx_backend_agrees(model_dir, episode):
         srv.stop()
 
 
+def test_overlay_threshold_openapi_and_the_command_line_agree(model_dir, episode, tmp_path):
+    """format=overlay is the query with the service's own mask drawn; the OpenAPI schema lists format's
+    choices and the PNG answer; a JPEG mask is refused unless mask_threshold binarises it; and
+    `python -m serving.predict` (no server) writes the service's masks, overlays and RLE."""
+    import httpx
+    from pycocotools import mask as mask_utils
+    from pipeline.figures import overlay
+    from serving.client import Client, ServiceError
+    q, _ = episode[0]
+    s, m = episode[1]
+    jpeg_mask = tmp_path / "mask.jpg"
+    Image.fromarray(np.array(Image.open(m)).clip(0, 1).astype(np.uint8) * 255).save(jpeg_mask, quality=70)
+    srv = Server(model_dir, "onnxruntime")
+    try:
+        c = Client(srv.url)
+        schema = httpx.get(srv.url + "/openapi.json").json()
+        op = schema["paths"]["/v1/segment"]["post"]
+        assert {"image/png", "application/json"} <= set(op["responses"]["200"]["content"])
+        form = schema["components"]["schemas"][op["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+                                               .rsplit("/", 1)[-1]]
+        assert form["properties"]["format"]["enum"] == ["png", "json", "overlay"]
+        assert "mask_threshold" in form["properties"]
+
+        mask = np.array(Image.open(io.BytesIO(c.segment(q, [s], [m])))) // 255
+        drawn = np.array(Image.open(io.BytesIO(c.segment(q, [s], [m], fmt="overlay"))))
+        assert np.array_equal(drawn, overlay(np.array(Image.open(q).convert("RGB")), mask))
+        with pytest.raises(ServiceError, match="400.*not binary.*mask_threshold"):
+            c.segment(q, [s], [jpeg_mask])
+        thresholded = np.array(Image.open(io.BytesIO(c.segment(q, [s], [jpeg_mask], mask_threshold=0.5)))) // 255
+        assert (thresholded == mask).mean() > 0.99
+        for bad in ("2", "x"):
+            r = httpx.post(srv.url + "/v1/segment", data={"mask_threshold": bad, "format": "png"},
+                           files=Client._files(q, [s], [m]))
+            assert r.status_code == 422 and "mask_threshold" in r.json()["error"]
+        r = httpx.post(srv.url + "/v1/segment", data={"format": "gif"}, files=Client._files(q, [s], [m]))
+        assert r.status_code == 422 and "format" in r.json()["error"]
+    finally:
+        srv.stop()
+
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for i in (0, 2, 3):
+        (queries / f"q{i}.png").write_bytes(episode[i][0].read_bytes())
+    (queries / "notes.txt").write_text("not an image")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "serving.predict", "--model-dir", str(model_dir), "--backend",
+                               "onnxruntime", *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True, timeout=300)
+    out = tmp_path / "pred"
+    r = cli("--support", str(s), "--mask", str(jpeg_mask), "--mask-threshold", "0.5", "--query", str(queries),
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "notes.txt" in r.stderr and "3 queries segmented" in r.stdout
+    assert sorted(f.name for f in out.iterdir()) == ["q0.png", "q0_overlay.png", "q2.png", "q2_overlay.png", "q3.png",
+                                                     "q3_overlay.png"]
+    assert np.array_equal(np.array(Image.open(out / "q0.png")) // 255, thresholded)
+    r = cli("--support", str(s), "--mask", str(m), "--query", str(queries / "q0.png"), "--out", str(tmp_path / "rle"),
+            "--format", "rle", "--no-overlay")
+    assert r.returncode == 0, r.stderr
+    import json
+    entry = json.loads((tmp_path / "rle" / "masks.json").read_text())["masks"][0]
+    rle = {"size": entry["rle"]["size"], "counts": entry["rle"]["counts"].encode()}
+    assert entry["file"] == "q0.png" and np.array_equal(mask_utils.decode(rle), mask)
+
+    (queries / "q9.png").write_bytes(b"\x89PNG broken")          # one unreadable query: nothing written
+    before = sorted(f.name for f in out.iterdir())
+    r = cli("--support", str(s), "--mask", str(m), "--query", str(queries), "--out", str(out))
+    assert r.returncode == 1 and "q9.png" in r.stderr and "not a readable image" in r.stderr
+    assert sorted(f.name for f in out.iterdir()) == before and not list(tmp_path.glob(".pred.*"))
+    r = cli("--support", str(s), "--mask", str(jpeg_mask), "--query", str(queries / "q0.png"), "--out", str(out))
+    assert r.returncode == 1 and "mask_threshold" in r.stderr
+
+
 def test_missing_model_and_absent_service_say_what_to_do(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "serving", "--model-dir", str(tmp_path / "fold3" / "1shot")], env=env,

@@ -1,0 +1,136 @@
+"""Segment your images without a server: the support set is encoded once, then every query is decoded.
+
+    python -m serving.predict --support s1.jpg --mask m1.png [--support s2.jpg --mask m2.png ...] \
+        --query q1.jpg q2.jpg | --query folder/ --out predictions/ [--model-dir models/fold0/1shot] \
+        [--backend auto|onnxruntime|torch|tensorrt] [--format png|rle] [--no-overlay] [--mask-threshold 0.5]
+
+Writes, per query, <out>/<name>.png (0 background, 255 object, at the query's resolution) or, with
+--format rle, one <out>/masks.json (COCO RLE per query), and <out>/<name>_overlay.png (the query
+with the mask filled translucent cyan and outlined). Images and masks are read as the service reads
+them (serving/inputs.py). Everything is written to a temporary folder first and moved into <out> at
+the end: a failure leaves <out> as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.data.folder import IMAGE_SUFFIXES
+from pipeline.figures import overlay
+
+from .backends import BACKENDS, load_backend, missing_model
+from .inputs import UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask, rle, \
+    support_tensors
+
+log = logging.getLogger("serving.predict")
+MAX_PIXELS = 8192 * 8192
+
+
+def list_queries(paths: list[str]) -> list[Path]:
+    """The query files: files as given, folders' images (other files skipped with a warning naming them)."""
+    out, skipped = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for f in sorted(p.iterdir()):
+                (out if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES else skipped).append(f)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"query {p} does not exist")
+    if skipped:
+        log.warning("skipped %d file(s) that are not .jpg/.jpeg/.png: %s", len(skipped),
+                    ", ".join(f.name for f in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+    stems = {}
+    for f in out:
+        if f.stem in stems:
+            raise UserError(f"queries {stems[f.stem]} and {f} would write the same output name {f.stem!r}")
+        stems[f.stem] = f
+    if not out:
+        raise UserError(f"no query image in {', '.join(paths)}")
+    return out
+
+
+def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt: str = "png",
+            overlays: bool = True, mask_threshold: float | None = None, progress: bool = True) -> dict:
+    """Segment every query against the support set; returns {query name: foreground area}."""
+    if len(supports) != len(masks) or not supports:
+        raise UserError(f"{len(supports)} support image(s) and {len(masks)} mask(s): give one mask per support, "
+                        "at least one")
+    check_threshold(mask_threshold)
+    problem = missing_model(Path(model_dir), backend)
+    if problem:
+        raise UserError(problem)
+    queries = list_queries([str(q) for q in queries])
+    b = load_backend(model_dir, backend)
+    if b.shots and len(supports) != b.shots:
+        raise UserError(f"{len(supports)} shots given; this model (BAM trained with {b.shots} shots) takes exactly "
+                        f"{b.shots}")
+    images, ms = [], []
+    for i, (s, m) in enumerate(zip(supports, masks)):
+        img = read_image(Path(s).read_bytes(), f"support {i + 1} ({s})", MAX_PIXELS)
+        images.append(img)
+        ms.append(read_mask(Path(m).read_bytes(), f"mask {i + 1} ({m})", img.shape[:2], MAX_PIXELS, mask_threshold))
+    feats = b.encode(*support_tensors(images, ms, b.size))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    areas, rles = {}, []
+    try:
+        for q in tqdm(queries, desc=f"segment ({b.name})", unit="img", disable=not progress):
+            img = read_image(q.read_bytes(), f"query {q}", MAX_PIXELS)
+            x, valid = query_tensor(img, b.size)
+            mask = mask_of(b.decode(x, feats)[0], valid, img.shape[:2])
+            areas[q.stem] = int(mask.sum())
+            if fmt == "png":
+                (tmp / f"{q.stem}.png").write_bytes(png_bytes(mask * 255))
+            else:
+                rles.append({"file": q.name, "height": img.shape[0], "width": img.shape[1], "area": areas[q.stem],
+                             "rle": rle(mask)})
+            if overlays:
+                (tmp / f"{q.stem}_overlay.png").write_bytes(png_bytes(overlay(img, mask)))
+        if fmt == "rle":
+            (tmp / "masks.json").write_text(json.dumps({"backend": b.name, "masks": rles}, indent=1))
+        out.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return areas
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m serving.predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default="models/fold0/1shot", help="folder with *.onnx / merged.pt / model.engine")
+    ap.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
+                    help="auto: TensorRT, else ONNX Runtime, else PyTorch (as the service)")
+    ap.add_argument("--support", action="append", required=True, help="a support image (repeat for k shots)")
+    ap.add_argument("--mask", action="append", required=True, help="its mask (repeat, same order)")
+    ap.add_argument("--query", nargs="+", required=True, help="query images and/or folders of them")
+    ap.add_argument("--out", required=True, help="output folder (created)")
+    ap.add_argument("--format", choices=("png", "rle"), default="png", help="masks as PNGs or one COCO RLE JSON")
+    ap.add_argument("--no-overlay", action="store_true", help="do not write <name>_overlay.png")
+    ap.add_argument("--mask-threshold", type=float, default=None,
+                    help="binarise JPEG or anti-aliased masks: object at this fraction of white (0 < t < 1)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        areas = predict(args.model_dir, args.support, args.mask, args.query, args.out, args.backend, args.format,
+                        not args.no_overlay, args.mask_threshold)
+    except (UserError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    empty = [k for k, v in areas.items() if not v]
+    print(f"{len(areas)} quer{'y' if len(areas) == 1 else 'ies'} segmented into {args.out}"
+          + (f"; no object found in {len(empty)}: {', '.join(empty[:5])}" if empty else ""))
+
+
+if __name__ == "__main__":
+    main()
