@@ -1,7 +1,7 @@
 """Write a small dataset in the folder benchmark's layout, to try `data.benchmark: folder` or to copy
 the layout from:
 
-    python examples/folder_example.py my_data [--images 48] [--classes 6] [--size 96]
+    python examples/folder_example.py my_data [--images 72] [--classes 6] [--size 96]
 
 my_data/images/photo_000.jpg ..., my_data/labels/photo_000.png ... (0 background, i the i-th line of
 classes.txt, 255 ignore), my_data/classes.txt. examples/folder (the default data.folder.root) is this
@@ -21,7 +21,7 @@ from pipeline.data.synthetic import write_folder_example  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder to write (created; files of the same names are replaced)")
-    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--images", type=int, default=72)
     ap.add_argument("--classes", type=int, default=6, help="how many of the 20 synthetic shapes (2..20)")
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)

@@ -407,6 +407,17 @@ def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {"ablation.json", "ablation.md",
                                                                             "ablation.png"}
 
+    # your own data (README "Your own data"): the example folder through the whole chain as an experiment
+    for cmd in readme_block("own-data"):
+        out = sh("bash", "-c", cmd)
+    assert len((proj / "my_data/classes.txt").read_text().split()) == 6
+    report = json.loads((proj / "data/prepared/folder/class_report.json").read_text())
+    assert [r["name"] for r in report] == ["disc", "square", "triangle", "star", "cross", "ring"]
+    assert json.loads((proj / "models/fold0/1shot/export.json").read_text())["onnx"]["parity"]["max_rel"] <= 1e-4
+    own = json.loads((proj / "models/fold0/1shot/evaluate.json").read_text())
+    assert own["benchmark"] == "folder" and set(own["1shot"]["per_class_iou"]) == {"disc"}
+    assert (proj / "models/fold0/1shot/model.onnx").exists() and "own-data" in sh(str(BIN / "dvc"), "exp", "show")
+
 
 def test_missing_pretrained_weights_name_the_stage(tmp_path):
     from pipeline.models.backbone import load_backbone

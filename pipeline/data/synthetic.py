@@ -173,7 +173,7 @@ def generate(out_dir: str | Path, num_train: int, num_val: int, size: int, seed:
     return {"train": num_train, "val": num_val}
 
 
-def write_folder_example(root: str | Path, num_images: int = 48, size: int = 96, seed: int = 0,
+def write_folder_example(root: str | Path, num_images: int = 72, size: int = 96, seed: int = 0,
                          classes: int = 6) -> Path:
     """A small dataset in the folder benchmark's layout (pipeline/data/folder.py): images/*.jpg,
     labels/*.png, classes.txt naming the first ``classes`` shapes; ids are the shape's line number."""
