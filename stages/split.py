@@ -12,7 +12,7 @@ def main():
     out = split_dir(d.root, d.benchmark)
     prepared = prepared_dir(d.root, d.benchmark)
     summary = make_splits(prepared, out, {f: fold_classes(cfg, f) for f in fold_ids(cfg)}, s.min_pixels, s.filter,
-                          checked=s.folds, names=class_names(prepared))
+                          checked=s.folds if d.benchmark == "folder" else (), names=class_names(prepared))
     counts = write_json(out / "counts.json", {"benchmark": d.benchmark, "filter": s.filter,
                                               "min_pixels": s.min_pixels, **summary})
     for fold, v in summary.items():

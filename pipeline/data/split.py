@@ -58,8 +58,8 @@ def too_few(val: list, novel: list[int], names: list[str] | None = None) -> list
 def make_splits(prepared: str | Path, out: str | Path, folds: dict, min_pixels: int, rule: str,
                 checked=(), names: list[str] | None = None) -> dict:
     """Write train/val pairs of every fold in ``folds`` ({fold: (novel, base)}). A fold in ``checked``
-    (those to be trained) must give every novel class two val images and have training pairs, or
-    nothing is written; for the others it is a warning."""
+    (a folder benchmark's folds to be trained) must give every novel class two val images and have
+    training pairs, or nothing is written; for the others it is a warning (episodes skip such a class)."""
     prepared, out = Path(prepared), Path(out)
     if not (prepared / "class_pixels.json").exists():
         raise FileNotFoundError(f"{prepared}/class_pixels.json is missing; run `dvc repro prepare` first")
@@ -77,7 +77,7 @@ def make_splits(prepared: str | Path, out: str | Path, folds: dict, min_pixels: 
             raise SplitError(f"{problem}. Add images, lower split.min_pixels, or choose other novel classes "
                              "(split.novel_classes, split.num_folds)")
         if problem:
-            log.warning("%s (not in split.folds: not trained)", problem)
+            log.warning("%s; episodes will skip it", problem)
     summary = {}
     for fold, (novel, base) in folds.items():
         train, val = pairs[fold]
