@@ -514,3 +514,21 @@ def test_folder_split_parameters_are_validated():
     with pytest.raises(ConfigError, match=r"choose from \[0, 1, 2, 3, 4, 5\]"):
         load_config({"data": {"benchmark": "folder"}, "split": {"num_folds": 6, "folds": [6]}})
     assert load_config({"data": {"benchmark": "folder"}, "split": {"num_folds": 6, "folds": [5]}}).split.folds == [5]
+
+
+def test_the_committed_example_folder_is_the_scripts_output(tmp_path):
+    """examples/folder (the default data.folder.root) is what `python examples/folder_example.py` writes."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "examples/folder_example.py", str(tmp_path / "ex")], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    committed = root / "examples" / "folder"
+    assert (tmp_path / "ex/classes.txt").read_text() == (committed / "classes.txt").read_text()
+    names = sorted(p.name for p in (committed / "labels").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ex/labels").iterdir()) and len(names) == 72
+    for n in names:
+        assert np.array_equal(np.array(Image.open(committed / "labels" / n)), np.array(Image.open(tmp_path / "ex/labels" / n)))
+        a, b = (np.array(Image.open(d / "images" / n.replace(".png", ".jpg")), np.int16) for d in (committed, tmp_path / "ex"))
+        assert np.abs(a - b).mean() < 1.0

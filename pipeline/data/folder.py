@@ -82,26 +82,35 @@ def split_names(names: list[str], root: Path, val_fraction: float, seed: int) ->
     return [n for n in names if n not in set(val)], val
 
 
-def _coco_jobs(root: Path, images: dict[str, Path], out: Path):
+def coco_instances(ann: Path) -> tuple[list[str], list[tuple[dict, list]]]:
+    """(class names in category-id order, [(image info, [(class id 1..N, segmentation), ...])]) of a COCO
+    instances file; crowd regions are left out (background), as PFENet and BAM do."""
     from pycocotools.coco import COCO
-    ann = root / "annotations.json"
-    try:
-        coco = COCO(str(ann))
-    except Exception as e:
-        raise FolderError(f"{ann} is not a readable COCO instances file ({type(e).__name__}: {e})") from e
+    coco = COCO(str(ann))
     cat_ids = sorted(coco.getCatIds())
-    if not cat_ids:
-        raise FolderError(f"{ann} declares no categories")
     contiguous = {cid: k + 1 for k, cid in enumerate(cat_ids)}
     names = [coco.loadCats(cid)[0]["name"] for cid in cat_ids]
-    jobs = []
+    images = []
     for img_id in sorted(coco.getImgIds()):
-        info = coco.loadImgs(img_id)[0]
+        anns = [(contiguous[a["category_id"]], a["segmentation"])
+                for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None)) if not a.get("iscrowd", 0)]
+        images.append((coco.loadImgs(img_id)[0], anns))
+    return names, images
+
+
+def _coco_jobs(root: Path, images: dict[str, Path], out: Path):
+    ann = root / "annotations.json"
+    try:
+        names, entries = coco_instances(ann)
+    except Exception as e:
+        raise FolderError(f"{ann} is not a readable COCO instances file ({type(e).__name__}: {e})") from e
+    if not names:
+        raise FolderError(f"{ann} declares no categories")
+    jobs = []
+    for info, anns in entries:
         stem = Path(info["file_name"]).stem
         if stem not in images:
             raise FolderError(f"{ann} annotates {info['file_name']}, which is not in {root / 'images'}")
-        anns = [(contiguous[a["category_id"]], a["segmentation"])
-                for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None)) if not a.get("iscrowd", 0)]
         jobs.append((stem, images[stem], "coco", (info["height"], info["width"], anns), out, len(names)))
     missing = sorted(set(images) - {j[0] for j in jobs})
     if missing:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .benchmarks import SYNTHETIC_CLASSES, VOC_CLASSES, check_benchmark
 from .download import link_or_copy as _link
-from .folder import class_report, folder_jobs
+from .folder import class_report, coco_instances, folder_jobs
 
 log = logging.getLogger(__name__)
 
@@ -130,23 +130,16 @@ def _jobs_pascal(raw: Path, out: Path):
 
 
 def _jobs_coco(raw: Path, out: Path):
-    from pycocotools.coco import COCO
     jobs, lists, names = [], {}, None
     for split in ("train", "val"):
         ann_file = raw / "annotations" / f"instances_{split}2014.json"
         if not ann_file.exists():
             raise PrepareError(f"{ann_file} is missing; run `dvc repro download` first")
-        coco = COCO(str(ann_file))
-        cat_ids = sorted(coco.getCatIds())
-        if len(cat_ids) != 80:
-            raise PrepareError(f"{ann_file} has {len(cat_ids)} categories, COCO-20i needs 80")
-        contiguous = {cid: k + 1 for k, cid in enumerate(cat_ids)}
-        names = [coco.loadCats(cid)[0]["name"] for cid in cat_ids]
+        names, images = coco_instances(ann_file)
+        if len(names) != 80:
+            raise PrepareError(f"{ann_file} has {len(names)} categories, COCO-20i needs 80")
         ids = []
-        for img_id in sorted(coco.getImgIds()):
-            info = coco.loadImgs(img_id)[0]
-            anns = [(contiguous[a["category_id"]], a["segmentation"])
-                    for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None)) if not a.get("iscrowd", 0)]
+        for info, anns in images:
             stem = Path(info["file_name"]).stem
             ids.append(stem)
             jobs.append((stem, raw / f"{split}2014" / info["file_name"], "coco",
