@@ -73,7 +73,10 @@ def backend_throughput(model_dir: str, backend: str, q: bytes, s: bytes, m: byte
     return b.name, n / (time.perf_counter() - t0)
 
 
-def load(url: str, path: str, files, clients: int, seconds: float):
+def load(url: str, path: str, files, clients: int, seconds: float, server_pid: int):
+    import psutil
+    server = psutil.Process(server_pid)
+    cpu0 = sum(server.cpu_times()[:2])
     lat, errors, health = [], [], []
     stop = time.perf_counter() + seconds
 
@@ -100,7 +103,8 @@ def load(url: str, path: str, files, clients: int, seconds: float):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"rps": len(lat) / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "ok": len(lat),
+    cpu = sum(server.cpu_times()[:2]) - cpu0
+    return {"rps": len(lat) / wall, "server_cpu_ms": 1000 * cpu / max(1, len(lat)), "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "ok": len(lat),
             "errors": len(errors), "health_p99": pct(health, 0.99), "health_max": pct(health, 1.0)}
 
 
@@ -117,9 +121,9 @@ def main():
     q, s, m = episode(args.image_size)
     name, batched = backend_throughput(args.model_dir, args.backend, q, s, m, args.max_batch, args.seconds)
     print(f"backend alone ({name}, batch {args.max_batch}, this process): {batched:.1f} episodes/s")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "serving", "--model-dir", args.model_dir, "--backend", args.backend,
                              "--port", str(port), "--max-batch", str(args.max_batch), "--workers", str(args.workers),
@@ -142,16 +146,16 @@ def main():
         print(f"service: backend {info['backend']}, model input {info['input_size']} px, uploads "
               f"{args.image_size}x{args.image_size} PNG, {args.seconds:g} s per level, {os.cpu_count()} CPUs")
         print(f"{'endpoint':34s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} "
-              f"{'healthz p99':>11s} {'max ms':>7s}")
+              f"{'healthz p99':>11s} {'max ms':>7s} {'server CPU ms/req':>17s}")
         results = {}
         for name, path, files in (
                 ("/v1/segment (1 shot uploaded)", "/v1/segment",
                  [("query", ("q.png", q)), ("supports", ("s.png", s)), ("masks", ("m.png", m))]),
                 ("/v1/support-sets/bench/segment", "/v1/support-sets/bench/segment", [("query", ("q.png", q))])):
             for c in args.levels:
-                r = results[path, c] = load(url, path, files, c, args.seconds)
+                r = results[path, c] = load(url, path, files, c, args.seconds, proc.pid)
                 print(f"{name:34s} {c:7d} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:7d} "
-                      f"{r['health_p99']:11.1f} {r['health_max']:7.1f}")
+                      f"{r['health_p99']:11.1f} {r['health_max']:7.1f} {r['server_cpu_ms']:17.1f}")
         batches = [line for line in httpx.get(url + "/metrics").text.splitlines()
                    if line.startswith(("svf_batch_size_sum", "svf_batch_size_count"))]
         vals = {line.split()[0]: float(line.split()[1]) for line in batches}
@@ -163,6 +167,9 @@ def main():
         print(f"registered set at {top} clients / backend alone: {r['rps']:.1f} / {batched:.1f} = "
               f"{r['rps'] / batched:.2f} (goal >= 0.80: {'met' if r['rps'] >= 0.8 * batched else 'NOT met'}); "
               f"slowest /healthz under load {worst:.1f} ms (goal <= 100: {'met' if worst <= 100 else 'NOT met'})")
+        print(f"server CPU per registered-set request at {top} clients: {r['server_cpu_ms']:.1f} ms, of which the "
+              f"backend's share at batch {args.max_batch} is {1000 / batched:.1f} ms; the clients run on the same "
+              f"{os.cpu_count()} CPUs")
     finally:
         proc.terminate()
         proc.wait(10)

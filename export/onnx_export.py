@@ -140,12 +140,16 @@ def providers(prefer_cuda: bool = True) -> list[str]:
     return chosen
 
 
-def session(path: str | Path, prefer_cuda: bool = True, threads: int | None = None):
+def session(path: str | Path, prefer_cuda: bool = True, threads: int | None = None, spin: bool = True):
+    """``spin=False``: idle intra-op threads sleep instead of spinning, which leaves the CPU to the rest
+    of a process that does more than inference (the service's image work)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers(prefer_cuda))
 
 
@@ -212,9 +216,10 @@ def latency(fn, runs: int = 10, warmup: int = 3, sync=None) -> dict:
 class SplitSession:
     """ONNX Runtime over the split graphs; ``run`` keeps the full graph's 3-input signature."""
 
-    def __init__(self, encoder: str | Path, decoder: str | Path, prefer_cuda: bool = True, threads: int | None = None):
-        self.enc = session(encoder, prefer_cuda, threads)
-        self.dec = session(decoder, prefer_cuda, threads)
+    def __init__(self, encoder: str | Path, decoder: str | Path, prefer_cuda: bool = True, threads: int | None = None,
+                 spin: bool = True):
+        self.enc = session(encoder, prefer_cuda, threads, spin)
+        self.dec = session(decoder, prefer_cuda, threads, spin)
         self.features = [o.name for o in self.enc.get_outputs()]    # the decoder's inputs after the query
 
     def encode(self, support: np.ndarray, support_mask: np.ndarray):

@@ -70,7 +70,7 @@ class OnnxBackend(Backend):
         for f in (enc, dec):
             if not f.exists():
                 raise FileNotFoundError(f"{f} is missing; run the export stage (`dvc repro export`) first")
-        self.sess = SplitSession(enc, dec, threads=threads)
+        self.sess = SplitSession(enc, dec, threads=threads, spin=False)   # the CPU is shared with image work
         self.files = [enc, dec]
         from export.onnx_export import read_metadata
         self.size = int(read_metadata(dec)["input_size"][0])
