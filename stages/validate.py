@@ -15,6 +15,11 @@ OUT = Path("data") / "params.ok"
 
 def main():
     args, cfg = setup(__doc__)     # exits with the offending key's name when params.yaml is invalid
+    root = Path(cfg.data.folder.root)
+    if cfg.data.benchmark == "folder" and not root.is_dir():   # say it before DVC misses the dependency
+        OUT.unlink(missing_ok=True)
+        raise SystemExit(f"error: data.folder.root: {root} is not a folder; point it to your images (README "
+                         "'Your own data')")
     write_json(OUT, {"valid": True, "checked": args.params})
     print(f"validate: {args.params} is valid ({len(cfg.flat())} parameters)")
 

@@ -244,6 +244,10 @@ def test_invalid_parameter_names_the_key(tmp_path):
     r = stage("validate", tmp_path, check=False)
     assert r.returncode == 1 and "model.finetune: 'bogus' is not one of ['frozen', 'svf', 'full']" in r.stderr
     assert not (tmp_path / "data/params.ok").exists()
+    (tmp_path / "params.yaml").write_text(text.replace("benchmark: synthetic", "benchmark: folder")
+                                          .replace("root: examples/folder", "root: nowhere"))
+    r = stage("validate", tmp_path, check=False)
+    assert r.returncode == 1 and "data.folder.root: nowhere is not a folder" in r.stderr
     (tmp_path / "params.yaml").write_text(text)
     stage("validate", tmp_path)
     assert json.loads((tmp_path / "data/params.ok").read_text())["valid"] is True
