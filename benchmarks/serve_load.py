@@ -12,7 +12,6 @@ serves at least 80% of the backend's batched throughput, and /healthz answers wi
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import socket
 import subprocess
@@ -23,25 +22,19 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.data.synthetic import generate_image  # noqa: E402
-
-
-def png(arr) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
+from serving.inputs import png_bytes  # noqa: E402
 
 
 def episode(size: int):
     qi, _ = generate_image(0, "val", size, 11)
     si, sl = generate_image(1, "val", size, 11)
     cls = int(next(c for c in np.unique(sl) if c not in (0, 255)))
-    return png(qi), png(si), png(np.where(sl == cls, 255, 0).astype(np.uint8))
+    return png_bytes(qi), png_bytes(si), png_bytes(np.where(sl == cls, 255, 0).astype(np.uint8))
 
 
 def pct(values, p: float) -> float:
@@ -52,18 +45,14 @@ def pct(values, p: float) -> float:
 def backend_throughput(model_dir: str, backend: str, q: bytes, s: bytes, m: bytes, batch: int, seconds: float):
     """Episodes per second of the backend alone: one encoded support set, queries decoded ``batch`` at a
     time, preprocessed once (what the service's batcher hands the backend)."""
-    from pipeline.data.episodes import eval_transform
     from serving.backends import load_backend
-    import torch
+    from serving.inputs import query_tensor, read_image, read_mask, support_tensors
     b = load_backend(model_dir, backend)
-
-    def tensor(data, mask=False):
-        a = np.array(Image.open(io.BytesIO(data)))
-        return torch.from_numpy(a) if mask else torch.from_numpy(a[..., :3]).permute(2, 0, 1)
-    xs, ms, _ = eval_transform(tensor(s), (tensor(m, True) > 0).to(torch.uint8), b.size)
-    feats = b.encode(xs.numpy()[None, None], (ms == 1).float().numpy()[None, None])
-    xq, _, _ = eval_transform(tensor(q), torch.zeros(tensor(q).shape[1:], dtype=torch.uint8), b.size)
-    x = np.repeat(xq.numpy()[None], batch, 0)
+    big = 1 << 30
+    img = read_image(s, "support", big)
+    feats = b.encode(*support_tensors([img], [read_mask(m, "mask", img.shape[:2], big)], b.size))
+    xq, _ = query_tensor(read_image(q, "query", big), b.size)
+    x = np.repeat(xq, batch, 0)
     fb = type(b).concat([feats] * batch)
     b.decode(x, fb)
     n, t0 = 0, time.perf_counter()

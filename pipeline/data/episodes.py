@@ -18,7 +18,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from .split import read_pairs
+from .split import images_per_class, read_pairs
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,7 @@ def base_lut(base_classes: list[int]) -> torch.Tensor:
 
 def episodes_possible(pairs_file: str | Path, shots: int) -> bool:
     """Whether some class of the pairs has ``shots + 1`` images (a query and its supports)."""
-    by_class: dict[int, set] = {}
-    for i, c in read_pairs(pairs_file):
-        by_class.setdefault(c, set()).add(i)
-    return any(len(ids) > shots for ids in by_class.values())
+    return any(len(ids) > shots for ids in images_per_class(read_pairs(pairs_file)).values())
 
 
 class EpisodeDataset(Dataset):
@@ -201,10 +198,8 @@ class EpisodeDataset(Dataset):
         self.shots, self.mode, self.size, self.seed, self.epoch = shots, mode, size, seed, 0
         self.sampling = sampling if mode == "train" else "pair"
         self.protocol = protocol if mode == "test" else "random"
-        by_class: dict[int, list[str]] = {}
-        for i, c in self.pairs:
-            by_class.setdefault(c, []).append(i)
-        short = sorted(c for c, ids in by_class.items() if len(set(ids)) < shots + 1)
+        by_class = images_per_class(self.pairs)
+        short = sorted(c for c, ids in by_class.items() if len(ids) < shots + 1)
         if short:
             log.warning("classes %s have fewer than %d images in %s; no %d-shot episode of them can be formed, "
                         "they are skipped", short, shots + 1, pairs_file, shots)
@@ -212,7 +207,7 @@ class EpisodeDataset(Dataset):
         if not self.pairs:
             raise ValueError(f"{pairs_file}: no class has {shots + 1} images, no {shots}-shot episode can be formed; "
                              f"lower the shot count or add images")
-        self.by_class = {c: sorted(set(ids)) for c, ids in by_class.items() if c not in short}
+        self.by_class = {c: sorted(ids) for c, ids in by_class.items() if c not in short}
         self.classes = sorted(self.by_class)
         # images in file order, each with the classes an episode may draw for it
         self.images: list[str] = list(dict.fromkeys(i for i, _ in self.pairs))

@@ -78,8 +78,8 @@ def split_names(names: list[str], root: Path, val_fraction: float, seed: int) ->
         return train, val
     order = np.random.default_rng(seed).permutation(len(names))
     n_val = min(len(names) - 1, max(1, round(val_fraction * len(names))))
-    val = sorted(names[i] for i in order[:n_val])
-    return [n for n in names if n not in set(val)], val
+    val = {names[i] for i in order[:n_val]}
+    return [n for n in names if n not in val], sorted(val)
 
 
 def coco_instances(ann: Path) -> tuple[list[str], list[tuple[dict, list]]]:

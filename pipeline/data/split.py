@@ -49,10 +49,19 @@ def read_pairs(path: str | Path) -> list[tuple[str, int]]:
     return [(d["image"], int(d["class"])) for d in map(json.loads, path.read_text().splitlines()) if d]
 
 
+def images_per_class(pairs) -> dict[int, set[str]]:
+    """{class: the distinct images holding it} of (image, class) pairs."""
+    out: dict[int, set[str]] = {}
+    for i, c in pairs:
+        out.setdefault(c, set()).add(i)
+    return out
+
+
 def too_few(val: list, novel: list[int], names: list[str] | None = None) -> list[str]:
     """The novel classes with fewer than two val images: an episode needs a query and a support."""
-    per = {c: len({i for i, k in val if k == c}) for c in novel}
-    return [f"{names[c - 1] if names else c} ({n} image{'s' if n != 1 else ''})" for c, n in per.items() if n < 2]
+    per = images_per_class(val)
+    counts = {c: len(per.get(c, ())) for c in novel}
+    return [f"{names[c - 1] if names else c} ({n} image{'s' if n != 1 else ''})" for c, n in counts.items() if n < 2]
 
 
 def make_splits(prepared: str | Path, out: str | Path, folds: dict, min_pixels: int, rule: str,
