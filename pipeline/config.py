@@ -158,6 +158,7 @@ class ExportCfg:
     merge_tolerance: float = 1e-4
     fp16: bool = True
     max_batch: int = 8
+    aoti: bool = True               # the AOTInductor package for C++ (export/aoti.py; about a minute of g++)
 
 
 @dataclass

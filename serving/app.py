@@ -5,6 +5,7 @@ PUT  /v1/support-sets/{name}          register a support set: its features are c
 POST /v1/support-sets/{name}/segment  segment a query against a registered set
 DELETE /v1/support-sets/{name}
 GET  /healthz (liveness)  /readyz (model loaded and warmed up)  /metrics (Prometheus)
+/v2/...                               the Open Inference Protocol (KServe v2 / Triton HTTP): serving/kserve.py
 
 API keys, Host check, streaming body limit and in-flight limit: serving/guard.py, in front of the app.
 Every error answers {"error": "..."} (the framework's too); how images and masks are read:
@@ -35,6 +36,7 @@ from pipeline.figures import overlay
 
 from .backends import Backend, load_backend
 from .guard import Guard
+from .kserve import add_routes as add_open_inference_routes
 from .inputs import (PixelBudget, UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask,
                      rle, support_tensors)
 from .store import QuotaError, SupportStore, fingerprint
@@ -188,6 +190,8 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         k = b.shots or 1
         feats = b.encode(np.zeros((1, k, 3, s, s), np.float32), np.ones((1, k, s, s), np.float32))
         b.decode(x, feats)    # warm-up
+        state["feature_shapes"] = [(n, [-1 if i in axes else d for i, d in enumerate(f.shape)])
+                                   for (n, axes), f in zip((b.features or {}).items(), feats)]
         state["store"] = SupportStore(store, fingerprint(b.kind, b.files), max_sets, max_set_bytes)
         loaded, refused = state["store"].load()
         if store:
@@ -374,10 +378,13 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
             raise UserError(f"no support set named {name[:64]!r}", 404)
         return await run_query(query, feats, format, PixelBudget(limits.max_request_pixels))
 
+    add_open_inference_routes(app, state, off_loop, limits.timeout_s, limits.max_shots)
+
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "PUT",
-                           "DELETE"], allow_headers=["authorization", "x-api-key", "content-type"])
+                           "DELETE"], allow_headers=["authorization", "x-api-key", "content-type",
+                                                               "inference-header-content-length"])
     # outermost: acts before the body is read (pure ASGI, serving/guard.py)
     app.add_middleware(Guard, keys=list(keys), allowed_hosts=list(allowed_hosts), max_body=limits.max_upload_bytes,
                        max_inflight=limits.max_inflight, body_timeout=limits.body_timeout_s,

@@ -1,4 +1,5 @@
-"""Runtime backends behind the service: TensorRT engine, ONNX Runtime, or the merged PyTorch model.
+"""Runtime backends behind the service: TensorRT engine, ONNX Runtime, the AOTInductor package, or the
+merged PyTorch model.
 
 Every backend offers the same two steps, so a registered support set is encoded once:
   encode(support[B,K,3,S,S], support_mask[B,K,S,S]) -> features (opaque, batchable along B)
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-BACKENDS = ("tensorrt", "onnxruntime", "torch")
+BACKENDS = ("tensorrt", "onnxruntime", "aoti", "torch")
 
 
 class Backend:
@@ -23,6 +24,7 @@ class Backend:
     files: list = []  # the model files loaded (their sha256 is the model's fingerprint)
     size = 0          # the square input size the model was exported for
     shots = None      # the one shot count a fixed-shot model takes (BAM trained with K > 1), else None
+    features = None   # {support feature: its dynamic axes} in encode's order; None: encode keeps the inputs
 
     def encode(self, support: np.ndarray, mask: np.ndarray):
         raise NotImplementedError
@@ -49,6 +51,8 @@ class TorchBackend(Backend):
         self.size = self.cfg.eval.test_size
         from pipeline.models import fixed_shots
         self.shots = fixed_shots(self.model)
+        self.features = {n: {i: a for i, a in axes.items() if not (a == "shots" and self.shots)}
+                         for n, axes in self.model.SUPPORT_FEATURES.items()}
 
     @torch.no_grad()
     def encode(self, support, mask):
@@ -76,6 +80,8 @@ class OnnxBackend(Backend):
         self.size = int(read_metadata(dec)["input_size"][0])
         k = self.sess.enc.get_inputs()[0].shape[1]    # the support's shots axis: a name when dynamic
         self.shots = k if isinstance(k, int) else None
+        self.features = {o.name: {i: d for i, d in enumerate(o.shape) if not isinstance(d, int)}
+                         for o in self.sess.enc.get_outputs()}
         self.name = f"onnxruntime ({self.sess.get_providers()[0]})"
 
     def encode(self, support, mask):
@@ -104,9 +110,33 @@ class TensorRTBackend(Backend):
         return self.runner(torch.from_numpy(query), torch.from_numpy(support), torch.from_numpy(mask)).cpu().numpy()
 
 
+class AotiBackend(Backend):
+    """The AOTInductor package (export/aoti.py), the model C++ loads: masks equal to cpp/'s bit for bit.
+    Like the TensorRT engine it holds the whole network, so a registered set keeps its tensors."""
+    name = kind = "aoti"
+
+    def __init__(self, model_dir: Path):
+        from export.aoti import SIZE_KEY, load
+        path = model_dir / "aoti" / "model.pt2"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing; it is written by the export stage when export.aoti is true")
+        self.runner, meta = load(path)
+        self.files = [path]
+        self.size = int(meta[SIZE_KEY])
+        self.name = f"aoti ({meta.get('AOTI_DEVICE_KEY', 'cpu')})"
+
+    def encode(self, support, mask):
+        return support, mask
+
+    @torch.no_grad()
+    def decode(self, query, feats):
+        support, mask = (torch.from_numpy(np.ascontiguousarray(f)) for f in feats)
+        return self.runner(torch.from_numpy(np.ascontiguousarray(query)), support, mask).cpu().numpy()
+
+
 # what each backend loads from the model folder
 MODEL_FILES = {"tensorrt": ("model.engine",), "onnxruntime": ("support_encoder.onnx", "query_decoder.onnx"),
-               "torch": ("merged.pt",)}
+               "aoti": ("aoti/model.pt2",), "torch": ("merged.pt",)}
 
 
 def missing_model(model_dir: Path, backend: str) -> str | None:
@@ -127,7 +157,7 @@ def load_backend(model_dir: str | Path, name: str = "auto") -> Backend:
     model_dir = Path(model_dir)
     if name not in ("auto",) + BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose auto or one of {BACKENDS}")
-    makers = {"tensorrt": TensorRTBackend, "onnxruntime": OnnxBackend, "torch": TorchBackend}
+    makers = {"tensorrt": TensorRTBackend, "onnxruntime": OnnxBackend, "aoti": AotiBackend, "torch": TorchBackend}
     if name != "auto":
         return makers[name](model_dir)
     errors = []

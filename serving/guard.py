@@ -2,13 +2,14 @@
 
 A pure ASGI layer in front of the app, so that it acts before the body is parsed:
   * Host header: only the names in ``allowed_hosts`` (DNS rebinding against a loopback service);
-  * API keys (``Authorization: Bearer <key>`` or ``X-API-Key``) on /v1/*, compared in constant time;
+  * API keys (``Authorization: Bearer <key>`` or ``X-API-Key``) on /v1/* and /v2/models/*, compared in
+    constant time (health and server metadata stay open);
     the key's id (a sha256 prefix, never the key) goes to the app as ``scope["svf.owner"]``;
   * the body limit counted while the body streams, chunked or not: past the limit the client gets
     413 and the app a disconnect, so a 400 MiB upload is never read whole;
   * a body that trickles in: it must arrive whole within ``body_timeout`` seconds of the first read
     (408 and the connection closed), so a client sending a byte a second holds no slot for long;
-  * at most ``max_inflight`` /v1 requests at once; the next answers 503 with Retry-After instead of
+  * at most ``max_inflight`` such requests at once; the next answers 503 with Retry-After instead of
     queueing into timeouts.
 Every refusal is ``{"error": ...}`` like the app's own errors.
 """
@@ -94,7 +95,7 @@ class Guard:
         headers = dict(scope.get("headers") or [])
         if not self._host_ok(headers):
             return await self._refuse(scope, send, 400, "Host header not allowed")
-        api = scope["path"].startswith("/v1/")
+        api = scope["path"].startswith(("/v1/", "/v2/models/"))
         if api:
             owner = self._owner(headers)
             if owner is None:

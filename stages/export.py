@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from export import onnx_export, tensorrt_engine, triton
+from export import aoti, onnx_export, tensorrt_engine, triton
 from pipeline import adapter as adapter_io
 from pipeline import tracking
 from pipeline.data.benchmarks import class_names, fold_classes, prepared_dir, split_dir
@@ -57,6 +57,27 @@ def log_to_mlflow(cfg, out: Path, onnx_path: Path, example, engine: Path | None,
         t.artifact(out / "export.json", "export")
 
 
+def aoti_package(cfg, model, folder: Path, size: int, meta: dict, batches, example) -> dict:
+    """aoti/model.pt2 for C++ (export/aoti.py), checked against the model like the ONNX graph."""
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if not cfg.export.aoti:
+        return {"built": False, "reason": "export.aoti is false"}
+    keep = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items() if k != "class_names"}
+    path = aoti.export_aoti(model, folder / "model.pt2", size, keep)
+    runner, _ = aoti.load(path)
+    worst = 0.0
+    with torch.no_grad():
+        for bq, bs, bm in batches:
+            worst = max(worst, onnx_export.rel_error(runner(bq, bs, bm).numpy(), model(bq, bs, bm).numpy()))
+        lat = onnx_export.latency(lambda: runner(*example))
+    if worst > cfg.export.rtol:
+        raise onnx_export.ParityError(f"the AOTInductor package differs from the model: relative error {worst:.3g} > "
+                                      f"{cfg.export.rtol:g}")
+    return {"built": True, "package": str(path), "bytes": path.stat().st_size, "max_rel": worst, "latency": lat}
+
+
 def main():
     args, cfg = setup(__doc__, fold=True)
     out = model_dir(args.fold, args.shot)
@@ -96,6 +117,7 @@ def main():
                                         "parity": split_parity}},
               "latency": {"batch": int(q.shape[0]), "shots": int(s.shape[1]), "torch": lat_torch,
                           "onnxruntime": lat_ort}}
+    report["aoti"] = aoti_package(cfg, model, out / "aoti", size, meta, batches, (q, s, m))
     engine = None
     reason = tensorrt_engine.unavailable_reason()
     if reason is None:
@@ -117,7 +139,7 @@ def main():
     else:
         report["tensorrt"] = {"built": False, "reason": reason}
         log.info("no TensorRT engine: %s", reason)
-    report["triton"] = [str(p) for p in triton.write_repository(out / "triton", onnx_path, size, engine,
+    report["triton"] = [str(p) for p in triton.write_repository(out / "triton", out, size, engine,
                                                                      k_fixed or -1)]
     write_json(out / "export.json", report)
     log_to_mlflow(cfg, out, onnx_path, (q, s, m), engine, report, args.fold, args.shot)
@@ -125,6 +147,7 @@ def main():
     print(f"export fold {args.fold}, {args.shot}-shot model: {onnx_path} (parity max rel {parity['max_rel']:.2e} "
           f"<= {cfg.export.rtol:g}; "
           f"torch {lat_torch['median_ms']:.1f} ms, ONNX Runtime {lat_ort['median_ms']:.1f} ms per episode), "
+          f"AOTInductor: {'built ' + report['aoti']['package'] if report['aoti']['built'] else 'not built'}, "
           f"TensorRT: {'built ' + str(engine) if engine else 'not built (' + reason + ')'}; "
           f"Triton repository {out / 'triton'}")
 

@@ -114,14 +114,35 @@ def test_adapter_is_small(trained):
     assert sum(v.numel() for v in state["backbone"].values()) < dense_backbone / 100
 
 
-def test_triton_repository(trained, tmp_path):
-    onnx_file = tmp_path / "m.onnx"
-    onnx_file.write_bytes(b"x")
-    dirs = triton.write_repository(tmp_path / "repo", onnx_file, SIZE, tmp_path / "missing.engine")
-    assert [p.name for p in dirs] == ["svf_fss_onnx"]
-    cfg = (tmp_path / "repo/svf_fss_onnx/config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in cfg and f"dims: [ -1, -1, 3, {SIZE}, {SIZE} ]" in cfg
-    assert (tmp_path / "repo/svf_fss_onnx/1/model.onnx").read_bytes() == b"x"
+def test_triton_repository(tmp_path):
+    """Three models named as the service names them; the encoder's feature tensors as its graph declares
+    them (a named axis is -1); no engine, no TensorRT model; a fixed-shot model fixes the shots axis."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def graph(path, outputs):
+        ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch"])]
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n, dims in outputs]
+        nodes = [helper.make_node("Identity", ["x"], [n]) for n, _ in outputs]
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", ins, outs)), str(path))
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    graph(model_dir / "support_encoder.onnx", [("prototype", ["batch", 16, 1, 1]),
+                                               ("support_feat4", ["batch", "shots", 32, 6, 6])])
+    for f in ("model.onnx", "query_decoder.onnx"):
+        graph(model_dir / f, [("logits", ["batch", 2, SIZE, SIZE])])
+    dirs = triton.write_repository(tmp_path / "repo", model_dir, SIZE, tmp_path / "missing.engine")
+    assert [p.name for p in dirs] == ["svf_fss", "svf_fss_support_encoder", "svf_fss_query_decoder"]
+    full = (tmp_path / "repo/svf_fss/config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in full and f"dims: [ -1, -1, 3, {SIZE}, {SIZE} ]" in full
+    assert (tmp_path / "repo/svf_fss/1/model.onnx").read_bytes() == (model_dir / "model.onnx").read_bytes()
+    enc = (tmp_path / "repo/svf_fss_support_encoder/config.pbtxt").read_text()
+    assert '"support_feat4"' in enc and "dims: [ -1, -1, 32, 6, 6 ]" in enc and "dims: [ -1, 16, 1, 1 ]" in enc
+    dec = (tmp_path / "repo/svf_fss_query_decoder/config.pbtxt").read_text()
+    assert dec.index('"query"') < dec.index('"prototype"') < dec.index('"support_feat4"') < dec.index("output [")
+    triton.write_repository(tmp_path / "fixed", model_dir, SIZE, shots=5)
+    assert f"dims: [ -1, 5, 3, {SIZE}, {SIZE} ]" in (tmp_path / "fixed/svf_fss/config.pbtxt").read_text()
 
 
 TRT_REASON = tensorrt_engine.unavailable_reason()

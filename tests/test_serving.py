@@ -609,3 +609,95 @@ def test_half_sent_requests_and_surplus_connections_are_closed(model_dir):
         assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
     finally:
         srv.stop()
+
+
+def _pbtxt_tensors(text: str, section: str) -> list:
+    block = text.split(f"{section} [", 1)[1].split("\n]", 1)[0]
+    names = [line.split('"')[1] for line in block.splitlines() if "name:" in line]
+    dims = [[int(d) for d in line.split("[", 1)[1].split("]")[0].split(",")] for line in block.splitlines()
+            if "dims:" in line]
+    return [{"name": n, "datatype": "FP32", "shape": d} for n, d in zip(names, dims)]
+
+
+def test_open_inference_protocol_with_tritonclient(keyed, model_dir, episode, tmp_path):
+    """Triton's own HTTP client against the service: health, metadata equal to the exported Triton
+    repository's, the full model and the split encoder/decoder (binary and JSON tensors) giving the
+    logits of ONNX Runtime, masks equal to /v1's, errors in the protocol's {"error": ...}."""
+    import shutil
+    import tritonclient.http as triton_http
+    from tritonclient.utils import InferenceServerException
+    from export import triton
+    from export.onnx_export import SplitSession, export_onnx
+    from pipeline import adapter as adapter_io
+    from serving.client import Client
+    from serving.inputs import mask_of, query_tensor, read_image, read_mask, support_tensors
+
+    # the Triton repository of these very files: the service's metadata must match its config.pbtxt
+    files = tmp_path / "exported"
+    files.mkdir()
+    for f in ("support_encoder.onnx", "query_decoder.onnx"):
+        shutil.copy(model_dir / f, files / f)
+    export_onnx(adapter_io.load_merged(model_dir / "merged.pt")[0], files / "model.onnx", SIZE, 18)
+    repo = triton.write_repository(tmp_path / "repo", files, SIZE)
+    assert [d.name for d in repo] == [triton.FULL, triton.ENCODER, triton.DECODER]
+
+    client = triton_http.InferenceServerClient(keyed.url.removeprefix("http://"))
+    key = {"Authorization": "Bearer alice-0123456789abcdef"}    # copied per call: tritonclient writes into it
+    assert client.is_server_live() and client.is_server_ready()       # health needs no key
+    with pytest.raises(InferenceServerException, match="API key"):
+        client.get_model_metadata(triton.FULL)
+    for d in repo:
+        meta = client.get_model_metadata(d.name, headers=dict(key))
+        config = (d / "config.pbtxt").read_text()
+        assert meta["inputs"] == _pbtxt_tensors(config, "input") and meta["outputs"] == _pbtxt_tensors(config, "output")
+        assert client.is_model_ready(d.name, headers=dict(key))
+    assert [o["name"] for o in client.get_model_metadata(triton.ENCODER, headers=dict(key))["outputs"]] == \
+        ["prototype", "support_feat4"]
+
+    s, m = episode[1]
+    img = read_image(s.read_bytes(), "s", 1 << 24)
+    support, support_mask = support_tensors([img], [read_mask(m.read_bytes(), "m", img.shape[:2], 1 << 24)], SIZE)
+    qimg = read_image(episode[0][0].read_bytes(), "q", 1 << 24)
+    query, valid = query_tensor(qimg, SIZE)
+    want = SplitSession(model_dir / "support_encoder.onnx", model_dir / "query_decoder.onnx").run(
+        None, {"query": query, "support": support, "support_mask": support_mask})[0]
+
+    def tensors(binary: bool, **arrays):
+        out = []
+        for name, a in arrays.items():
+            t = triton_http.InferInput(name, list(a.shape), "FP32")
+            t.set_data_from_numpy(a, binary_data=binary)
+            out.append(t)
+        return out
+
+    for binary in (True, False):
+        r = client.infer(triton.FULL, tensors(binary, query=query, support=support, support_mask=support_mask),
+                         outputs=[triton_http.InferRequestedOutput("logits", binary_data=binary)], headers=dict(key))
+        np.testing.assert_allclose(r.as_numpy("logits"), want, rtol=0, atol=1e-5)
+    enc = client.infer(triton.ENCODER, tensors(True, support=support, support_mask=support_mask), headers=dict(key))
+    feats = {f: enc.as_numpy(f) for f in ("prototype", "support_feat4")}
+    two = np.concatenate([query, query])                         # the cached features serve a batch of queries
+    dec = client.infer(triton.DECODER, tensors(True, query=two, **{k: np.concatenate([v, v]) for k, v in feats.items()}),
+                       headers=dict(key))
+    logits = dec.as_numpy("logits")
+    assert logits.shape == (2, 2, SIZE, SIZE)
+    np.testing.assert_allclose(logits[1], want[0], rtol=0, atol=1e-5)
+    v1 = np.array(Image.open(io.BytesIO(Client(keyed.url, api_key="alice-0123456789abcdef").segment(
+        episode[0][0], [s], [m])))) // 255
+    assert np.array_equal(mask_of(logits[0], valid, qimg.shape[:2]), v1)
+
+    bad = [(triton.FULL, tensors(True, query=query, support=support), "needs input\\(s\\) support_mask"),
+           (triton.FULL, tensors(True, query=query[:, :, :10], support=support, support_mask=support_mask),
+            "input query has shape \\[1, 3, 10, 48\\]"),
+           ("nope", tensors(True, query=query), "unknown model 'nope'"),
+           (triton.DECODER, tensors(True, query=two, **feats), "disagree on the batch size")]
+    for name, inputs, message in bad:
+        with pytest.raises(InferenceServerException, match=message):
+            client.infer(name, inputs, headers=dict(key))
+    wrong = triton_http.InferInput("query", list(query.shape), "FP64")
+    wrong.set_data_from_numpy(query.astype(np.float64))
+    with pytest.raises(InferenceServerException, match="every tensor of this model is FP32"):
+        client.infer(triton.DECODER, [wrong, *tensors(True, **feats)], headers=dict(key))
+    import httpx
+    r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=b"{not json", headers=dict(key))
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]

@@ -1,0 +1,47 @@
+// The AOTInductor package (model.pt2) of the export stage, through LibTorch's package loader.
+#include <stdexcept>
+
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/torch.h>
+
+#include "svf_fss/svf_fss.h"
+
+namespace svf_fss {
+namespace {
+
+class AotiBackend : public Backend {
+ public:
+  explicit AotiBackend(const std::string& package) : loader_(package) {
+    auto meta = loader_.get_metadata();
+    auto it = meta.find("svf_fss.input_size");
+    if (it == meta.end())
+      throw std::runtime_error(package + " carries no svf_fss.input_size: it was not written by the export stage");
+    size = std::stoi(it->second);
+    auto dev = meta.find("AOTI_DEVICE_KEY");
+    device_ = dev != meta.end() && dev->second == "cuda" ? torch::kCUDA : torch::kCPU;
+  }
+  at::Tensor run(const at::Tensor& query, const at::Tensor& support, const at::Tensor& support_mask) override {
+    c10::InferenceMode guard;
+    auto out = loader_.run({query.to(device_), support.to(device_), support_mask.to(device_)});
+    return out.at(0).to(torch::kCPU);
+  }
+  std::string name() const override { return device_ == torch::kCUDA ? "aoti (cuda)" : "aoti (cpu)"; }
+
+ private:
+  torch::inductor::AOTIModelPackageLoader loader_;
+  torch::DeviceType device_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> load_aoti(const std::string& package) { return std::make_unique<AotiBackend>(package); }
+
+#ifndef SVF_FSS_TENSORRT
+bool has_tensorrt() { return false; }
+std::unique_ptr<Backend> load_tensorrt(const std::string&, int) {
+  throw std::runtime_error("this build has no TensorRT backend: TensorRT was not found when it was configured "
+                           "(set TENSORRT_ROOT and configure again)");
+}
+#endif
+
+}  // namespace svf_fss
