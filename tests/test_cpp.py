@@ -1,0 +1,140 @@
+"""The C++ library and command line (cpp/): built with CMake, run on fixed episodes, compared with Python.
+
+Same backend (the AOTInductor package through LibTorch): masks identical to serving.predict's.
+Another backend (ONNX Runtime in Python): at least 99.9% of pixels equal.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.synthetic import generate_image
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUILD = ROOT / "build" / "cpp"        # kept between runs: a rebuild after a change takes seconds
+SIZE = 48
+CMAKE = shutil.which("cmake", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+pytestmark = pytest.mark.skipif(CMAKE is None or CXX is None,
+                                reason=f"the C++ test needs CMake and a C++ compiler (cmake: {CMAKE}, c++: {CXX})")
+
+
+@pytest.fixture(scope="module")
+def program():
+    configure = subprocess.run([CMAKE, "-S", str(ROOT / "cpp"), "-B", str(BUILD), f"-DPython3_EXECUTABLE={sys.executable}"],
+                               capture_output=True, text=True)
+    if configure.returncode != 0 and "Could NOT find PNG" in configure.stdout + configure.stderr:
+        pytest.skip("libpng's headers are missing (Debian: libpng-dev)")
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    assert "TensorRT backend skipped" in configure.stdout or "TensorRT backend:" in configure.stdout
+    build = subprocess.run([CMAKE, "--build", str(BUILD), "-j", str(os.cpu_count() or 2)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    return BUILD / "svf_fss_predict"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small merged model exported as the export stage does it: AOTInductor package and ONNX graphs."""
+    from export.onnx_export import _example, export_split
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+    from pipeline.svf import SVFConv2d, merge_svf
+    from stages.export import aoti_package
+    d = tmp_path_factory.mktemp("cpp_model")
+    cfg = load_config({"model": {"backbone": "resnet10_slim", "pretrained": "random", "reduce_dim": 16,
+                                 "bins": [1.0, 0.5]}, "eval": {"test_size": SIZE}, "export": {"aoti": True}})
+    model, _ = build_model(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SVFConv2d):
+                m.S.mul_(1.05)
+    merged = merge_svf(model).eval()
+    q, s, m = _example(SIZE)
+    with torch.no_grad():   # the untrained model calls everything one class: centre its decision on these inputs
+        margin = (lambda o: (o[:, 1] - o[:, 0]).median())(merged(q, s, m))
+        last = [c for c in merged.modules() if isinstance(c, torch.nn.Conv2d) and c.out_channels == 2][-1]
+        last.bias[1] -= margin
+    report = aoti_package(cfg, merged, d / "aoti", SIZE, {"head": "pfenet"}, [(q, s, m), (q[:1], s[:1, :1], m[:1, :1])],
+                          (q[:1], s[:1, :1], m[:1, :1]))
+    assert report["built"] and report["max_rel"] <= 1e-4
+    export_split(merged, d, SIZE, 18, {"input_size": [SIZE, SIZE]})
+    return d
+
+
+@pytest.fixture(scope="module")
+def episodes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cpp_images")
+    files = []
+    for i in range(5):
+        img, lab = generate_image(i, "val", 60, 11)
+        cls = int(next(c for c in np.unique(lab) if c not in (0, 255)))
+        m = np.where(lab == cls, 255, 0).astype(np.uint8)
+        if i == 4:                                  # another size and aspect than the model's input
+            Image.fromarray(img).resize((90, 70), Image.BILINEAR).save(d / f"img{i}.png")
+        else:
+            Image.fromarray(img).save(d / f"img{i}.png")
+        Image.fromarray(m).save(d / f"mask{i}.png")
+        files.append((d / f"img{i}.png", d / f"mask{i}.png"))
+    Image.open(files[3][0]).save(d / "img3.jpg", quality=90)
+    return files, d / "img3.jpg"
+
+
+def _run(program, model, supports, masks, queries, out, *extra):
+    cmd = [str(program), "--model", str(model), "--out", str(out), *extra]
+    for i in range(max(len(supports), len(masks))):
+        cmd += ["--support", str(supports[i])] if i < len(supports) else []
+        cmd += ["--mask", str(masks[i])] if i < len(masks) else []
+    return subprocess.run(cmd + ["--query", *map(str, queries)], capture_output=True, text=True, timeout=300)
+
+
+def test_cpp_masks_equal_python(program, model_dir, episodes, tmp_path):
+    from serving.predict import predict
+    files, jpeg = episodes
+    queries = [files[0][0], files[4][0], jpeg]
+    for shots in (1, 2):
+        supports, masks = [f[0] for f in files[1:1 + shots]], [f[1] for f in files[1:1 + shots]]
+        out = tmp_path / f"cpp{shots}"
+        r = _run(program, model_dir / "aoti" / "model.pt2", supports, masks, queries, out, "--repeat", "2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"{shots} shots, backend aoti (cpu), input {SIZE}x{SIZE}" in r.stdout and "model median" in r.stdout
+        fractions = []
+        for backend, agree in (("aoti", 1.0), ("onnxruntime", 0.999)):
+            py = tmp_path / f"{backend}{shots}"
+            predict(model_dir, supports, masks, queries, py, backend=backend, overlays=False, progress=False)
+            for q in queries:
+                got = np.array(Image.open(out / f"{q.stem}.png"))
+                want = np.array(Image.open(py / f"{q.stem}.png"))
+                assert got.shape == want.shape == np.array(Image.open(q)).shape[:2]
+                assert set(np.unique(got)) <= {0, 255}
+                same = (got == want).mean()
+                assert same >= agree, f"{q.name}, {shots} shots, {backend}: {same:.5f} of pixels equal"
+                fractions.append(want.mean() / 255)
+        assert 0.05 < np.mean(fractions) < 0.95, fractions      # masks with both classes: the comparison bites
+
+
+def test_cpp_bad_inputs_say_what_is_wrong(program, model_dir, episodes, tmp_path):
+    files, _ = episodes
+    (s, m), (q, _) = files[1], files[0]
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((60, 60), 128, np.uint8)).save(grey)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.pad(np.full((10, 10), 255, np.uint8), 10)).save(small)
+    model = model_dir / "aoti" / "model.pt2"
+    cases = [((model, [s], [grey], [q]), 1, "is not binary: it holds values [128]"),
+             ((model, [s], [small], [q]), 1, "mask 1 is 30x30 but its image is 60x60"),
+             ((model, [s], [m], [tmp_path / "none.png"]), 1, "none.png: cannot open"),
+             ((model, [s], [s], [q]), 1, "is not binary"),
+             ((tmp_path / "missing.pt2", [s], [m], [q]), 2, "does not exist; the export stage writes it"),
+             ((model, [s, s], [m], [q]), 2, "2 --support but 1 --mask")]
+    for args, code, message in cases:
+        r = _run(program, *args, tmp_path / "out")
+        assert r.returncode == code and message in r.stderr, (message, r.returncode, r.stderr)
+    r = _run(program, model, [s], [grey], [q], tmp_path / "out", "--mask-threshold", "0.4")
+    assert r.returncode == 0, r.stderr                       # a threshold binarises it, as in Python
