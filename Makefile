@@ -3,6 +3,7 @@
 #   make test   - run the test suite
 #   make ablation - the default pipeline, then frozen / svf / full trained and scored alike (results/ablation)
 #   make serve  - start the inference service on the model the default pipeline exported
+#   make cpp    - build the C++ library and svf_fss_predict (cpp/, into build/cpp) against the torch wheel's LibTorch
 #   make lock   - re-resolve requirements.lock after editing pyproject.toml or constraints.txt
 # The environment is installed from requirements.lock: every package pinned, every file's sha256 checked.
 PYTHON ?= python3
@@ -11,7 +12,7 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test ablation serve venv bench lock clean-venv
+.PHONY: repro test ablation serve cpp venv bench lock clean-venv
 
 venv: $(STAMP)
 
@@ -34,6 +35,10 @@ test: $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/python -m serving --model-dir models/fold0/1shot
+
+cpp: $(STAMP)
+	$(BIN)/cmake -S cpp -B build/cpp -DPython3_EXECUTABLE=$(CURDIR)/$(BIN)/python
+	$(BIN)/cmake --build build/cpp -j2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/svf_forms.py
