@@ -43,6 +43,13 @@ def export_aoti(model: torch.nn.Module, path: str | Path, size: int, metadata: d
 
 
 def load(path: str | Path):
-    """A callable (query, support, support_mask) -> logits over the package, and its metadata."""
+    """A callable (query, support, support_mask) -> logits over the package, and its metadata.
+
+    The compiled code reads every input as contiguous whatever its strides: a channels-last query
+    (what torchvision's resize returns for an image decoded as HWC) gives wrong logits without an
+    error, so the callable makes its inputs contiguous (cpp/src/aoti_backend.cpp does the same)."""
     runner = torch._inductor.aoti_load_package(str(path))
-    return runner, runner.get_metadata()
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        return runner(*(t.contiguous() for t in inputs))
+    return run, runner.get_metadata()

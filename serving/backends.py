@@ -130,8 +130,8 @@ class AotiBackend(Backend):
 
     @torch.no_grad()
     def decode(self, query, feats):
-        support, mask = (torch.from_numpy(np.ascontiguousarray(f)) for f in feats)
-        return self.runner(torch.from_numpy(np.ascontiguousarray(query)), support, mask).cpu().numpy()
+        support, mask = (torch.from_numpy(f) for f in feats)
+        return self.runner(torch.from_numpy(query), support, mask).cpu().numpy()
 
 
 # what each backend loads from the model folder

@@ -64,6 +64,11 @@ def model_dir(tmp_path_factory):
     report = aoti_package(cfg, merged, d / "aoti", SIZE, {"head": "pfenet"}, [(q, s, m), (q[:1], s[:1, :1], m[:1, :1])],
                           (q[:1], s[:1, :1], m[:1, :1]))
     assert report["built"] and report["max_rel"] <= 1e-4
+    from export.aoti import load
+    runner, _ = load(d / "aoti" / "model.pt2")
+    with torch.no_grad():       # a channels-last query (torchvision's resize of an HWC image) reads right
+        got = runner(q.to(memory_format=torch.channels_last), s.transpose(-1, -2).contiguous().transpose(-1, -2), m)
+        assert torch.allclose(got, merged(q, s, m), rtol=0, atol=1e-4)
     export_split(merged, d, SIZE, 18, {"input_size": [SIZE, SIZE]})
     return d
 

@@ -22,7 +22,9 @@ class AotiBackend : public Backend {
   }
   at::Tensor run(const at::Tensor& query, const at::Tensor& support, const at::Tensor& support_mask) override {
     c10::InferenceMode guard;
-    auto out = loader_.run({query.to(device_), support.to(device_), support_mask.to(device_)});
+    // the compiled code reads its inputs as contiguous whatever their strides (export/aoti.py)
+    auto out = loader_.run({query.to(device_).contiguous(), support.to(device_).contiguous(),
+                            support_mask.to(device_).contiguous()});
     return out.at(0).to(torch::kCPU);
   }
   std::string name() const override { return device_ == torch::kCUDA ? "aoti (cuda)" : "aoti (cpu)"; }
