@@ -62,28 +62,67 @@ def backend_throughput(model_dir: str, backend: str, q: bytes, s: bytes, m: byte
     return b.name, n / (time.perf_counter() - t0)
 
 
+class RawClient:
+    """HTTP/1.1 keep-alive on one socket, the request's bytes built once (by httpx) and sent as they are:
+    on a machine the load generator shares with the service, its own CPU per request stays a fraction of
+    the service's (httpx's client spent about as much per request as the service's HTTP layer)."""
+
+    def __init__(self, url: str, method: str, path: str, files=None):
+        req = httpx.Request(method, url + path, files=files)
+        body = req.read()
+        head = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items() if k.lower() != "content-length")
+        self.raw = f"{method} {path} HTTP/1.1\r\n{head}content-length: {len(body)}\r\n\r\n".encode() + body
+        self.address = (req.url.host, req.url.port)
+        self.sock = self.file = None
+
+    def __call__(self) -> int:
+        if self.sock is None:
+            self.sock = socket.create_connection(self.address, timeout=60)
+            self.file = self.sock.makefile("rb")
+        self.sock.sendall(self.raw)
+        status = int(self.file.readline().split()[1])
+        length, close = 0, False
+        while (line := self.file.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode("latin-1").partition(":")
+            if k.lower() == "content-length":
+                length = int(v)
+            close |= k.lower() == "connection" and v.strip().lower() == "close"
+        self.file.read(length)
+        if close:
+            self.close()
+        return status
+
+    def close(self):
+        if self.sock is not None:
+            self.file.close()
+            self.sock.close()
+            self.sock = self.file = None
+
+
 def load(url: str, path: str, files, clients: int, seconds: float, server_pid: int):
     import psutil
-    server = psutil.Process(server_pid)
-    cpu0 = sum(server.cpu_times()[:2])
+    server, me = psutil.Process(server_pid), psutil.Process()
+    cpu0, mine0 = sum(server.cpu_times()[:2]), sum(me.cpu_times()[:2])
     lat, errors, health = [], [], []
     stop = time.perf_counter() + seconds
 
     def prober():                        # liveness as an orchestrator sees it while the load runs
-        with httpx.Client(base_url=url, timeout=30) as c:
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                c.get("/healthz")
-                health.append(time.perf_counter() - t)
-                time.sleep(0.05)
+        c = RawClient(url, "GET", "/healthz")
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            c()
+            health.append(time.perf_counter() - t)
+            time.sleep(0.05)
+        c.close()
 
     def worker():
-        with httpx.Client(base_url=url, timeout=60) as c:
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                r = c.post(path, files=files)
-                dt = time.perf_counter() - t
-                (lat if r.status_code == 200 else errors).append(dt)
+        c = RawClient(url, "POST", path, files)
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            status = c()
+            dt = time.perf_counter() - t
+            (lat if status == 200 else errors).append(dt)
+        c.close()
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)] + [threading.Thread(target=prober)]
@@ -92,9 +131,11 @@ def load(url: str, path: str, files, clients: int, seconds: float, server_pid: i
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    cpu = sum(server.cpu_times()[:2]) - cpu0
-    return {"rps": len(lat) / wall, "server_cpu_ms": 1000 * cpu / max(1, len(lat)), "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "ok": len(lat),
-            "errors": len(errors), "health_p99": pct(health, 0.99), "health_max": pct(health, 1.0)}
+    cpu, mine = sum(server.cpu_times()[:2]) - cpu0, sum(me.cpu_times()[:2]) - mine0
+    n = max(1, len(lat))
+    return {"rps": len(lat) / wall, "server_cpu_ms": 1000 * cpu / n, "client_cpu_ms": 1000 * mine / n,
+            "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "ok": len(lat), "errors": len(errors),
+            "health_p99": pct(health, 0.99), "health_max": pct(health, 1.0)}
 
 
 def main():
@@ -135,7 +176,7 @@ def main():
         print(f"service: backend {info['backend']}, model input {info['input_size']} px, uploads "
               f"{args.image_size}x{args.image_size} PNG, {args.seconds:g} s per level, {os.cpu_count()} CPUs")
         print(f"{'endpoint':34s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} "
-              f"{'healthz p99':>11s} {'max ms':>7s} {'server CPU ms/req':>17s}")
+              f"{'healthz p99':>11s} {'max ms':>7s} {'server CPU ms/req':>17s} {'client CPU':>10s}")
         results = {}
         for name, path, files in (
                 ("/v1/segment (1 shot uploaded)", "/v1/segment",
@@ -144,7 +185,7 @@ def main():
             for c in args.levels:
                 r = results[path, c] = load(url, path, files, c, args.seconds, proc.pid)
                 print(f"{name:34s} {c:7d} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:7d} "
-                      f"{r['health_p99']:11.1f} {r['health_max']:7.1f} {r['server_cpu_ms']:17.1f}")
+                      f"{r['health_p99']:11.1f} {r['health_max']:7.1f} {r['server_cpu_ms']:17.1f} {r['client_cpu_ms']:10.1f}")
         batches = [line for line in httpx.get(url + "/metrics").text.splitlines()
                    if line.startswith(("svf_batch_size_sum", "svf_batch_size_count"))]
         vals = {line.split()[0]: float(line.split()[1]) for line in batches}

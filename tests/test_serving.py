@@ -701,3 +701,20 @@ def test_open_inference_protocol_with_tritonclient(keyed, model_dir, episode, tm
     import httpx
     r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=b"{not json", headers=dict(key))
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
+
+
+def test_an_unhandled_error_answers_500_json_and_is_counted():
+    import asyncio
+    import httpx
+    from serving.app import Measured
+    seen = []
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("boom")
+
+    async def get():
+        transport = httpx.ASGITransport(app=Measured(broken, lambda scope, status, s: seen.append(status)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get("/anything")
+    r = asyncio.run(get())
+    assert r.status_code == 500 and r.json() == {"error": "internal error"} and seen == [500]

@@ -96,7 +96,7 @@ at::Tensor mask_of(const at::Tensor& logits, const Episode& e) {
   auto crop = logits.slice(1, 0, e.valid_h).slice(2, 0, e.valid_w).unsqueeze(0).to(torch::kFloat32);
   auto up = F::interpolate(crop, F::InterpolateFuncOptions().size(std::vector<int64_t>{e.height, e.width})
                                      .mode(torch::kBilinear).align_corners(true));
-  return up[0].argmax(0).to(torch::kUInt8).contiguous();
+  return (up[0][1] > up[0][0]).to(torch::kUInt8).contiguous();   // argmax of 2 channels, ties to 0
 }
 
 }  // namespace svf_fss
