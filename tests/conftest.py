@@ -24,6 +24,22 @@ def tiny_cfg():
                                   "bins": [1.0, 0.5, 0.25]}})
 
 
+def small_merged_model(backbone: str, size: int, **cfg):
+    """A random PFENet on ``backbone`` (reduce_dim 16, bins 1 and 0.5), its singular values moved off 1 so
+    that the merge is not trivial, merged to dense convs; returns (merged model, its config)."""
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+    from pipeline.svf import SVFConv2d, merge_svf
+    cfg = load_config({"model": {"backbone": backbone, "pretrained": "random", "reduce_dim": 16, "bins": [1.0, 0.5]},
+                       "eval": {"test_size": size}, **cfg})
+    model, _ = build_model(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SVFConv2d):
+                m.S.mul_(1.05)
+    return merge_svf(model).eval(), cfg
+
+
 def make_synthetic(root: Path, num_train: int, num_val: int, seed: int, rule: str = "bam", min_pixels: int = 50) -> Path:
     """A small prepared synthetic benchmark with fold 0 split under ``root``; returns ``root``."""
     from pipeline.config import SyntheticCfg

@@ -42,20 +42,11 @@ def program():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A small merged model exported as the export stage does it: AOTInductor package and ONNX graphs."""
+    from conftest import small_merged_model
     from export.onnx_export import _example, export_split
-    from pipeline.config import load_config
-    from pipeline.models import build_model
-    from pipeline.svf import SVFConv2d, merge_svf
     from stages.export import aoti_package
     d = tmp_path_factory.mktemp("cpp_model")
-    cfg = load_config({"model": {"backbone": "resnet10_slim", "pretrained": "random", "reduce_dim": 16,
-                                 "bins": [1.0, 0.5]}, "eval": {"test_size": SIZE}, "export": {"aoti": True}})
-    model, _ = build_model(cfg)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, SVFConv2d):
-                m.S.mul_(1.05)
-    merged = merge_svf(model).eval()
+    merged, cfg = small_merged_model("resnet10_slim", SIZE, export={"aoti": True})
     q, s, m = _example(SIZE)
     with torch.no_grad():   # the untrained model calls everything one class: centre its decision on these inputs
         margin = (lambda o: (o[:, 1] - o[:, 0]).median())(merged(q, s, m))

@@ -22,19 +22,10 @@ SIZE = 48
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from export.onnx_export import export_split
+    from conftest import small_merged_model
     from pipeline import adapter as adapter_io
-    from pipeline.config import load_config
-    from pipeline.models import build_model
-    from pipeline.svf import SVFConv2d, merge_svf
     d = tmp_path_factory.mktemp("served")
-    cfg = load_config({"model": {"backbone": "resnet18", "pretrained": "random", "reduce_dim": 16, "bins": [1.0, 0.5]},
-                       "eval": {"test_size": SIZE}})
-    model, _ = build_model(cfg)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, SVFConv2d):
-                m.S.mul_(1.05)
-    merged = merge_svf(model).eval()
+    merged, cfg = small_merged_model("resnet18", SIZE)
     adapter_io.save(adapter_io.merged_state(merged, cfg), d / "merged.pt")
     export_split(merged, d, SIZE, 18, {"input_size": [SIZE, SIZE]})
     return d
