@@ -162,7 +162,7 @@ def query_tensor(img: np.ndarray, size: int) -> tuple[np.ndarray, list]:
 
 def mask_of(logits: np.ndarray, valid, hw: tuple[int, int]) -> np.ndarray:
     """The 0/1 mask at the query's own resolution from one episode's logits [2,S,S]."""
-    return predict_original(torch.from_numpy(np.ascontiguousarray(logits)), valid, hw).numpy().astype(np.uint8)
+    return predict_original(torch.from_numpy(np.array(logits, np.float32)), valid, hw).numpy().astype(np.uint8)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

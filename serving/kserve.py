@@ -87,7 +87,7 @@ class Protocol:
                 if size != 4 * count or offset + size > len(binary):
                     raise UserError(f"input {tname}: {size} bytes of binary data for shape {shape} (needs {4 * count}; "
                                     f"{len(binary) - offset} left in the body)")
-                arr = np.frombuffer(binary[offset:offset + size], "<f4").reshape(shape)
+                arr = np.frombuffer(binary[offset:offset + size], "<f4").reshape(shape).copy()   # writable
                 offset += size
             else:
                 try:

@@ -14,7 +14,8 @@ logging.getLogger("pipeline.models.backbone").setLevel(logging.ERROR)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @pytest.fixture
