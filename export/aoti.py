@@ -10,6 +10,7 @@ this GPU), like a TensorRT engine; ONNX stays the portable artefact.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from .onnx_export import IMAGE_AXES, _axes, _dims, _example
 
 SIZE_KEY = "svf_fss.input_size"   # read by cpp/src/aoti_backend.cpp
+# compiling or loading a CPU package needs no CUDA: torch's note that it found no CUDA runtime would only alarm
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def export_aoti(model: torch.nn.Module, path: str | Path, size: int, metadata: dict | None = None,
