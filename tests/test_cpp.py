@@ -128,9 +128,12 @@ def test_cpp_bad_inputs_say_what_is_wrong(program, model_dir, episodes, tmp_path
              ((model, [s], [m], [tmp_path / "none.png"]), 1, "none.png: cannot open"),
              ((model, [s], [s], [q]), 1, "is not binary"),
              ((tmp_path / "missing.pt2", [s], [m], [q]), 2, "does not exist; the export stage writes it"),
-             ((model, [s, s], [m], [q]), 2, "2 --support but 1 --mask")]
+             ((model, [s, s], [m], [q]), 2, "2 --support but 1 --mask"),
+             ((model_dir / "query_decoder.onnx", [s], [m], [q]), 2, "is an ONNX graph; this program runs"),
+             ((s, [s], [m], [q]), 1, "is not an AOTInductor package that loads here")]
     for args, code, message in cases:
         r = _run(program, *args, tmp_path / "out")
         assert r.returncode == code and message in r.stderr, (message, r.returncode, r.stderr)
+        assert "frame #" not in r.stderr                      # a sentence, not LibTorch's backtrace
     r = _run(program, model, [s], [grey], [q], tmp_path / "out", "--mask-threshold", "0.4")
     assert r.returncode == 0, r.stderr                       # a threshold binarises it, as in Python

@@ -36,7 +36,14 @@ class AotiBackend : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> load_aoti(const std::string& package) { return std::make_unique<AotiBackend>(package); }
+std::unique_ptr<Backend> load_aoti(const std::string& package) {
+  try {
+    return std::make_unique<AotiBackend>(package);
+  } catch (const c10::Error& e) {   // LibTorch's message carries a C++ backtrace; the first line says it
+    throw std::runtime_error(package + " is not an AOTInductor package that loads here (" + e.msg() +
+                             "); the export stage writes models/fold<i>/<k>shot/aoti/model.pt2");
+  }
+}
 
 #ifndef SVF_FSS_TENSORRT
 bool has_tensorrt() { return false; }

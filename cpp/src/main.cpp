@@ -33,7 +33,7 @@ const char* USAGE =
 
 double median_ms(std::vector<double> v) {
   std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+  return v[(v.size() - 1) / 2];
 }
 
 }  // namespace
@@ -73,7 +73,11 @@ int main(int argc, char** argv) {
     fail("--model, --support, --mask, --query and --out are required");
   if (supports.size() != masks.size())
     fail(std::to_string(supports.size()) + " --support but " + std::to_string(masks.size()) + " --mask");
-  if (backend.empty()) backend = fs::path(model).extension() == ".engine" ? "tensorrt" : "aoti";
+  auto ext = fs::path(model).extension();
+  if (ext == ".onnx")
+    fail(model + " is an ONNX graph; this program runs the AOTInductor package (aoti/model.pt2 beside it) or a "
+                 "TensorRT engine (model.engine)");
+  if (backend.empty()) backend = ext == ".engine" ? "tensorrt" : "aoti";
   if (!fs::exists(model)) fail(model + " does not exist; the export stage writes it (`dvc repro`)");
   try {
     std::unique_ptr<svf_fss::Backend> net;
@@ -111,6 +115,9 @@ int main(int argc, char** argv) {
               << net->size << "x" << net->size << "; end to end median " << median_ms(total_ms) << " ms per query";
     if (!model_ms.empty()) std::cout << "; model median " << median_ms(model_ms) << " ms per episode";
     std::cout << "\n";
+  } catch (const c10::Error& e) {
+    std::cerr << "svf_fss_predict: " << e.msg() << "\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "svf_fss_predict: " << e.what() << "\n";
     return 1;
