@@ -11,8 +11,8 @@ The models, tensor names and shapes are export/triton.py's, as in the exported T
 ``svf_fss`` (the whole network), ``svf_fss_support_encoder`` and ``svf_fss_query_decoder`` (a client
 caches a support set's features and sends only queries). Tensors are preprocessed FP32 (the ONNX
 model's inputs: normalised images at the model's size), not image files: that is the /v1 API's job.
-The split models need a backend that has them (ONNX Runtime, PyTorch); a TensorRT engine holds the
-whole network, so with it they answer 503 saying so. API keys and limits are the /v1 API's (guard.py).
+The split models need a backend that has them (ONNX Runtime, PyTorch); a TensorRT engine or an
+AOTInductor package holds the whole network, so with those they answer 503 saying so. API keys and limits are the /v1 API's (guard.py).
 """
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ class Protocol:
         if name not in self.signatures:
             raise UserError(f"unknown model {name!r}; this service has {', '.join(self.signatures)}", 404)
         if name != FULL and not self.split:
-            raise UserError(f"model {name!r} is not available with the {self.backend.name} backend: a TensorRT engine "
-                            "holds the whole network; start the service with --backend onnxruntime for the split models",
-                            503)
+            raise UserError(f"model {name!r} is not available with the {self.backend.name} backend, whose model holds the "
+                            "whole network in one piece; start the service with --backend onnxruntime (or torch) for "
+                            "the split models", 503)
 
     def parse(self, name: str, body: bytes, header_length: int | None) -> tuple[dict, dict]:
         """(inputs by name as float32 arrays of their declared shapes, the request's JSON)."""
