@@ -168,12 +168,11 @@ Image read_mask(const std::string& path, double threshold) {
     if (used_alpha && raw.bit_depth == 16)
       for (auto& v : plane) v >>= 8;   // Pillow reads 16-bit alpha as 8-bit
   }
-  if (!used_alpha) {
+  if (!used_alpha) {   // Pillow: colour -> L, 16-bit colour or grey+alpha by its high byte, plain grey as stored
+    int shift = raw.bit_depth == 16 && raw.channels > 1 ? 8 : 0;
     for (size_t p = 0; p < n; ++p) {
       const uint16_t* px = &raw.v[p * raw.channels];
-      plane[p] = raw.channels >= 3 ? grey_of(px[0], px[1], px[2]) : px[0];
-      if (raw.channels >= 3 && raw.bit_depth == 16) plane[p] = grey_of(px[0] >> 8, px[1] >> 8, px[2] >> 8);
-      else if (raw.channels == 2 && raw.bit_depth == 16) plane[p] = px[0] >> 8;
+      plane[p] = raw.channels >= 3 ? grey_of(px[0] >> shift, px[1] >> shift, px[2] >> shift) : px[0] >> shift;
     }
   }
   bool wide = raw.bit_depth == 16 && raw.channels == 1;   // Pillow's I;16: values kept, white 65535
