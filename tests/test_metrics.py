@@ -56,7 +56,6 @@ def test_summary_mean_and_spread_over_seeds():
 
 def _random_episodes(rng, n, classes, acc=None, better=0):
     """n random episodes of 6x6 masks; ``better`` extra correct pixels per episode."""
-    import numpy as np
     acc = acc or IoUAccumulator(classes)
     for i in range(n):
         label = torch.from_numpy(rng.integers(0, 2, 36)).view(6, 6)
