@@ -248,7 +248,7 @@ def test_coco_download_prepare_split(tmp_path):
         ("COCO_train2014_000000000001", 1)]
 
 
-def test_weights_download_verifies_sha256_prefix(tmp_path):
+def test_weights_download_verifies_the_full_sha256(tmp_path):
     srv_dir = tmp_path / "srv"
     srv_dir.mkdir()
     state = {"conv1.weight": torch.zeros(1)}
@@ -258,15 +258,41 @@ def test_weights_download_verifies_sha256_prefix(tmp_path):
     digest = hashlib.sha256(buf.getvalue()).hexdigest()
     name = f"resnet18-{digest[:8]}.pth"
     (srv_dir / name).write_bytes(buf.getvalue())
+    # a different file with the same 8-digit prefix: what a prefix check would let through
+    other = digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:]
     with ArchiveServer(srv_dir) as srv:
         got = sources.fetch_weights(["resnet18"], tmp_path / "data",
-                                    resources={"resnet18": Resource(f"{srv.url}/{name}", name, sha256=digest[:8])})
-        assert Path(got["resnet18"]["file"]).exists()
+                                    resources={"resnet18": Resource(f"{srv.url}/{name}", name, sha256=digest)})
+        assert Path(got["resnet18"]["file"]).read_bytes() == buf.getvalue()
+        assert got["resnet18"]["sha256"] == digest
         with pytest.raises(ChecksumError, match=name):
             sources.fetch_weights(["resnet18"], tmp_path / "d2",
-                                  resources={"resnet18": Resource(f"{srv.url}/{name}", name, sha256="deadbeef")})
-    assert sources.backbone_resource("resnet50").url.endswith("resnet50-0676ba61.pth")
-    assert sources.backbone_resource("resnet50").sha256 == "0676ba61"
+                                  resources={"resnet18": Resource(f"{srv.url}/{name}", name, sha256=other)})
+        assert not list((tmp_path / "d2").rglob(name)), "a file that failed verification is removed"
+    for bad in ({"sha256": digest[:8]}, {"sha256": digest.upper()}, {"md5": "0" * 31}, {}):
+        with pytest.raises(ValueError, match="full digest|md5 or sha256"):
+            Resource("http://127.0.0.1/x", "x", **bad)
+
+
+def test_imagenet_checkpoints_are_known_by_their_full_sha256():
+    import torchvision
+
+    from pipeline.models.backbone import WEIGHT_ENUMS
+    assert set(sources.IMAGENET_SHA256) == set(WEIGHT_ENUMS)
+    for arch in WEIGHT_ENUMS:
+        res = sources.backbone_resource(arch)
+        # the installed torchvision's file name carries the first 8 digits of the same digest
+        assert res.url == getattr(torchvision.models, WEIGHT_ENUMS[arch]).IMAGENET1K_V1.url
+        assert len(res.sha256) == 64 and res.filename == f"{arch}-{res.sha256[:8]}.pth"
+    assert sources.backbone_resource("resnet50").sha256.startswith("0676ba61b679")
+    with pytest.raises(ValueError, match="no torchvision ImageNet checkpoint"):
+        sources.backbone_resource("resnet50_deep")
+
+
+def test_imagenet_backbone_without_its_verified_file_names_the_download_stage(tmp_path):
+    from pipeline.models import load_backbone
+    with pytest.raises(FileNotFoundError, match="dvc repro download.*full sha256"):
+        load_backbone("resnet18", "imagenet", weights_root=tmp_path)
 
 
 # ------------------------------------------------------------------ synthetic + episodes

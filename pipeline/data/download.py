@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tarfile
 import urllib.error
@@ -32,11 +33,20 @@ class UnsafeArchiveError(RuntimeError):
 
 @dataclass(frozen=True)
 class Resource:
-    """A file at ``url``, saved as ``filename``, verified by md5 or sha256 (a full digest or a prefix)."""
+    """A file at ``url``, saved as ``filename``, verified by its full md5 or sha256 (never a prefix)."""
     url: str
     filename: str
     md5: str | None = None
     sha256: str | None = None
+
+    def __post_init__(self):
+        if not (self.md5 or self.sha256):
+            raise ValueError(f"{self.filename}: a download needs its md5 or sha256 to be verified")
+        for algo, n in (("md5", 32), ("sha256", 64)):
+            digest = getattr(self, algo)
+            if digest and not re.fullmatch(f"[0-9a-f]{{{n}}}", digest):
+                raise ValueError(f"{self.filename}: {algo} must be the full digest, {n} lowercase hex digits "
+                                 f"(got {digest!r}); a prefix would let a different file through")
 
     def with_url(self, url: str) -> "Resource":
         return Resource(url, self.filename, self.md5, self.sha256)
@@ -65,11 +75,9 @@ def file_digest(path: Path, algo: str) -> str:
 def _check(res: Resource, path: Path) -> tuple[bool, str, str]:
     if res.sha256:
         actual = file_digest(path, "sha256")
-        return actual.startswith(res.sha256), res.sha256, actual
-    if res.md5:
-        actual = file_digest(path, "md5")
-        return actual == res.md5, res.md5, actual
-    return True, "", ""
+        return actual == res.sha256, res.sha256, actual
+    actual = file_digest(path, "md5")
+    return actual == res.md5, res.md5, actual
 
 
 def download(res: Resource, dest_dir: str | Path, timeout: float = 60.0, progress: bool = True) -> Path:

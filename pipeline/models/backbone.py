@@ -209,13 +209,9 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
                                     "no stable download URL: fetch the file from the link in PFENet's README and "
                                     "set model.pretrained to its path (see the README, 'Reproducing the paper')")
         else:
-            enum = getattr(torchvision.models, WEIGHT_ENUMS[arch]).IMAGENET1K_V1
-            try:
-                state = enum.get_state_dict(progress=True)
-            except Exception as e:  # no network
-                raise RuntimeError(f"ImageNet weights for {arch} are not at {local} and could not be downloaded "
-                                   f"({e}); run `dvc repro download` where the network allows, or set "
-                                   f"model.pretrained to 'random' or a checkpoint path") from e
+            raise FileNotFoundError(f"the ImageNet weights of {arch} are not at {local}: run `dvc repro download` "
+                                    "(or `python -m stages.download` with model.pretrained: imagenet), which fetches "
+                                    "torchvision's checkpoint and verifies its full sha256")
     else:
         path = Path(pretrained)
         if not path.exists():
