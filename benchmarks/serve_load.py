@@ -4,6 +4,11 @@ with /healthz polled every 50 ms meanwhile; and, first, the backend's own batche
 same queries (in this process, no HTTP), so the service's overhead is one ratio.
 
     python benchmarks/serve_load.py [--model-dir models/fold0/1shot] [--backend auto] [--seconds 10]
+    python benchmarks/serve_load.py --random-model resnet50_deep:473 --backend torch --image-size 500
+
+``--random-model ARCH:SIZE`` serves a merged PFENet with random weights at the recipe's head width
+instead of a trained one: the cost of a request does not depend on the weights, so this measures the
+service at the paper's sizes (on a GPU, the torch backend) without training first.
 
 Starts `python -m serving` on a free 127.0.0.1 port, drives it with threads of httpx clients for a
 bounded time per level, then stops it. The goal printed at the end: the registered set at 16 clients
@@ -30,11 +35,38 @@ from pipeline.data.synthetic import generate_image  # noqa: E402
 from serving.inputs import png_bytes  # noqa: E402
 
 
-def episode(size: int):
+def episode(size: int, jpeg: bool = False):
+    """(query, support, mask) files: images as PNG (or JPEG at quality 90, as photos come), the mask PNG."""
+    def image(a):
+        if not jpeg:
+            return png_bytes(a)
+        import io
+
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=90)
+        return buf.getvalue()
     qi, _ = generate_image(0, "val", size, 11)
     si, sl = generate_image(1, "val", size, 11)
     cls = int(next(c for c in np.unique(sl) if c not in (0, 255)))
-    return png_bytes(qi), png_bytes(si), png_bytes(np.where(sl == cls, 255, 0).astype(np.uint8))
+    return image(qi), image(si), png_bytes(np.where(sl == cls, 255, 0).astype(np.uint8))
+
+
+def random_model(spec: str, out: Path) -> Path:
+    """``out/merged.pt``: a merged PFENet (recipe head, reduce_dim 256) on backbone ARCH with random
+    weights and test size SIZE, from ``spec`` = "ARCH:SIZE"."""
+    from pipeline import adapter as adapter_io
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+    from pipeline.svf import merge_svf
+    arch, _, size = spec.partition(":")
+    if not size.isdigit():
+        sys.exit(f"--random-model takes ARCH:SIZE, e.g. resnet50_deep:473 (got {spec!r})")
+    cfg = load_config({"model": {"backbone": arch, "pretrained": "random"}, "eval": {"test_size": int(size)}})
+    model, _ = build_model(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter_io.save(adapter_io.merged_state(merge_svf(model).eval(), cfg), out / "merged.pt")
+    return out
 
 
 def pct(values, p: float) -> float:
@@ -53,7 +85,7 @@ def backend_throughput(model_dir: str, backend: str, q: bytes, s: bytes, m: byte
     feats = b.encode(*support_tensors([img], [read_mask(m, "mask", img.shape[:2], big)], b.size))
     xq, _ = query_tensor(read_image(q, "query", big), b.size)
     x = np.repeat(xq, batch, 0)
-    fb = type(b).concat([feats] * batch)
+    fb = type(b).batch_features([feats] * batch)    # one set for all: what the service's batcher passes
     b.decode(x, fb)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -142,23 +174,37 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=str(ROOT / "models" / "fold0" / "1shot"))
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--random-model", metavar="ARCH:SIZE", help="serve a random-weight merged PFENet instead of "
+                    "--model-dir, e.g. resnet50_deep:473 (the recipe's backbone and test size)")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--image-size", type=int, default=128, help="side of the uploaded test images")
+    ap.add_argument("--jpeg", action="store_true", help="upload the images as JPEG (quality 90) instead of PNG")
     ap.add_argument("--max-batch", type=int, default=8, help="the service's batch (and the backend measurement's)")
     ap.add_argument("--workers", type=int, default=4, help="the service's image worker threads")
     args = ap.parse_args()
-    q, s, m = episode(args.image_size)
+    if args.random_model:
+        import atexit
+        import shutil
+        import tempfile
+        args.model_dir = str(random_model(args.random_model, Path(tempfile.mkdtemp(prefix="svf-random-model-"))))
+        atexit.register(shutil.rmtree, args.model_dir, True)
+        print(f"random-weight model {args.random_model} in {args.model_dir}")
+    q, s, m = episode(args.image_size, args.jpeg)
     name, batched = backend_throughput(args.model_dir, args.backend, q, s, m, args.max_batch, args.seconds)
     print(f"backend alone ({name}, batch {args.max_batch}, this process): {batched:.1f} episodes/s")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
+    import tempfile
+    log = tempfile.TemporaryFile()      # the service's log, shown if it does not start
     proc = subprocess.Popen([sys.executable, "-m", "serving", "--model-dir", args.model_dir, "--backend", args.backend,
                              "--port", str(port), "--max-batch", str(args.max_batch), "--workers", str(args.workers),
-                             "--store", "none"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--store", "none"], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                                                         os.environ.get("PYTHONPATH")]))),
+                            stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.time() + 120
         while True:
@@ -169,19 +215,21 @@ def main():
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                sys.exit("the service did not start")
+                log.seek(0)
+                sys.exit("the service did not start; its last words:\n" + log.read().decode(errors="replace")[-2000:])
             time.sleep(0.3)
         info = ready.json()
-        httpx.put(url + "/v1/support-sets/bench", files=[("supports", ("s.png", s)), ("masks", ("m.png", m))])
+        ext = "jpg" if args.jpeg else "png"
+        httpx.put(url + "/v1/support-sets/bench", files=[("supports", (f"s.{ext}", s)), ("masks", ("m.png", m))])
         print(f"service: backend {info['backend']}, model input {info['input_size']} px, uploads "
-              f"{args.image_size}x{args.image_size} PNG, {args.seconds:g} s per level, {os.cpu_count()} CPUs")
+              f"{args.image_size}x{args.image_size} {'JPEG' if args.jpeg else 'PNG'}, {args.seconds:g} s per level, {os.cpu_count()} CPUs")
         print(f"{'endpoint':34s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} "
               f"{'healthz p99':>11s} {'max ms':>7s} {'server CPU ms/req':>17s} {'client CPU':>10s}")
         results = {}
         for name, path, files in (
                 ("/v1/segment (1 shot uploaded)", "/v1/segment",
-                 [("query", ("q.png", q)), ("supports", ("s.png", s)), ("masks", ("m.png", m))]),
-                ("/v1/support-sets/bench/segment", "/v1/support-sets/bench/segment", [("query", ("q.png", q))])):
+                 [("query", (f"q.{ext}", q)), ("supports", (f"s.{ext}", s)), ("masks", ("m.png", m))]),
+                ("/v1/support-sets/bench/segment", "/v1/support-sets/bench/segment", [("query", (f"q.{ext}", q))])):
             for c in args.levels:
                 r = results[path, c] = load(url, path, files, c, args.seconds, proc.pid)
                 print(f"{name:34s} {c:7d} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:7d} "

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
@@ -117,6 +118,11 @@ class Batcher:
         await self.queue.put((query, feats, fut))
         return await asyncio.wait_for(fut, timeout=self.limits.timeout_s)
 
+    def _decode(self, queries: list, feats: list) -> np.ndarray:
+        """One backend call for the batch; the stacking too runs off the event loop (at 473 px a batch of
+        8 queries is 21 MB to copy)."""
+        return self.backend.decode(np.concatenate(queries, 0), Backend.batch_features(feats))
+
     async def _loop(self):
         loop = asyncio.get_running_loop()
         while True:
@@ -140,9 +146,7 @@ class Batcher:
                     continue
                 self.batch_hist.observe(len(live))
                 try:
-                    q = np.concatenate([g[0] for g in live], 0)
-                    feats = Backend.concat([g[1] for g in live])
-                    out = await loop.run_in_executor(None, self.backend.decode, q, feats)
+                    out = await loop.run_in_executor(None, self._decode, [g[0] for g in live], [g[1] for g in live])
                     for i, g in enumerate(live):
                         if not g[2].done():
                             g[2].set_result(out[i:i + 1])
@@ -210,6 +214,11 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     async def _startup():
         b = await asyncio.get_running_loop().run_in_executor(None, load_backend, Path(model_dir), backend)
         state["backend"] = b
+        if b.kind in ("onnxruntime", "tensorrt") or getattr(getattr(b, "device", None), "type", "") == "cuda":
+            # the image work's torch operators run one thread each: the worker pool is their parallelism, and
+            # the model keeps its own threads (ONNX Runtime) or runs on the GPU; on a 16-core machine the
+            # default of one operator thread per core in each of the workers spent the CPU spinning
+            torch.set_num_threads(1)
         state["batcher"] = Batcher(b, limits, batch_sizes)
         state["batcher"].start()
         s = b.size

@@ -40,6 +40,7 @@ def _free_port():
 class Server:
     def __init__(self, model_dir, backend, *flags, store=None):
         import tempfile
+        self.own_store = store is None      # made here, removed by stop()
         self.store = store or tempfile.mkdtemp(prefix="svf-sets-")
         flags = (*flags, "--store", str(self.store))
         self.port = _free_port()
@@ -64,6 +65,9 @@ class Server:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(10)
+        if self.own_store:
+            import shutil
+            shutil.rmtree(self.store, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +127,25 @@ def test_masks_equal_the_in_process_model(server, model_dir, episode):
     # a registered support set gives the same answer
     assert c.register("cls", sup, msk) == {"name": "cls", "shots": 2}
     assert np.array_equal(np.array(Image.open(io.BytesIO(c.segment_with("cls", q)))), png)
+
+
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+def test_a_set_shared_by_a_batch_decodes_as_if_stacked(model_dir, name):
+    """The batcher passes a registered set's features once for all its queries; decode broadcasts them."""
+    from serving.backends import Backend, load_backend
+    b = load_backend(model_dir, name)
+    g = np.random.default_rng(0)
+    feats = b.encode(g.standard_normal((1, 1, 3, SIZE, SIZE)).astype(np.float32),
+                     (g.random((1, 1, SIZE, SIZE)) > 0.5).astype(np.float32))
+    other = b.encode(g.standard_normal((1, 1, 3, SIZE, SIZE)).astype(np.float32),
+                     (g.random((1, 1, SIZE, SIZE)) > 0.5).astype(np.float32))
+    q = g.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    assert Backend.batch_features([feats] * 3) is feats
+    stacked = b.decode(q, tuple(np.concatenate([f] * 3) for f in feats))
+    np.testing.assert_allclose(b.decode(q, feats), stacked, rtol=0, atol=1e-5)
+    mixed = b.decode(q, Backend.batch_features([feats, other, feats]))
+    np.testing.assert_allclose(mixed[[0, 2]], stacked[[0, 2]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mixed[1], b.decode(q[1:2], other)[0], rtol=0, atol=1e-5)
 
 
 def test_bad_inputs_answer_4xx_json(server, episode, tmp_path):
