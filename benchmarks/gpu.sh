@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# What a machine with a CUDA GPU checks and measures, in one go (this project's CI has no GPU):
+#   the CUDA tests (tests/test_cuda.py), a training step of PFENet + SVF and BAM + SVF at the recipe's
+#   sizes (float32 / AMP bf16 / AMP fp16, both SVF forms), and unmerged against merged inference.
+# usage: benchmarks/gpu.sh [log folder (default gpu_logs)] [size (473)] [batch (8)]
+set -uo pipefail
+out=${1:-gpu_logs}; size=${2:-473}; batch=${3:-8}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+status=0
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $py -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version())"
+} 2>&1 | tee "$out/gpu.txt"
+$py -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log" || status=1
+for shots in 1 5; do
+  for head in pfenet bam; do
+    $py benchmarks/train_step.py --head $head --size "$size" --batch "$batch" --shots $shots --iters 10 2>&1 \
+      | grep -v "randomly initialised" | tee "$out/train_step_${head}_${shots}shot.txt" || status=1
+  done
+done
+$py benchmarks/svf_forms.py --arch resnet50_deep --size "$size" --batch "$batch" --iters 10 --device cuda 2>&1 \
+  | grep -v "randomly initialised" | tee "$out/svf_forms.txt" || status=1
+exit $status
