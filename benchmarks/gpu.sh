@@ -8,6 +8,10 @@ out=${1:-gpu_logs}; size=${2:-473}; batch=${3:-8}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
+if ! $py -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "benchmarks/gpu.sh: no CUDA device visible to $py (torch.cuda.is_available() is false); run it on a GPU machine" >&2
+  exit 2
+fi
 status=0
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $py -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version())"

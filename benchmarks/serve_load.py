@@ -62,7 +62,10 @@ def random_model(spec: str, out: Path) -> Path:
     arch, _, size = spec.partition(":")
     if not size.isdigit():
         sys.exit(f"--random-model takes ARCH:SIZE, e.g. resnet50_deep:473 (got {spec!r})")
-    cfg = load_config({"model": {"backbone": arch, "pretrained": "random"}, "eval": {"test_size": int(size)}})
+    try:
+        cfg = load_config({"model": {"backbone": arch, "pretrained": "random"}, "eval": {"test_size": int(size)}})
+    except ValueError as e:
+        sys.exit(f"--random-model {spec}: {e}")
     model, _ = build_model(cfg)
     out.mkdir(parents=True, exist_ok=True)
     adapter_io.save(adapter_io.merged_state(merge_svf(model).eval(), cfg), out / "merged.pt")

@@ -12,7 +12,10 @@ Forward form. Two equivalent forms exist:
 layer2-4 of a ResNet-50 in the `svf` regime; 2-core CPU):
   * 473 x 473, batch 2 (the protocol's crop): rebuild 4.36 s, factorised 4.72 s -> rebuild 1.08x faster;
     inference unmerged/merged: rebuild 1.04x, factorised 1.19x;
-  * 128 x 128, batch 4 (the synthetic default): rebuild 0.72 s, factorised 0.47 s -> factorised 1.54x faster.
+  * 128 x 128, batch 4 (the synthetic default): rebuild 0.72 s, factorised 0.47 s -> factorised 1.54x faster;
+  * H100, deep-stem ResNet-50, 473 x 473, batch 8: rebuild 38.8 ms, factorised 37.1 ms (even); inference
+    unmerged/merged: rebuild 1.04x, factorised 1.12x; the whole PFENet step in float32 needs 13.1 GiB
+    with rebuild, 18.2 with factorised (benchmarks/train_step.py).
 Rebuilding costs one matmul per layer whatever the batch and image size; the factorised form pays
 an extra 1x1 conv over every pixel of an r-channel map. So ``rebuild`` wins once a step carries
 many pixels (the real recipes: 473/641 px crops, batch 8) and is the default; at tiny CPU images
