@@ -127,3 +127,25 @@ def test_amp_training_on_cuda_base_bam_and_pfenet(data_root, tmp_path, monkeypat
         _trained_moved_only_s_and_head(cfg, tmp_path / name / "adapter.pt", state)
         losses = [float(r.split(",")[1]) for r in (tmp_path / f"plots_{name}" / "train.csv").read_text().splitlines()[1:]]
         assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_the_services_cuda_graphs_decode_as_the_eager_model(tmp_path):
+    """serving's torch backend replays a CUDA graph per shape: fresh inputs each call (the static buffers
+    are refilled), batch-1 features shared by a batch, and a new shape, all equal to eager decoding."""
+    import numpy as np
+
+    from conftest import small_merged_model
+    from pipeline import adapter as adapter_io
+    from serving.backends import Backend, TorchBackend
+    merged, cfg = small_merged_model("resnet50", 65)
+    adapter_io.save(adapter_io.merged_state(merged, cfg), tmp_path / "merged.pt")
+    graphs, eager = TorchBackend(tmp_path), TorchBackend(tmp_path, cuda_graphs=False)
+    for batch, seed in ((1, 0), (1, 1), (3, 2), (3, 3)):
+        g = np.random.default_rng(seed)
+        feats = eager.encode(g.standard_normal((1, 2, 3, 65, 65)).astype(np.float32),
+                             (g.random((1, 2, 65, 65)) > 0.5).astype(np.float32))
+        q = g.standard_normal((batch, 3, 65, 65)).astype(np.float32)
+        want = eager.decode(q, feats)
+        got = graphs.decode(q, Backend.batch_features([feats] * batch))
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert len(graphs.graphs) == 2, "one graph per shape, reused"
