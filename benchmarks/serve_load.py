@@ -17,16 +17,21 @@ serves at least 80% of the backend's batched throughput, and /healthz answers wi
 from __future__ import annotations
 
 import argparse
+import atexit
+import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,9 +45,6 @@ def episode(size: int, jpeg: bool = False):
     def image(a):
         if not jpeg:
             return png_bytes(a)
-        import io
-
-        from PIL import Image
         buf = io.BytesIO()
         Image.fromarray(a).save(buf, "JPEG", quality=90)
         return buf.getvalue()
@@ -187,9 +189,6 @@ def main():
     ap.add_argument("--workers", type=int, default=4, help="the service's image worker threads")
     args = ap.parse_args()
     if args.random_model:
-        import atexit
-        import shutil
-        import tempfile
         args.model_dir = str(random_model(args.random_model, Path(tempfile.mkdtemp(prefix="svf-random-model-"))))
         atexit.register(shutil.rmtree, args.model_dir, True)
         print(f"random-weight model {args.random_model} in {args.model_dir}")
@@ -200,7 +199,6 @@ def main():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    import tempfile
     log = tempfile.TemporaryFile()      # the service's log, shown if it does not start
     proc = subprocess.Popen([sys.executable, "-m", "serving", "--model-dir", args.model_dir, "--backend", args.backend,
                              "--port", str(port), "--max-batch", str(args.max_batch), "--workers", str(args.workers),

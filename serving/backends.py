@@ -52,16 +52,6 @@ def broadcast(feats, batch: int) -> tuple:
                  for f in feats)
 
 
-def to_torch(feats, batch: int, device=None) -> list:
-    """Features as torch tensors on ``device``, batch 1 expanded to ``batch`` there (a copy on the device,
-    not on the host)."""
-    out = []
-    for f in feats:
-        t = torch.from_numpy(f).to(device) if device is not None else torch.from_numpy(f)
-        out.append(t.expand(batch, *t.shape[1:]).contiguous() if t.shape[0] != batch else t)
-    return out
-
-
 class TorchBackend(Backend):
     """The merged PyTorch model. On CUDA, decode replays a CUDA graph per input shape (captured on first
     use, at most ``MAX_GRAPHS``): one launch instead of the network's hundreds, each of which needs
@@ -92,8 +82,13 @@ class TorchBackend(Backend):
         return tuple(f.cpu().numpy() for f in feats)
 
     def _run(self, query, feats):
+        """The decoder on device tensors; features of batch 1 expanded to the queries' batch on the device."""
         return self.model.decode(query, *(f.expand(query.shape[0], *f.shape[1:]).contiguous()
                                           if f.shape[0] != query.shape[0] else f for f in feats))
+
+    def _eager(self, query: np.ndarray, feats) -> np.ndarray:
+        return self._run(torch.from_numpy(query).to(self.device),
+                         [torch.from_numpy(f).to(self.device) for f in feats]).float().cpu().numpy()
 
     def _capture(self, query: np.ndarray, feats) -> dict:
         """Static input buffers, the graph and its output for these shapes (warmed up on a side stream
@@ -115,21 +110,19 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def decode(self, query, feats):
         if self.graphs is None:
-            feats = to_torch(feats, query.shape[0], self.device)
-            return self.model.decode(torch.from_numpy(query).to(self.device), *feats).float().cpu().numpy()
+            return self._eager(query, feats)
         key = (query.shape, tuple(f.shape for f in feats))
         with self.lock:
             g = self.graphs.get(key)
             if g is None:
                 if len(self.graphs) >= self.MAX_GRAPHS:     # shapes beyond the cap run eagerly
-                    return self._run(torch.from_numpy(query).to(self.device),
-                                     [torch.from_numpy(f).to(self.device) for f in feats]).float().cpu().numpy()
+                    return self._eager(query, feats)
                 try:
                     g = self.graphs[key] = self._capture(query, feats)
                 except Exception as e:    # an operator that cannot be captured: eager from now on
                     log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(e).__name__, e)
                     self.graphs = None
-                    return self.decode(query, feats)
+                    return self._eager(query, feats)
             g["query"].copy_(torch.from_numpy(query))
             for buf, f in zip(g["feats"], feats):
                 buf.copy_(torch.from_numpy(f))
@@ -202,7 +195,7 @@ class AotiBackend(Backend):
 
     @torch.no_grad()
     def decode(self, query, feats):
-        support, mask = to_torch(feats, query.shape[0])
+        support, mask = (torch.from_numpy(f) for f in broadcast(feats, query.shape[0]))
         return self.runner(torch.from_numpy(query), support, mask).cpu().numpy()
 
 

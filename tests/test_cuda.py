@@ -101,8 +101,8 @@ def _trained_moved_only_s_and_head(cfg, adapter_path, base=None):
     adapter = torch.load(adapter_path, weights_only=True, map_location="cpu")
     tensors = {**adapter["head"], **adapter["backbone"]}
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
-    assert adapter["backbone"] and all(k.endswith(".S") and k.startswith(("backbone.layer2", "backbone.layer3", "backbone.layer4"))
-                                       for k in adapter["backbone"])
+    stages = ("backbone.layer2", "backbone.layer3", "backbone.layer4")
+    assert adapter["backbone"] and all(k.endswith(".S") and k.startswith(stages) for k in adapter["backbone"])
     fresh, _ = build_model(cfg, base=base)
     init = fresh.state_dict()
     moved = [k for k, v in adapter["backbone"].items() if not torch.equal(v, init[k])]
@@ -125,7 +125,8 @@ def test_amp_training_on_cuda_base_bam_and_pfenet(data_root, tmp_path, monkeypat
         assert 0 <= summary["best_val_miou"] <= 100
         state = adapter_io.read_base(tmp_path / "base" / "base.pt", cfg, 0) if name == "bam" else None
         _trained_moved_only_s_and_head(cfg, tmp_path / name / "adapter.pt", state)
-        losses = [float(r.split(",")[1]) for r in (tmp_path / f"plots_{name}" / "train.csv").read_text().splitlines()[1:]]
+        rows = (tmp_path / f"plots_{name}" / "train.csv").read_text().splitlines()[1:]
+        losses = [float(r.split(",")[1]) for r in rows]
         assert losses and all(torch.isfinite(torch.tensor(losses)))
 
 

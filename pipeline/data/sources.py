@@ -51,7 +51,8 @@ def backbone_resource(arch: str) -> Resource:
     prefix = name.rsplit("-", 1)[-1].split(".")[0]
     if not IMAGENET_SHA256[arch].startswith(prefix):
         raise ValueError(f"torchvision {torchvision.__version__} names {name} for {arch}, whose full sha256 is not "
-                         f"known here (known: {IMAGENET_SHA256[arch]}...); download it yourself and set model.pretrained to its path")
+                         f"known here (known: {IMAGENET_SHA256[arch]}); download it yourself and set "
+                         "model.pretrained to its path")
     return Resource(url, name, sha256=IMAGENET_SHA256[arch])
 
 
