@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.data.episodes import eval_transform
+from pipeline.data.episodes import eval_image, eval_transform
 from pipeline.evaluate import predict_original
 
 
@@ -150,14 +150,13 @@ def support_tensors(images: list[np.ndarray], masks: list[np.ndarray], size: int
         x, mm, _ = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(m), size)
         xs.append(x.numpy())
         ms.append((mm == 1).float().numpy())
-    return np.stack(xs)[None].astype(np.float32), np.stack(ms)[None].astype(np.float32)
+    return np.stack(xs)[None], np.stack(ms)[None]
 
 
 def query_tensor(img: np.ndarray, size: int) -> tuple[np.ndarray, list]:
     """(query [1,3,S,S], the valid (h, w) inside the padded square)."""
-    h, w = img.shape[:2]
-    x, _, valid = eval_transform(torch.from_numpy(img).permute(2, 0, 1), torch.zeros(h, w, dtype=torch.uint8), size)
-    return x.numpy()[None].astype(np.float32), valid
+    x, valid = eval_image(torch.from_numpy(img).permute(2, 0, 1), size)
+    return x.numpy()[None], valid
 
 
 def mask_of(logits: np.ndarray, valid, hw: tuple[int, int]) -> np.ndarray:

@@ -15,7 +15,8 @@ from pipeline.data import sources
 from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, protocol_folds, split_dir
 from pipeline.data.download import (ChecksumError, DownloadError, Resource, UnsafeArchiveError, _check_tar, download,
                                      extract)
-from pipeline.data.episodes import MEAN, STD, EpisodeDataset, TrainTransform, binarize, eval_transform
+from pipeline.data.episodes import (MEAN, MEAN_255, STD, EpisodeDataset, TrainTransform, binarize, eval_image, eval_size,
+                                    eval_transform)
 from pipeline.data.prepare import PrepareError, prepare
 from pipeline.data.split import fold_pairs, make_splits, read_pairs
 
@@ -354,6 +355,23 @@ def test_binarize_and_transforms():
     xi, mi = TrainTransform(50)(img, mask)
     assert xi.shape == (3, 50, 50) and mi.shape == (50, 50)
     assert set(mi.unique().tolist()) <= {1, 255}
+
+
+@pytest.mark.parametrize("protocol", ["random", "bam"])
+def test_the_test_image_is_resize_pad_normalize_to_the_bit(protocol):
+    """eval_image writes the resized pixels into a padded float buffer and normalises in place: the same
+    bits as the three steps one after another (what the evaluation and the service both feed the model)."""
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as TF
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((500, 375), (30, 60), (64, 64), (700, 90)):
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        x, (nh, nw) = eval_image(img, 64, protocol)
+        assert (nh, nw) == eval_size(h, w, 64, protocol)
+        ref = TF.resize(tv_tensors.Image(img), [nh, nw], antialias=protocol != "bam")
+        ref = TF.pad(ref, [0, 0, 64 - nw, 64 - nh], fill=[0, 0, 0] if protocol == "bam" else MEAN_255)
+        ref = TF.normalize(ref.float() / 255.0, MEAN, STD)
+        assert x.dtype == torch.float32 and torch.equal(x, ref), (h, w)
 
 
 def _object_hue(img: torch.Tensor, mask: torch.Tensor) -> float:

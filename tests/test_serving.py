@@ -129,6 +129,40 @@ def test_masks_equal_the_in_process_model(server, model_dir, episode):
     assert np.array_equal(np.array(Image.open(io.BytesIO(c.segment_with("cls", q)))), png)
 
 
+def test_the_batcher_sends_waiting_queries_at_once_and_holds_only_a_fresh_one():
+    """A batch closes when full or when its oldest query's window, counted from its arrival, is over:
+    queries that queued while the backend was busy go without another wait; a query arriving at an idle
+    backend waits the window for company."""
+    import asyncio
+    from serving.app import Batcher, Limits, Pending
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        b = Batcher(None, Limits(batch_window_ms=300, max_batch=4), None)
+        b.queue = asyncio.Queue()
+
+        def put(age: float):
+            b.queue.put_nowait(Pending(np.zeros(1), (), loop.create_future(), loop.time() - age))
+
+        async def timed():
+            t = loop.time()
+            batch = await b.collect()
+            return len(batch), loop.time() - t
+        for _ in range(3):
+            put(1.0)                      # queued during a backend call: their window is over
+        waited = [await timed()]
+        for _ in range(6):
+            put(0.0)
+        waited += [await timed(), await timed()]    # a full batch at once, then the two left wait
+        put(0.0)
+        loop.call_later(0.1, put, 0.0)    # arrives within the first one's window: joins it
+        return waited + [await timed()]
+    (n_old, t_old), (n_full, t_full), (n_rest, t_rest), (n_lone, t_lone) = asyncio.run(run())
+    assert (n_old, n_full, n_rest, n_lone) == (3, 4, 2, 2)
+    assert t_old < 0.1 and t_full < 0.1, (t_old, t_full)
+    assert 0.28 < t_rest < 2 and 0.28 < t_lone < 2, (t_rest, t_lone)
+
+
 @pytest.mark.parametrize("name", ["torch", "onnxruntime"])
 def test_a_set_shared_by_a_batch_decodes_as_if_stacked(model_dir, name):
     """The batcher passes a registered set's features once for all its queries; decode broadcasts them."""
