@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a machine with a CUDA GPU checks and measures, in one go (this project's CI has no GPU):
 #   the CUDA tests (tests/test_cuda.py), a training step of PFENet + SVF and BAM + SVF at the recipe's
-#   sizes (float32 / AMP bf16 / AMP fp16, both SVF forms), and unmerged against merged inference.
+#   sizes (float32 / AMP bf16 / AMP fp16, both SVF forms), unmerged against merged inference, and the
+#   service under load at the recipe's sizes (torch backend, 500x500 JPEG uploads) where its packages exist.
 # usage: benchmarks/gpu.sh [log folder (default gpu_logs)] [size (473)] [batch (8)]
 set -uo pipefail
 out=${1:-gpu_logs}; size=${2:-473}; batch=${3:-8}
@@ -25,4 +26,11 @@ for shots in 1 5; do
 done
 $py benchmarks/svf_forms.py --arch resnet50_deep --size "$size" --batch "$batch" --iters 10 --device cuda 2>&1 \
   | grep -v "randomly initialised" | tee "$out/svf_forms.txt" || status=1
+if $py -c "import fastapi, uvicorn, python_multipart, psutil" 2>/dev/null; then
+  $py benchmarks/serve_load.py --random-model resnet50_deep:"$size" --backend torch --jpeg --image-size 500 \
+    --max-batch "$batch" --seconds 10 2>&1 | grep -v "randomly initialised" | tee "$out/serve_load.txt" || status=1
+else
+  echo "serve_load skipped: the service's packages (fastapi, uvicorn, python-multipart, psutil) are not importable" \
+    | tee "$out/serve_load.txt"
+fi
 exit $status
