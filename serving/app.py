@@ -111,8 +111,9 @@ class Batcher:
     """Runs concurrent decode requests as one backend call per shot count. A batch closes when it is
     full or when its oldest request has waited ``batch_window_ms`` since it arrived: requests that
     queued while the backend was busy have waited already and go at once, so the backend never idles
-    on a window while work is waiting (the window counted from the batch's start left a GPU idle for
-    up to 5 ms between calls); only a request arriving at an idle backend waits for company."""
+    on a window while work is waiting (counted from when the batcher took a request, the window kept
+    the backend idle for up to 5 ms after every call); only a request reaching an idle backend waits
+    for company."""
 
     def __init__(self, backend: Backend, limits: Limits, batch_hist):
         self.backend, self.limits, self.batch_hist = backend, limits, batch_hist
@@ -169,7 +170,8 @@ class Batcher:
                     continue
                 self.batch_hist.observe(len(live))
                 try:
-                    out = await loop.run_in_executor(None, self._decode, [p.query for p in live], [p.feats for p in live])
+                    out = await loop.run_in_executor(None, self._decode, [p.query for p in live],
+                                                     [p.feats for p in live])
                     for i, p in enumerate(live):
                         if not p.future.done():
                             p.future.set_result(out[i:i + 1])
