@@ -200,11 +200,10 @@ def main():
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile()      # the service's log, shown if it does not start
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))   # the caller's kept
     proc = subprocess.Popen([sys.executable, "-m", "serving", "--model-dir", args.model_dir, "--backend", args.backend,
                              "--port", str(port), "--max-batch", str(args.max_batch), "--workers", str(args.workers),
-                             "--store", "none"], cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
-                                                                                         os.environ.get("PYTHONPATH")]))),
+                             "--store", "none"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),
                             stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.time() + 120
@@ -223,7 +222,8 @@ def main():
         ext = "jpg" if args.jpeg else "png"
         httpx.put(url + "/v1/support-sets/bench", files=[("supports", (f"s.{ext}", s)), ("masks", ("m.png", m))])
         print(f"service: backend {info['backend']}, model input {info['input_size']} px, uploads "
-              f"{args.image_size}x{args.image_size} {'JPEG' if args.jpeg else 'PNG'}, {args.seconds:g} s per level, {os.cpu_count()} CPUs")
+              f"{args.image_size}x{args.image_size} {'JPEG' if args.jpeg else 'PNG'}, {args.seconds:g} s per level, "
+              f"{os.cpu_count()} CPUs")
         print(f"{'endpoint':34s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} "
               f"{'healthz p99':>11s} {'max ms':>7s} {'server CPU ms/req':>17s} {'client CPU':>10s}")
         results = {}
