@@ -48,6 +48,13 @@ def main():
     ap.add_argument("--access-log", action="store_true", help="log a line per request (off by default: /metrics "
                     "counts requests by route and status, and the line cost 9%% of the event loop at 200 req/s)")
     args = ap.parse_args()
+    for name in ("max_upload_mb", "max_pixels", "max_shots", "timeout", "max_batch", "max_request_pixels",
+                 "max_inflight", "body_timeout", "workers", "max_connections", "keep_alive", "header_timeout",
+                 "max_sets", "max_set_mb", "batch_window_ms"):
+        value = getattr(args, name)
+        if value < 0 or (value == 0 and name != "batch_window_ms"):
+            ap.error(f"--{name.replace('_', '-')} {value:g}: must be "
+                     f"{'0 or more' if name == 'batch_window_ms' else 'more than 0'}")
     problem = missing_model(Path(args.model_dir), args.backend)
     if problem:
         sys.exit(f"error: {problem}")

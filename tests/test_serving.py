@@ -392,6 +392,10 @@ def test_missing_model_and_absent_service_say_what_to_do(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "merged.pt" in r.stderr and "dvc repro export@3-1" in r.stderr and "split.folds" in r.stderr
+    for flag, value, rule in (("--batch-window-ms", "-5", "0 or more"), ("--max-batch", "0", "more than 0")):
+        r = subprocess.run([sys.executable, "-m", "serving", flag, value], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and f"{flag} {value}: must be {rule}" in r.stderr and "Traceback" not in r.stderr
     url = f"http://127.0.0.1:{_free_port()}"
     r = subprocess.run([sys.executable, "-m", "serving.client", "--url", url, "health"], env=env, capture_output=True,
                        text=True, timeout=120)
