@@ -1,7 +1,7 @@
 """Load on the real service over loopback: requests per second and p50/p99 latency at 1, 4 and 16
 concurrent clients, for /v1/segment (supports uploaded each time) and for a registered support set,
-with /healthz polled every 50 ms meanwhile; and, first, the backend's own batched throughput on the
-same queries (in this process, no HTTP), so the service's overhead is one ratio.
+with /healthz polled every 50 ms meanwhile; and, before and after, the backend's own batched
+throughput on the same queries (in this process, no HTTP), so the service's overhead is one ratio.
 
     python benchmarks/serve_load.py [--model-dir models/fold0/1shot] [--backend auto] [--seconds 10]
     python benchmarks/serve_load.py --random-model resnet50_deep:473 --backend torch --image-size 500
@@ -79,9 +79,10 @@ def pct(values, p: float) -> float:
     return 1000 * values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
 
 
-def backend_throughput(model_dir: str, backend: str, q: bytes, s: bytes, m: bytes, batch: int, seconds: float):
-    """Episodes per second of the backend alone: one encoded support set, queries decoded ``batch`` at a
-    time, preprocessed once (what the service's batcher hands the backend)."""
+def backend_alone(model_dir: str, backend: str, q: bytes, s: bytes, m: bytes, batch: int):
+    """(name, run): ``run(seconds)`` gives the episodes per second of the backend alone: one encoded
+    support set, queries decoded ``batch`` at a time, preprocessed once (what the service's batcher
+    hands the backend)."""
     from serving.backends import load_backend
     from serving.inputs import query_tensor, read_image, read_mask, support_tensors
     b = load_backend(model_dir, backend)
@@ -92,11 +93,14 @@ def backend_throughput(model_dir: str, backend: str, q: bytes, s: bytes, m: byte
     x = np.repeat(xq, batch, 0)
     fb = type(b).batch_features([feats] * batch)    # one set for all: what the service's batcher passes
     b.decode(x, fb)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        b.decode(x, fb)
-        n += batch
-    return b.name, n / (time.perf_counter() - t0)
+
+    def run(seconds: float) -> float:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            b.decode(x, fb)
+            n += batch
+        return n / (time.perf_counter() - t0)
+    return b.name, run
 
 
 class RawClient:
@@ -186,25 +190,26 @@ def main():
     ap.add_argument("--image-size", type=int, default=128, help="side of the uploaded test images")
     ap.add_argument("--jpeg", action="store_true", help="upload the images as JPEG (quality 90) instead of PNG")
     ap.add_argument("--max-batch", type=int, default=8, help="the service's batch (and the backend measurement's)")
-    ap.add_argument("--workers", type=int, default=4, help="the service's image worker threads")
+    ap.add_argument("--workers", type=int, help="the service's image worker threads (default: the service's)")
     args = ap.parse_args()
     if args.random_model:
         args.model_dir = str(random_model(args.random_model, Path(tempfile.mkdtemp(prefix="svf-random-model-"))))
         atexit.register(shutil.rmtree, args.model_dir, True)
         print(f"random-weight model {args.random_model} in {args.model_dir}")
     q, s, m = episode(args.image_size, args.jpeg)
-    name, batched = backend_throughput(args.model_dir, args.backend, q, s, m, args.max_batch, args.seconds)
-    print(f"backend alone ({name}, batch {args.max_batch}, this process): {batched:.1f} episodes/s")
+    name, alone = backend_alone(args.model_dir, args.backend, q, s, m, args.max_batch)
+    first = alone(args.seconds)
+    print(f"backend alone ({name}, batch {args.max_batch}, this process): {first:.1f} episodes/s")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile()      # the service's log, shown if it does not start
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))   # the caller's kept
-    proc = subprocess.Popen([sys.executable, "-m", "serving", "--model-dir", args.model_dir, "--backend", args.backend,
-                             "--port", str(port), "--max-batch", str(args.max_batch), "--workers", str(args.workers),
-                             "--store", "none"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=path),
-                            stdout=subprocess.DEVNULL, stderr=log)
+    cmd = [sys.executable, "-m", "serving", "--model-dir", args.model_dir, "--backend", args.backend,
+           "--port", str(port), "--max-batch", str(args.max_batch), "--store", "none"]
+    cmd += ["--workers", str(args.workers)] if args.workers else []
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=path), stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.time() + 120
         while True:
@@ -240,6 +245,11 @@ def main():
         vals = {line.split()[0]: float(line.split()[1]) for line in batches}
         if vals.get("svf_batch_size_count"):
             print(f"mean queries per backend call: {vals['svf_batch_size_sum'] / vals['svf_batch_size_count']:.2f}")
+        # measured again after the load, the service idle: the ratio divides by the mean of the two, and
+        # their spread says how far this machine drifted meanwhile (281-436 episodes/s seen on 2 shared cores)
+        last = alone(args.seconds)
+        batched = (first + last) / 2
+        print(f"backend alone again, after the load: {last:.1f} episodes/s (mean of both {batched:.1f})")
         top = max(args.levels)
         r = results["/v1/support-sets/bench/segment", top]
         worst = max(v["health_max"] for v in results.values())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def main():
     ap.add_argument("--max-inflight", type=int, default=64, help="/v1 requests at once; more answer 503")
     ap.add_argument("--body-timeout", type=float, default=60.0,
                     help="seconds a request body may take to arrive whole (a trickling upload answers 408)")
-    ap.add_argument("--workers", type=int, default=4, help="threads that decode and encode images off the event loop")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="threads that decode and encode images off the event loop (default: the CPUs, at most 4)")
     ap.add_argument("--max-connections", type=int, default=512, help="open connections at once (uvicorn)")
     ap.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
     ap.add_argument("--header-timeout", type=float, default=10.0,

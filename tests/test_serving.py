@@ -490,6 +490,8 @@ def test_inputs_are_read_as_people_mean_them(server, episode, tmp_path):
     metrics = httpx.get(server.url + "/metrics").text
     assert 'endpoint="unmatched"' in metrics and "/no/such" not in metrics
     assert 'endpoint="/v1/support-sets/{name}/segment"' in metrics
+    assert httpx.get(server.url + "/v1/segment").status_code == 405     # the route's template, not unmatched
+    assert 'svf_requests_total{endpoint="/v1/segment",status="405"}' in httpx.get(server.url + "/metrics").text
     assert httpx.get(server.url + "/readyz").status_code == 200
 
 
