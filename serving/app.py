@@ -247,7 +247,8 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
             torch.set_num_threads(1)
         # the event loop, the image workers and the backend's thread take turns at Python's lock; a thread
         # back from a system call or from the model waited up to the default 5 ms for a busy one to let go.
-        # At 1 ms: 2 cores, registered set at 16 clients, +10% requests per second (README, "Figures")
+        # At 1 ms, with --workers at the CPUs: 2 cores, registered set at 16 clients, +7% requests per second
+        # over five alternating runs (README, "Figures")
         sys.setswitchinterval(0.001)
         state["batcher"] = Batcher(b, limits, batch_sizes)
         state["batcher"].start()
