@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.data.synthetic import generate_image  # noqa: E402
+from serving.backends import missing_model  # noqa: E402
 from serving.inputs import png_bytes  # noqa: E402
 
 
@@ -196,6 +197,9 @@ def main():
         args.model_dir = str(random_model(args.random_model, Path(tempfile.mkdtemp(prefix="svf-random-model-"))))
         atexit.register(shutil.rmtree, args.model_dir, True)
         print(f"random-weight model {args.random_model} in {args.model_dir}")
+    problem = missing_model(Path(args.model_dir), args.backend)
+    if problem:
+        sys.exit(f"error: {problem}")
     q, s, m = episode(args.image_size, args.jpeg)
     name, alone = backend_alone(args.model_dir, args.backend, q, s, m, args.max_batch)
     first = alone(args.seconds)
