@@ -164,17 +164,26 @@ class Guard:
             release()
 
 
-def guarded_protocol(max_connections: int, header_timeout: float):
-    """uvicorn's h11 protocol with two more limits, for what never reaches the app:
+def guarded_protocol(max_connections: int, header_timeout: float, max_header_bytes: int = 32 << 10):
+    """uvicorn's httptools protocol (a C parser: 0.62-0.73 ms of the event loop's CPU per registered-set
+    request against 0.80-1.00 with h11, and +7% requests per second over three alternating runs on 2
+    cores; README, "Figures") with the limits for what never reaches the app:
     * a connection beyond ``max_connections`` open ones is closed at once (file descriptors never run
       out, so the accept loop never fails and floods the log);
     * a connection that has not completed its request line and headers ``header_timeout`` seconds
-      after it opened (or after its previous response) is closed: a half-sent request is not kept."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+      after it opened (or after its previous response) is closed: a half-sent request is not kept;
+    * a request line and headers over ``max_header_bytes`` answer 431 and close (the parser itself has
+      no such cap: a client could grow the header list until memory runs out);
+    * a request the parser cannot read answers 400; both in the service's ``{"error": ...}``."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedH11Protocol(H11Protocol):
+    class HeadersTooLarge(Exception):
+        pass
+
+    class GuardedProtocol(HttpToolsProtocol):
         header_timer = None
+        header_bytes = 0
+        too_large = False
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -196,18 +205,49 @@ def guarded_protocol(max_connections: int, header_timeout: float):
 
         def _header_timeout(self):
             self.header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if not self.transport.is_closing():
                 self.transport.close()
 
-        def data_received(self, data):
-            super().data_received(data)
-            if self.conn.their_state is h11.IDLE:
-                self._arm()              # a request still incomplete: its headers must arrive in time
-            else:
-                self._disarm()
+        def _count(self, n: int):
+            self.header_bytes += n
+            if self.header_bytes > max_header_bytes:
+                self.too_large = True
+                raise HeadersTooLarge       # the parser stops; uvicorn answers through send_400_response
+
+        def on_message_begin(self):
+            self.header_bytes = 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes):
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes):
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def on_headers_complete(self):
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self):
+            queued = bool(self.pipeline)        # a request already read starts now; else wait for the next
+            super().on_response_complete()
+            if not queued and not self.transport.is_closing():
+                self._arm()
+
+        def send_400_response(self, msg: str):
+            status, text = (431, f"request line and headers exceed {max_header_bytes} bytes") if self.too_large \
+                else (400, "the request is not valid HTTP/1.1")
+            body = json.dumps({"error": text}).encode()
+            self.transport.write(b"".join([
+                f"HTTP/1.1 {status} {'Request Header Fields Too Large' if status == 431 else 'Bad Request'}\r\n"
+                .encode(), b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body]))
+            self.transport.close()
 
         def connection_lost(self, exc):
             self._disarm()
             super().connection_lost(exc)
 
-    return GuardedH11Protocol
+    return GuardedProtocol

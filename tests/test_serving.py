@@ -1,5 +1,6 @@
 """The real service on 127.0.0.1: answers, bad input, concurrency."""
 import io
+import json
 import os
 import socket
 import subprocess
@@ -618,7 +619,8 @@ def test_support_sets_survive_a_restart_and_never_cross_models(model_dir, episod
 def test_half_sent_requests_and_surplus_connections_are_closed(model_dir):
     """A client that never finishes its headers is dropped after --header-timeout; a body that trickles
     in answers 408 after --body-timeout; connections beyond --max-connections are closed at once; the
-    service answers again as soon as they are gone."""
+    service answers again as soon as they are gone. Headers over 32 KiB answer 431, a request that is not
+    HTTP 400, both as {"error": ...}."""
     import httpx
     srv = Server(model_dir, "onnxruntime", "--max-connections", "4", "--header-timeout", "1.5",
                  "--body-timeout", "1.5")
@@ -660,6 +662,17 @@ def test_half_sent_requests_and_surplus_connections_are_closed(model_dir):
         for s in slow:
             assert closed(s)                                            # dropped by the header timeout
         assert time.time() - t0 < 6
+        assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+
+        for request, status in ((b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
+                                (b"NOT HTTP\r\n\r\n", 400)):
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(65536):                        # until the server closes
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 %d" % status) and "error" in json.loads(body), answer
         assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
     finally:
         srv.stop()
