@@ -81,9 +81,9 @@ def pct(values, p: float) -> float:
 
 
 def backend_alone(model_dir: str, backend: str, q: bytes, s: bytes, m: bytes, batch: int):
-    """(name, run): ``run(seconds)`` gives the episodes per second of the backend alone: one encoded
-    support set, queries decoded ``batch`` at a time, preprocessed once (what the service's batcher
-    hands the backend)."""
+    """(backend, the set's features, run): ``run(seconds)`` gives the episodes per second of the backend
+    alone and its CPU per episode: one encoded support set, queries decoded ``batch`` at a time, preprocessed once (what the
+    service's batcher hands the backend)."""
     from serving.backends import load_backend
     from serving.inputs import query_tensor, read_image, read_mask, support_tensors
     b = load_backend(model_dir, backend)
@@ -95,13 +95,64 @@ def backend_alone(model_dir: str, backend: str, q: bytes, s: bytes, m: bytes, ba
     fb = type(b).batch_features([feats] * batch)    # one set for all: what the service's batcher passes
     b.decode(x, fb)
 
-    def run(seconds: float) -> float:
-        n, t0 = 0, time.perf_counter()
+    def run(seconds: float) -> tuple[float, float]:
+        """(episodes per second, ms of CPU per episode: all the process's threads, the runtime's too)."""
+        n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds:
             b.decode(x, fb)
             n += batch
-        return n / (time.perf_counter() - t0)
-    return b.name, run
+        return n / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / n
+    return b, feats, run
+
+
+def without_http(b, feats, q: bytes, clients: int, seconds: float, workers: int, max_batch: int) -> dict:
+    """The service's own work for a registered set, in this process and without HTTP: ``clients``
+    coroutines each decode and preprocess the query in a pool of ``workers`` threads, wait for the
+    micro-batcher, map the logits back and encode the PNG in the pool (serving/app.py's functions,
+    the same CPU settings). What it falls short of the backend alone is the image work and the
+    batching; what the service falls short of it is HTTP."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    import torch
+    from serving.app import Batcher, Limits, answer, prepare_query, share_cpu
+    from serving.inputs import PixelBudget
+
+    class Sizes:                     # the batch-size histogram's one method the batcher calls
+        calls = queries = 0
+
+        def observe(self, n):
+            self.calls, self.queries = self.calls + 1, self.queries + n
+    limits, sizes = Limits(max_batch=max_batch), Sizes()
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    share_cpu(b)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(b, limits, sizes)
+        batcher.start()
+        done, stop = [0], loop.time() + seconds
+
+        async def client():
+            while loop.time() < stop:
+                x, valid, kept = await loop.run_in_executor(pool, prepare_query, q, "query", b.size, limits.max_pixels,
+                                                            PixelBudget(limits.max_request_pixels), "png")
+                logits = await batcher.decode(x, feats)
+                await loop.run_in_executor(pool, answer, logits, valid, kept, "png", b.name)
+                done[0] += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+        await batcher.stop()
+        return done[0] / wall
+    with ThreadPoolExecutor(workers, thread_name_prefix="svf-io") as pool:
+        try:
+            cpu0 = time.process_time()
+            rps = asyncio.run(run())
+            cpu = time.process_time() - cpu0
+        finally:
+            torch.set_num_threads(threads)
+            sys.setswitchinterval(interval)
+    return {"rps": rps, "cpu_ms": 1000 * cpu / max(1, rps * seconds), "batch": sizes.queries / max(1, sizes.calls)}
 
 
 class RawClient:
@@ -201,9 +252,15 @@ def main():
     if problem:
         sys.exit(f"error: {problem}")
     q, s, m = episode(args.image_size, args.jpeg)
-    name, alone = backend_alone(args.model_dir, args.backend, q, s, m, args.max_batch)
-    first = alone(args.seconds)
-    print(f"backend alone ({name}, batch {args.max_batch}, this process): {first:.1f} episodes/s")
+    b, feats, alone = backend_alone(args.model_dir, args.backend, q, s, m, args.max_batch)
+    first, cpu_first = alone(args.seconds)
+    print(f"backend alone ({b.name}, batch {args.max_batch}, this process): {first:.1f} episodes/s, "
+          f"{cpu_first:.1f} ms of CPU each")
+    top = max(args.levels)
+    workers = args.workers or min(4, os.cpu_count() or 1)      # the service's default (serving/__main__.py)
+    bare = without_http(b, feats, q, top, args.seconds, workers, args.max_batch)
+    print(f"the service's work without HTTP ({top} clients in this process, {workers} image threads): "
+          f"{bare['rps']:.1f} queries/s, {bare['cpu_ms']:.1f} ms of CPU each, {bare['batch']:.2f} queries per call")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -251,18 +308,20 @@ def main():
             print(f"mean queries per backend call: {vals['svf_batch_size_sum'] / vals['svf_batch_size_count']:.2f}")
         # measured again after the load, the service idle: the ratio divides by the mean of the two, and
         # their spread says how far this machine drifted meanwhile (281-436 episodes/s seen on 2 shared cores)
-        last = alone(args.seconds)
+        last, cpu_last = alone(args.seconds)
         batched = (first + last) / 2
-        print(f"backend alone again, after the load: {last:.1f} episodes/s (mean of both {batched:.1f})")
-        top = max(args.levels)
+        print(f"backend alone again, after the load: {last:.1f} episodes/s, {cpu_last:.1f} ms of CPU each (mean of "
+              f"both {batched:.1f})")
         r = results["/v1/support-sets/bench/segment", top]
         worst = max(v["health_max"] for v in results.values())
         print(f"registered set at {top} clients / backend alone: {r['rps']:.1f} / {batched:.1f} = "
               f"{r['rps'] / batched:.2f} (goal >= 0.80: {'met' if r['rps'] >= 0.8 * batched else 'NOT met'}); "
               f"slowest /healthz under load {worst:.1f} ms (goal <= 100: {'met' if worst <= 100 else 'NOT met'})")
-        print(f"server CPU per registered-set request at {top} clients: {r['server_cpu_ms']:.1f} ms, of which the "
-              f"backend's share at batch {args.max_batch} is {1000 / batched:.1f} ms; the clients run on the same "
-              f"{os.cpu_count()} CPUs")
+        print(f"without HTTP / backend alone: {bare['rps']:.1f} / {batched:.1f} = {bare['rps'] / batched:.2f} (the image "
+              f"work and the batching); with HTTP / without: {r['rps'] / bare['rps']:.2f}")
+        print(f"CPU per registered-set query at {top} clients: {r['server_cpu_ms']:.1f} ms in the service, "
+              f"{bare['cpu_ms']:.1f} without HTTP, {(cpu_first + cpu_last) / 2:.1f} in the backend alone at batch "
+              f"{args.max_batch}; the clients run on the same {os.cpu_count()} CPUs")
     finally:
         proc.terminate()
         proc.wait(10)

@@ -209,6 +209,41 @@ class Measured:
         self.observe(scope, status[0] or 500, time.perf_counter() - t)
 
 
+# ------------------------------------------------------------------ a query's image work (the worker pool's)
+def prepare_query(data: bytes, what: str, size: int, max_pixels: int, budget: PixelBudget, fmt: str):
+    """(query tensor, valid region, what ``answer`` needs: the image for an overlay, else its size)."""
+    img = read_image(data, what, max_pixels, budget)
+    x, valid = query_tensor(img, size)
+    return x, valid, img if fmt == "overlay" else img.shape[:2]
+
+
+def answer(logits, valid, image_or_hw, fmt: str, backend_name: str):
+    """The response of one query from its logits: a PNG (the mask or the overlay) or the JSON body."""
+    hw = image_or_hw.shape[:2] if fmt == "overlay" else image_or_hw
+    mask = mask_of(logits[0], valid, hw)
+    area = str(int(mask.sum()))
+    if fmt == "png":
+        return Response(png_bytes(mask * 255), media_type="image/png", headers={"X-Foreground-Area": area})
+    if fmt == "overlay":
+        return Response(png_bytes(overlay(image_or_hw, mask)), media_type="image/png",
+                        headers={"X-Foreground-Area": area})
+    return {"height": hw[0], "width": hw[1], "area": int(mask.sum()), "rle": rle(mask), "backend": backend_name}
+
+
+def share_cpu(backend: Backend) -> None:
+    """How the process divides the CPU between the model and the image work, set once at start-up."""
+    if backend.kind in ("onnxruntime", "tensorrt") or getattr(getattr(backend, "device", None), "type", "") == "cuda":
+        # the image work's torch operators run one thread each: the worker pool is their parallelism, and
+        # the model keeps its own threads (ONNX Runtime) or runs on the GPU. With this and the batch
+        # stacked off the loop, CPU per request fell from 47.6 to 37.5 ms (16-core H100 machine, 473 px)
+        torch.set_num_threads(1)
+    # the event loop, the image workers and the backend's thread take turns at Python's lock; a thread
+    # back from a system call or from the model waited up to the default 5 ms for a busy one to let go.
+    # At 1 ms, with --workers at the CPUs: 2 cores, registered set at 16 clients, +7% requests per second
+    # over five alternating runs (README, "Figures")
+    sys.setswitchinterval(0.001)
+
+
 # ------------------------------------------------------------------ app
 def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | None = None, keys=(),
                allowed_hosts=("*",), cors_origins=(), workers: int = 4, store: str | Path | None = None,
@@ -240,16 +275,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     async def _startup():
         b = await asyncio.get_running_loop().run_in_executor(None, load_backend, Path(model_dir), backend)
         state["backend"] = b
-        if b.kind in ("onnxruntime", "tensorrt") or getattr(getattr(b, "device", None), "type", "") == "cuda":
-            # the image work's torch operators run one thread each: the worker pool is their parallelism, and
-            # the model keeps its own threads (ONNX Runtime) or runs on the GPU. With this and the batch
-            # stacked off the loop, CPU per request fell from 47.6 to 37.5 ms (16-core H100 machine, 473 px)
-            torch.set_num_threads(1)
-        # the event loop, the image workers and the backend's thread take turns at Python's lock; a thread
-        # back from a system call or from the model waited up to the default 5 ms for a busy one to let go.
-        # At 1 ms, with --workers at the CPUs: 2 cores, registered set at 16 clients, +7% requests per second
-        # over five alternating runs (README, "Figures")
-        sys.setswitchinterval(0.001)
+        share_cpu(b)
         state["batcher"] = Batcher(b, limits, batch_sizes)
         state["batcher"].start()
         s = b.size
@@ -349,26 +375,10 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
                          "object_pixels": int((m == 1).sum()), "ignore_pixels": int((m == 255).sum())})
         return (*support_tensors(images, masks, size), meta)
 
-    def prepare_query(data: bytes, what: str, size: int, budget: PixelBudget, fmt: str):
-        img = read_image(data, what, limits.max_pixels, budget)
-        x, valid = query_tensor(img, size)
-        return x, valid, img if fmt == "overlay" else img.shape[:2]
-
-    def answer(logits, valid, image_or_hw, fmt: str, backend_name: str):
-        hw = image_or_hw.shape[:2] if fmt == "overlay" else image_or_hw
-        mask = mask_of(logits[0], valid, hw)
-        area = str(int(mask.sum()))
-        if fmt == "png":
-            return Response(png_bytes(mask * 255), media_type="image/png", headers={"X-Foreground-Area": area})
-        if fmt == "overlay":
-            return Response(png_bytes(overlay(image_or_hw, mask)), media_type="image/png",
-                            headers={"X-Foreground-Area": area})
-        return {"height": hw[0], "width": hw[1], "area": int(mask.sum()), "rle": rle(mask), "backend": backend_name}
-
     async def run_query(query: UploadFile, feats, fmt: str, budget: PixelBudget):
         b = backend_or_503()
-        x, valid, kept = await off_loop(prepare_query, await query.read(), f"query ({query.filename})", b.size, budget,
-                                        fmt)
+        x, valid, kept = await off_loop(prepare_query, await query.read(), f"query ({query.filename})", b.size,
+                                        limits.max_pixels, budget, fmt)
         try:
             logits = await state["batcher"].decode(x, feats)
         except asyncio.TimeoutError:
