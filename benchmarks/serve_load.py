@@ -1,7 +1,9 @@
 """Load on the real service over loopback: requests per second and p50/p99 latency at 1, 4 and 16
 concurrent clients, for /v1/segment (supports uploaded each time) and for a registered support set,
 with /healthz polled every 50 ms meanwhile; and, before and after, the backend's own batched
-throughput on the same queries (in this process, no HTTP), so the service's overhead is one ratio.
+throughput on the same queries (in this process, no HTTP), so the service's overhead is one ratio;
+and between the two, the service's own work without HTTP (``without_http``), which splits that
+overhead into the image work and batching on one side and HTTP on the other.
 
     python benchmarks/serve_load.py [--model-dir models/fold0/1shot] [--backend auto] [--seconds 10]
     python benchmarks/serve_load.py --random-model resnet50_deep:473 --backend torch --image-size 500
@@ -10,8 +12,8 @@ throughput on the same queries (in this process, no HTTP), so the service's over
 instead of a trained one: the cost of a request does not depend on the weights, so this measures the
 service at the paper's sizes (on a GPU, the torch backend) without training first.
 
-Starts `python -m serving` on a free 127.0.0.1 port, drives it with threads of httpx clients for a
-bounded time per level, then stops it. The goal printed at the end: the registered set at 16 clients
+Starts `python -m serving` on a free 127.0.0.1 port, drives it with threads of raw keep-alive socket clients
+(``RawClient``) for a bounded time per level, then stops it. The goal printed at the end: the registered set at 16 clients
 serves at least 80% of the backend's batched throughput, and /healthz answers within 100 ms.
 """
 from __future__ import annotations
