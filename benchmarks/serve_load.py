@@ -12,9 +12,10 @@ overhead into the image work and batching on one side and HTTP on the other.
 instead of a trained one: the cost of a request does not depend on the weights, so this measures the
 service at the paper's sizes (on a GPU, the torch backend) without training first.
 
-Starts `python -m serving` on a free 127.0.0.1 port, drives it with threads of raw keep-alive socket clients
-(``RawClient``) for a bounded time per level, then stops it. The goal printed at the end: the registered set at 16 clients
-serves at least 80% of the backend's batched throughput, and /healthz answers within 100 ms.
+Starts `python -m serving` on a free 127.0.0.1 port, drives it with threads of raw keep-alive
+socket clients (``RawClient``) for a bounded time per level, then stops it. The goal printed at the
+end: the registered set at 16 clients serves at least 80% of the backend's batched throughput, and
+/healthz answers within 100 ms.
 """
 from __future__ import annotations
 
