@@ -85,8 +85,8 @@ def pct(values, p: float) -> float:
 
 def backend_alone(model_dir: str, backend: str, q: bytes, s: bytes, m: bytes, batch: int):
     """(backend, the set's features, run): ``run(seconds)`` gives the episodes per second of the backend
-    alone and its CPU per episode: one encoded support set, queries decoded ``batch`` at a time, preprocessed once (what the
-    service's batcher hands the backend)."""
+    alone and its CPU per episode: one encoded support set, queries decoded ``batch`` at a time,
+    preprocessed once (what the service's batcher hands the backend)."""
     from serving.backends import load_backend
     from serving.inputs import query_tensor, read_image, read_mask, support_tensors
     b = load_backend(model_dir, backend)
@@ -320,8 +320,8 @@ def main():
         print(f"registered set at {top} clients / backend alone: {r['rps']:.1f} / {batched:.1f} = "
               f"{r['rps'] / batched:.2f} (goal >= 0.80: {'met' if r['rps'] >= 0.8 * batched else 'NOT met'}); "
               f"slowest /healthz under load {worst:.1f} ms (goal <= 100: {'met' if worst <= 100 else 'NOT met'})")
-        print(f"without HTTP / backend alone: {bare['rps']:.1f} / {batched:.1f} = {bare['rps'] / batched:.2f} (the image "
-              f"work and the batching); with HTTP / without: {r['rps'] / bare['rps']:.2f}")
+        print(f"without HTTP / backend alone: {bare['rps']:.1f} / {batched:.1f} = {bare['rps'] / batched:.2f} "
+              f"(the image work and the batching); with HTTP / without: {r['rps'] / bare['rps']:.2f}")
         print(f"CPU per registered-set query at {top} clients: {r['server_cpu_ms']:.1f} ms in the service, "
               f"{bare['cpu_ms']:.1f} without HTTP, {(cpu_first + cpu_last) / 2:.1f} in the backend alone at batch "
               f"{args.max_batch}; the clients run on the same {os.cpu_count()} CPUs")
