@@ -26,11 +26,11 @@ for shots in 1 5; do
 done
 $py benchmarks/svf_forms.py --arch resnet50_deep --size "$size" --batch "$batch" --iters 10 --device cuda 2>&1 \
   | grep -v "randomly initialised" | tee "$out/svf_forms.txt" || status=1
-if $py -c "import fastapi, uvicorn, python_multipart, psutil" 2>/dev/null; then
+if $py -c "import fastapi, uvicorn, httptools, python_multipart, psutil" 2>/dev/null; then
   $py benchmarks/serve_load.py --random-model resnet50_deep:"$size" --backend torch --jpeg --image-size 500 \
     --max-batch "$batch" --seconds 10 2>&1 | grep -v "randomly initialised" | tee "$out/serve_load.txt" || status=1
 else
-  echo "serve_load skipped: the service's packages (fastapi, uvicorn, python-multipart, psutil) are not importable" \
+  echo "serve_load skipped: the service's packages (fastapi, uvicorn, httptools, python-multipart, psutil) are not importable" \
     | tee "$out/serve_load.txt"
 fi
 exit $status
