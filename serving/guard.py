@@ -165,8 +165,8 @@ class Guard:
 
 
 def guarded_protocol(max_connections: int, header_timeout: float, max_header_bytes: int = 32 << 10):
-    """uvicorn's httptools protocol (a C parser: 0.62-0.73 ms of the event loop's CPU per registered-set
-    request against 0.80-1.00 with h11, and +7% requests per second over three alternating runs on 2
+    """uvicorn's httptools protocol (a C parser: 0.66-0.73 ms of the event loop's CPU per registered-set
+    request against 0.80-0.96 with h11, and +9% requests per second over three alternating runs on 2
     cores; README, "Figures") with the limits for what never reaches the app:
     * a connection beyond ``max_connections`` open ones is closed at once (file descriptors never run
       out, so the accept loop never fails and floods the log);
