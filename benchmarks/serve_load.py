@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.data.synthetic import generate_image  # noqa: E402
+from serving.app import DEFAULT_WORKERS  # noqa: E402
 from serving.backends import missing_model  # noqa: E402
 from serving.inputs import png_bytes  # noqa: E402
 
@@ -146,16 +147,16 @@ def without_http(b, feats, q: bytes, clients: int, seconds: float, workers: int,
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - t0
         await batcher.stop()
-        return done[0] / wall
+        return done[0], wall
     with ThreadPoolExecutor(workers, thread_name_prefix="svf-io") as pool:
         try:
             cpu0 = time.process_time()
-            rps = asyncio.run(run())
+            n, wall = asyncio.run(run())
             cpu = time.process_time() - cpu0
         finally:
             torch.set_num_threads(threads)
             sys.setswitchinterval(interval)
-    return {"rps": rps, "cpu_ms": 1000 * cpu / max(1, rps * seconds), "batch": sizes.queries / max(1, sizes.calls)}
+    return {"rps": n / wall, "cpu_ms": 1000 * cpu / max(1, n), "batch": sizes.queries / max(1, sizes.calls)}
 
 
 class RawClient:
@@ -260,7 +261,7 @@ def main():
     print(f"backend alone ({b.name}, batch {args.max_batch}, this process): {first:.1f} episodes/s, "
           f"{cpu_first:.1f} ms of CPU each")
     top = max(args.levels)
-    workers = args.workers or min(4, os.cpu_count() or 1)      # the service's default (serving/__main__.py)
+    workers = args.workers or DEFAULT_WORKERS
     bare = without_http(b, feats, q, top, args.seconds, workers, args.max_batch)
     print(f"the service's work without HTTP ({top} clients in this process, {workers} image threads): "
           f"{bare['rps']:.1f} queries/s, {bare['cpu_ms']:.1f} ms of CPU each, {bare['batch']:.2f} queries per call")

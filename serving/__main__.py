@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 import uvicorn
 
-from .app import Limits, create_app
+from .app import DEFAULT_WORKERS, Limits, create_app
 from .backends import BACKENDS, missing_model
 from .guard import LOOPBACK, guarded_protocol, load_keys
 
@@ -32,7 +31,7 @@ def main():
     ap.add_argument("--max-inflight", type=int, default=64, help="/v1 requests at once; more answer 503")
     ap.add_argument("--body-timeout", type=float, default=60.0,
                     help="seconds a request body may take to arrive whole (a trickling upload answers 408)")
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                     help="threads that decode and encode images off the event loop (default: the CPUs, at most 4)")
     ap.add_argument("--max-connections", type=int, default=512, help="open connections at once (uvicorn)")
     ap.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")

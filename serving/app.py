@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import re
 import sys
 import time
@@ -60,6 +61,8 @@ class Limits:
     batch_window_ms: float = 5.0
 
 
+# image worker threads: the CPUs, at most 4 (README, "Figures": on 2 cores 2 served more than 4)
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 Format = Literal["png", "json", "overlay"]
 
@@ -221,13 +224,13 @@ def answer(logits, valid, image_or_hw, fmt: str, backend_name: str):
     """The response of one query from its logits: a PNG (the mask or the overlay) or the JSON body."""
     hw = image_or_hw.shape[:2] if fmt == "overlay" else image_or_hw
     mask = mask_of(logits[0], valid, hw)
-    area = str(int(mask.sum()))
+    area = int(mask.sum())
     if fmt == "png":
-        return Response(png_bytes(mask * 255), media_type="image/png", headers={"X-Foreground-Area": area})
+        return Response(png_bytes(mask * 255), media_type="image/png", headers={"X-Foreground-Area": str(area)})
     if fmt == "overlay":
         return Response(png_bytes(overlay(image_or_hw, mask)), media_type="image/png",
-                        headers={"X-Foreground-Area": area})
-    return {"height": hw[0], "width": hw[1], "area": int(mask.sum()), "rle": rle(mask), "backend": backend_name}
+                        headers={"X-Foreground-Area": str(area)})
+    return {"height": hw[0], "width": hw[1], "area": area, "rle": rle(mask), "backend": backend_name}
 
 
 def share_cpu(backend: Backend) -> None:
@@ -246,7 +249,7 @@ def share_cpu(backend: Backend) -> None:
 
 # ------------------------------------------------------------------ app
 def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | None = None, keys=(),
-               allowed_hosts=("*",), cors_origins=(), workers: int = 4, store: str | Path | None = None,
+               allowed_hosts=("*",), cors_origins=(), workers: int = DEFAULT_WORKERS, store: str | Path | None = None,
                max_sets: int = 100, max_set_bytes: int = 256 << 20) -> FastAPI:
     """The service over ``model_dir``. ``keys``: API keys (none: open); ``allowed_hosts``: Host header
     names; ``cors_origins``: browser origins allowed (none: no CORS headers); ``workers``: the bounded

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import os
+from http import HTTPStatus
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,7 @@ def guarded_protocol(max_connections: int, header_timeout: float, max_header_byt
                 else (400, "the request is not valid HTTP/1.1")
             body = json.dumps({"error": text}).encode()
             self.transport.write(b"".join([
-                f"HTTP/1.1 {status} {'Request Header Fields Too Large' if status == 431 else 'Bad Request'}\r\n"
-                .encode(), b"content-type: application/json\r\n",
+                f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode(), b"content-type: application/json\r\n",
                 b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body]))
             self.transport.close()
 
