@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine; each creates (or reuses) the local virtual environment.
 #   make repro  - run the whole DVC pipeline (default: the embedded synthetic benchmark, offline)
+#   make repro PRESET=coco_pfenet_svf - params.yaml written from presets/<name>.yaml first (stages/preset.py)
 #   make test   - run the test suite
 #   make ablation - the default pipeline, then frozen / svf / full trained and scored alike (results/ablation)
 #   make serve  - start the inference service on the model the default pipeline exported
@@ -24,6 +25,9 @@ $(STAMP): requirements.lock requirements-stubs.lock pyproject.toml
 	touch $(STAMP)
 
 repro: $(STAMP)
+ifdef PRESET
+	$(BIN)/python -m stages.preset $(PRESET)
+endif
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 ablation: $(STAMP)

@@ -54,3 +54,35 @@ def make_synthetic(root: Path, num_train: int, num_val: int, seed: int, rule: st
     make_splits(prepared_dir(root, "synthetic"), split_dir(root, "synthetic"), protocol_folds("synthetic", [0]), min_pixels,
                 rule)
     return root
+
+
+def copy_project(dst: Path) -> None:
+    """The checkout's files (tracked and untracked-not-ignored) copied to ``dst``, without this checkout's outputs."""
+    import shutil
+    import subprocess
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    outputs = ("data/", "models/", "metrics/", "plots/", "results/", "checkpoints/", "mlartifacts/", "dvc.lock")
+    for f in filter(None, files):
+        if f.startswith(outputs):          # results of this checkout's own runs stay behind
+            continue
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+
+
+def doc_text(marker: str) -> tuple[str, str]:
+    """(page, text after ``<!-- marker -->``) from the README or the documentation site (docs/): a command
+    block the tests execute is found wherever it moves."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    hits = [(p, p.read_text().split(f"<!-- {marker} -->", 1)[1]) for p in pages if f"<!-- {marker} -->" in p.read_text()]
+    assert len(hits) == 1, f"<!-- {marker} --> must stand on exactly one page, found on {[str(p) for p, _ in hits]}"
+    return str(hits[0][0].relative_to(ROOT)), hits[0][1]
+
+
+def doc_block(marker: str) -> list[str]:
+    """The shell commands of the code block that follows ``<!-- marker -->`` (README or docs/)."""
+    block = doc_text(marker)[1].split("```", 2)[1]
+    return [line.split("  #")[0].strip() for line in block.splitlines()[1:] if line.strip()
+            and not line.strip().startswith("#")]

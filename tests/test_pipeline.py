@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import copy_project, doc_block
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -253,27 +255,6 @@ def test_invalid_parameter_names_the_key(tmp_path):
     assert json.loads((tmp_path / "data/params.ok").read_text())["valid"] is True
 
 
-def _copy_project(dst: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
-    outputs = ("data/", "models/", "metrics/", "plots/", "results/", "checkpoints/", "mlartifacts/", "dvc.lock")
-    for f in filter(None, files):
-        if f.startswith(outputs):          # results of this checkout's own runs stay behind
-            continue
-        src = ROOT / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-
-
-def readme_block(marker: str) -> list[str]:
-    """The shell commands of the README's code block that follows ``<!-- marker -->``."""
-    text = (ROOT / "README.md").read_text()
-    block = text.split(f"<!-- {marker} -->", 1)[1].split("```", 2)[1]
-    return [line.split("  #")[0].strip() for line in block.splitlines()[1:] if line.strip()
-            and not line.strip().startswith("#")]
-
-
 def output_files(proj: Path) -> dict[str, bytes]:
     """Every file the pipeline wrote (DVC-cached or git-tracked outputs), with its content."""
     files = {}
@@ -288,7 +269,7 @@ def output_files(proj: Path) -> dict[str, bytes]:
 def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()
-    _copy_project(proj)
+    copy_project(proj)
     write_params(proj)          # train.shots [1], eval.shots [1, 2]: the 2-shot episodes are the 1-shot model's
     e = env(proj)
     e.pop("MLFLOW_TRACKING_URI")          # the default: a SQLite file at the project root
@@ -337,7 +318,7 @@ def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
     sh("git", "checkout", "--", "params.yaml")
 
     # the README's experiment sequence keeps the baseline and shows both regimes side by side
-    for cmd in readme_block("experiments"):
+    for cmd in doc_block("experiments"):
         sh("bash", "-c", cmd)
     import csv
     import io
@@ -350,7 +331,7 @@ def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
     assert {"svf", "frozen"} <= {k[1] for k in shown}, rows
     assert any(name == "frozen" for name, _ in shown), rows
     assert json.loads((proj / "metrics/fold0.json").read_text()) == metrics, "the workspace lost the baseline"
-    compare = next(c for c in readme_block("compare") if c.startswith("dvc exp show"))
+    compare = next(c for c in doc_block("compare") if c.startswith("dvc exp show"))
     table = sh("bash", "-c", compare)
     assert "frozen" in table and "svf" in table
     assert max(len(line) for line in table.splitlines()) <= 125, table
@@ -412,7 +393,7 @@ def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
                                                                             "ablation.png"}
 
     # your own data (README "Your own data"): the example folder through the whole chain as an experiment
-    for cmd in readme_block("own-data"):
+    for cmd in doc_block("own-data"):
         out = sh("bash", "-c", cmd)
     assert len((proj / "my_data/classes.txt").read_text().split()) == 6
     report = json.loads((proj / "data/prepared/folder/class_report.json").read_text())

@@ -59,3 +59,63 @@ def test_preset_has_the_reference_values(name):
     text = (ROOT / "presets" / f"{name}.yaml").read_text()
     assert "zechao-li/SVF-few-shot-segmentation" in text and "BAM test.py" in text
     assert ("chunbolang/BAM" in text) == ("_bam_" in name)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """One copy of the checkout, a git repository as a user's clone is, shared by the DVC checks below."""
+    import subprocess
+    from conftest import copy_project
+    proj = tmp_path_factory.mktemp("presets")
+    copy_project(proj)
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    return proj
+
+
+def _run(proj, *cmd):
+    import os
+    import subprocess
+    import sys
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(proj))
+    return subprocess.run([str(bin_dir / cmd[0]) if cmd[0] in ("dvc", "python") else cmd[0], *cmd[1:]], cwd=proj,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_every_preset_parses_and_dvc_repro_dry_lists_every_stage(project):
+    """The README's way of choosing a preset (`make repro PRESET=<name>`: stages.preset, then dvc repro) gets
+    past DVC's parse and plans the whole graph: base + train/evaluate/merge/export per fold and shot, report."""
+    import re
+    from stages.preset import render
+    counts = {}
+    for name in sorted(PRESETS):
+        (project / "params.yaml").write_text(render(name, ROOT / "presets"))
+        assert load_config(project / "params.yaml").flat() == load_config(ROOT / "presets" / f"{name}.yaml").flat()
+        dry = _run(project, "dvc", "repro", "--dry", "--force")   # plain --dry: DVC 3.67 stops at a missing dep
+        assert dry.returncode == 0, f"{name}: {dry.stdout[-3000:]}{dry.stderr[-3000:]}"
+        ran = set(re.findall(r"Running stage '([^']+)'", dry.stdout))
+        folds, shots = PRESETS[name]["split.folds"], PRESETS[name]["train.shots"]
+        expected = {"validate", "download", "pretrain", "prepare", "split"}
+        expected |= {f"{s}@{f}-{k}" for s in ("train", "evaluate", "merge", "export") for f in folds for k in shots}
+        expected |= {f"{s}@{f}" for s in ("base", "report") for f in folds}
+        assert ran == expected, f"{name}: planned {sorted(ran)}, expected {sorted(expected)}"
+        counts[name] = len(ran)
+    r = _run(project, "python", "-m", "stages.preset", "pascal_bam_svf")   # the command itself, as make runs it
+    assert r.returncode == 0 and "params.yaml.bak" in r.stdout, r.stdout + r.stderr
+    assert load_config(project / "params.yaml").flat() == load_config(ROOT / "presets/pascal_bam_svf.yaml").flat()
+    print("dvc repro --dry stages per preset:", counts)
+    assert set(counts.values()) == {5 + 4 + 4 * 2 * 4 + 4}
+
+
+def test_a_bad_preset_is_named_and_params_yaml_is_kept(project):
+    before = (project / "params.yaml").read_text()
+    (project / "presets" / "typo.yaml").write_text("model:\n  backbon: resnet50\n")
+    try:
+        r = _run(project, "python", "-m", "stages.preset", "typo")
+        assert r.returncode != 0 and "model.backbon" in r.stderr and "presets/typo.yaml" in r.stderr, r.stderr
+        r = _run(project, "python", "-m", "stages.preset", "coco_pfenet_sfv")
+        assert r.returncode != 0 and "did you mean coco_pfenet_svf" in r.stderr, r.stderr
+    finally:
+        (project / "presets" / "typo.yaml").unlink()
+    assert (project / "params.yaml").read_text() == before
+    assert not (project / "params.yaml.tmp").exists()

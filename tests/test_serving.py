@@ -352,10 +352,11 @@ def test_the_readme_onnx_example_agrees_with_serving_predict(model_dir, episode,
     from export.onnx_export import export_onnx
     from pipeline import adapter as adapter_io
     from serving.predict import predict
-    text = (ROOT / "README.md").read_text()
-    code = text.split("<!-- onnx-example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    from conftest import doc_text
+    page, text = doc_text("onnx-example")
+    code = text.split("```python", 1)[1].split("```", 1)[0]
     namespace = {}
-    exec(compile(code, "README.md (onnx-example)", "exec"), namespace)
+    exec(compile(code, f"{page} (onnx-example)", "exec"), namespace)
     from serving.inputs import query_tensor, read_mask, read_image, support_tensors
     merged, cfg = adapter_io.load_merged(model_dir / "merged.pt")
     s, m = episode[1]

@@ -1,0 +1,71 @@
+"""`python -m stages.preset NAME` (or `make repro PRESET=NAME`): write params.yaml from a preset.
+
+A preset (presets/NAME.yaml) names only what its setting fixes, each value with its source; every
+other key takes the schema's default (pipeline/config.py). This command validates the preset and
+writes the complete params.yaml that `dvc repro` needs (dvc.yaml's templates and `params:` read
+every key from it). The previous params.yaml, when it differs, is kept as params.yaml.bak.
+Not a DVC stage: it chooses the parameters the stages run with.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError, load_config
+
+PRESETS = Path("presets")
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for lists (``folds: [0, 1, 2, 3]``)."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def render(name: str, presets: Path = PRESETS) -> str:
+    """The params.yaml text of preset ``name``; ConfigError (naming the key) when the preset is invalid."""
+    path = presets / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in presets.glob("*.yaml"))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"no preset {name!r} in {presets}/{hint} Choose one of: {', '.join(known)}")
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    head = (f"# Written by `python -m stages.preset {name}` from {path} (its values cite their sources) over the\n"
+            f"# schema's defaults (pipeline/config.py). Edit freely; `git checkout params.yaml` restores the default.\n")
+    return head + yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, width=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m stages.preset", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", help="a preset's name: " + ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))))
+    ap.add_argument("--out", default="params.yaml", help="the file written (default: params.yaml)")
+    args = ap.parse_args(argv)
+    name = Path(args.name).stem if args.name.endswith(".yaml") else args.name
+    try:
+        text = render(name)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")      # nothing written
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    if out.exists() and out.read_text() != text:
+        shutil.copy2(out, out.with_name(out.name + ".bak"))
+        print(f"preset: the previous {out} is kept as {out.name}.bak")
+    os.replace(tmp, out)
+    print(f"preset: {out} now holds {PRESETS / (name + '.yaml')}; run `make repro` (or `dvc repro --dry` to see the stages)")
+
+
+if __name__ == "__main__":
+    main()
