@@ -18,8 +18,7 @@ def main():
     root = Path(cfg.data.folder.root)
     if cfg.data.benchmark == "folder" and not root.is_dir():   # say it before DVC misses the dependency
         OUT.unlink(missing_ok=True)
-        raise SystemExit(f"error: data.folder.root: {root} is not a folder; point it to your images (README "
-                         "'Your own data')")
+        raise SystemExit(f"error: data.folder.root: {root} is not a folder; point it to your images (docs/own-data.md)")
     write_json(OUT, {"valid": True, "checked": args.params})
     print(f"validate: {args.params} is valid ({len(cfg.flat())} parameters)")
 

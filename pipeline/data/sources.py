@@ -75,7 +75,7 @@ def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, work
         src = Path(folder.root)
         if not src.is_dir():
             raise FileNotFoundError(f"data.folder.root: {src} is not a folder; point it to your images "
-                                    "(layout: pipeline/data/folder.py, README 'Your own data')")
+                                    "(layout: pipeline/data/folder.py, docs/own-data.md)")
         files = sorted(p for p in src.rglob("*") if p.is_file())
         raw.mkdir(parents=True, exist_ok=True)
         (raw / "source.json").write_text(json.dumps({"root": folder.root, "files": len(files),

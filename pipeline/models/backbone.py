@@ -135,7 +135,7 @@ class Backbone(nn.Module):
         absent from files of older PyTorch, excepted)."""
         if "conv1.weight" in state and tuple(state["conv1.weight"].shape[-2:]) == (7, 7):
             raise ValueError(f"{source} is a torchvision ResNet checkpoint (7x7 stem); {self.arch} needs the "
-                             "deep-stem PSPNet weights (resnet50_v2.pth / resnet101_v2.pth, see the README), or "
+                             "deep-stem PSPNet weights (resnet50_v2.pth / resnet101_v2.pth, see docs/paper.md), or "
                              f"model.backbone: {DEEP[self.arch]} for torchvision weights")
         mapped = {}
         for k, v in state.items():
@@ -207,7 +207,7 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
         elif arch in DEEP:
             raise FileNotFoundError(f"the ImageNet weights of {arch} ({DEEP[arch]}_v2.pth, PSPNet's deep stem) have "
                                     "no stable download URL: fetch the file from the link in PFENet's README and "
-                                    "set model.pretrained to its path (see the README, 'Reproducing the paper')")
+                                    "set model.pretrained to its path (see docs/paper.md, 'The backbone weights')")
         else:
             raise FileNotFoundError(f"the ImageNet weights of {arch} are not at {local}: run `dvc repro download` "
                                     "(or `python -m stages.download` with model.pretrained: imagenet), which fetches "
