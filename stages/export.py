@@ -97,12 +97,13 @@ def main():
     shots = [k_fixed] if k_fixed else cfg.export.shots
     if k_fixed:
         meta["shots"] = f"exactly {k_fixed} (BAM's k-shot reweighting)"
-    onnx_path = onnx_export.export_onnx(model, out / "model.onnx", size, cfg.export.opset, meta)
+    onnx_path = onnx_export.export_onnx(model, out / "model.onnx", size, cfg.export.opset, meta,
+                                        cfg.export.exporter)
     sess = onnx_export.session(onnx_path)
     batches = fixed_batches(prepared, split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl",
                             size, shots, cfg.export.parity_episodes)
     parity = onnx_export.check_parity(model, sess, batches, cfg.export.rtol, fail_dir=out, label="onnx")
-    enc, dec = onnx_export.export_split(model, out, size, cfg.export.opset, meta)
+    enc, dec = onnx_export.export_split(model, out, size, cfg.export.opset, meta, cfg.export.exporter)
     split_parity = onnx_export.check_parity(model, onnx_export.SplitSession(enc, dec), batches, cfg.export.rtol,
                                             fail_dir=out, label="onnx_split")
     q, s, m = batches[0]
@@ -112,6 +113,7 @@ def main():
     lat_ort = onnx_export.latency(lambda: sess.run(None, feed))
     report = {"fold": args.fold, "model_shots": args.shot, "merge_max_rel": merge["max_rel"],
               "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size, "opset": cfg.export.opset,
+                       "exporter": cfg.export.exporter,
                        "providers": sess.get_providers(), "dynamic_axes": "batch" if k_fixed else "batch, shots", "parity": parity,
                        "split_graphs": {"support_encoder": str(enc), "query_decoder": str(dec),
                                         "parity": split_parity}},

@@ -60,7 +60,7 @@ def model_dir(tmp_path_factory):
     with torch.no_grad():       # a channels-last query (torchvision's resize of an HWC image) reads right
         got = runner(q.to(memory_format=torch.channels_last), s.transpose(-1, -2).contiguous().transpose(-1, -2), m)
         assert torch.allclose(got, merged(q, s, m), rtol=0, atol=1e-4)
-    export_split(merged, d, SIZE, 18, {"input_size": [SIZE, SIZE]})
+    export_split(merged, d, SIZE, 18, {"input_size": [SIZE, SIZE]}, "torchscript")
     return d
 
 

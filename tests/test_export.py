@@ -66,6 +66,26 @@ def test_onnx_parity_one_and_five_shots_and_metadata(trained, tmp_path):
     split = onnx_export.SplitSession(enc, dec)
     assert onnx_export.check_parity(model, split, episodes([2], seed=1), 1e-4)["max_rel"] < 1e-4
 
+    # export.exporter: torchscript gives graphs of the same contract (names, dynamic batch and shots, metadata)
+    import onnx
+
+    def contract(p):
+        g = onnx.load(str(p)).graph
+        return [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in (*g.input, *g.output)]
+    ts = tmp_path / "ts"
+    ts_path = onnx_export.export_onnx(model, ts / "m.onnx", SIZE, 18, meta, exporter="torchscript")
+    ts_enc, ts_dec = onnx_export.export_split(model, ts, SIZE, 18, meta, exporter="torchscript")
+    assert onnx_export.read_metadata(ts_path) == meta
+    assert onnx_export.check_parity(model, onnx_export.session(ts_path), episodes([1, 5]), 1e-4)["max_rel"] < 1e-4
+    assert onnx_export.check_parity(model, onnx_export.SplitSession(ts_enc, ts_dec), episodes([2], seed=1),
+                                    1e-4)["max_rel"] < 1e-4
+    for a, b in ((path, ts_path), (enc, ts_enc), (dec, ts_dec)):
+        assert [n for n, _ in contract(a)] == [n for n, _ in contract(b)]
+        assert [[isinstance(d, str) for d in dims] for _, dims in contract(a)] == \
+            [[isinstance(d, str) for d in dims] for _, dims in contract(b)], (contract(a), contract(b))
+    with pytest.raises(ValueError, match="export.exporter"):
+        onnx_export.export_onnx(model, ts / "x.onnx", SIZE, 18, exporter="jit")
+
 
 def test_parity_failure_keeps_inputs(trained, tmp_path):
     d, cfg = trained

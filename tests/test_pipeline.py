@@ -20,12 +20,13 @@ BIN = Path(sys.executable).parent
 TINY = {
     "data": {"synthetic": {"num_train": 48, "num_val": 30, "image_size": 48, "seed": 0}, "workers": 1},
     "split": {"folds": [0], "min_pixels": 20},
-    "model": {"backbone": "resnet18", "pretrained": "random", "reduce_dim": 16, "bins": [1.0, 0.5],
+    "model": {"backbone": "resnet10_slim", "pretrained": "random", "reduce_dim": 16, "bins": [1.0, 0.5],
               "svf_form": "rebuild"},
     "train": {"iterations": 16, "batch_size": 2, "crop_size": 48, "checkpoint_every": 4, "val_every": 8,
               "val_episodes": 4, "log_every": 2, "workers": 0, "lr": 0.005},
     "eval": {"shots": [1, 2], "episodes": 6, "seeds": [510, 365], "test_size": 48, "figure_episodes": 2},
-    "export": {"shots": [1, 2], "parity_episodes": 2, "aoti": False},   # the C++ test compiles one (test_cpp.py)
+    # the C++ test compiles an AOTInductor package (test_cpp.py); the dynamo exporter is tested in test_export.py
+    "export": {"shots": [1, 2], "parity_episodes": 2, "aoti": False, "exporter": "torchscript"},
 }
 
 
@@ -169,7 +170,7 @@ def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path
 
     write_params(a, data_root, **BAM, model__backbone="resnet34")
     r = stage("evaluate", a, "--fold", "0", check=False)
-    assert r.returncode == 1 and "backbone 'resnet18' (expected 'resnet34')" in r.stderr and "base@0" in r.stderr
+    assert r.returncode == 1 and "backbone 'resnet10_slim' (expected 'resnet34')" in r.stderr and "base@0" in r.stderr
     # without its base learner, train stops before it opens an MLflow run: the previous run's record stays
     record = (out / "mlflow_run.json").read_bytes()
     (a / "models/fold0/base/base.pt").unlink()

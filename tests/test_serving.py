@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("served")
     merged, cfg = small_merged_model("resnet18", SIZE)
     adapter_io.save(adapter_io.merged_state(merged, cfg), d / "merged.pt")
-    export_split(merged, d, SIZE, 18, {"input_size": [SIZE, SIZE]})
+    export_split(merged, d, SIZE, 18, {"input_size": [SIZE, SIZE]}, "torchscript")
     return d
 
 
@@ -376,7 +376,7 @@ def test_the_readme_onnx_example_agrees_with_serving_predict(model_dir, episode,
     balanced = tmp_path / "balanced"
     balanced.mkdir()
     adapter_io.save(adapter_io.merged_state(merged, cfg), balanced / "merged.pt")
-    onnx_path = export_onnx(merged, tmp_path / "model.onnx", SIZE, 18, {"input_size": [SIZE, SIZE]})
+    onnx_path = export_onnx(merged, tmp_path / "model.onnx", SIZE, 18, {"input_size": [SIZE, SIZE]}, "torchscript")
     fractions = []
     for q in queries:
         got = namespace["segment"](str(onnx_path), q, s, m)
@@ -705,7 +705,8 @@ def test_open_inference_protocol_with_tritonclient(keyed, model_dir, episode, tm
     files.mkdir()
     for f in ("support_encoder.onnx", "query_decoder.onnx"):
         shutil.copy(model_dir / f, files / f)
-    export_onnx(adapter_io.load_merged(model_dir / "merged.pt")[0], files / "model.onnx", SIZE, 18)
+    export_onnx(adapter_io.load_merged(model_dir / "merged.pt")[0], files / "model.onnx", SIZE, 18,
+                exporter="torchscript")
     repo = triton.write_repository(tmp_path / "repo", files, SIZE)
     assert [d.name for d in repo] == [triton.FULL, triton.ENCODER, triton.DECODER]
 
