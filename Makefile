@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine; each creates (or reuses) the local virtual environment.
 #   make repro  - run the whole DVC pipeline (default: the embedded synthetic benchmark, offline)
 #   make repro PRESET=coco_pfenet_svf - params.yaml written from presets/<name>.yaml first (stages/preset.py)
-#   make test   - run the test suite
+#   make test   - run the test suite on every core (pytest-xdist)
+#   make test-fast - the unit tier: no DVC, no server, no C++ build, no training (tests/conftest.py)
 #   make ablation - the default pipeline, then frozen / svf / full trained and scored alike (results/ablation)
 #   make serve  - start the inference service on the model the default pipeline exported
 #   make cpp    - build the C++ library and svf_fss_predict (cpp/, into build/cpp) against the torch wheel's LibTorch
@@ -13,7 +14,7 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: repro test ablation serve cpp venv bench lock clean-venv
+.PHONY: repro test test-fast ablation serve cpp venv bench lock clean-venv
 
 venv: $(STAMP)
 
@@ -35,7 +36,10 @@ ablation: $(STAMP)
 	$(BIN)/python -m stages.ablation $(ABLATION_ARGS)
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n auto --dist loadgroup
+
+test-fast: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow"
 
 serve: $(STAMP)
 	$(BIN)/python -m serving --model-dir models/fold0/1shot

@@ -9,8 +9,45 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the cores shared among pytest-xdist's workers: more threads than cores makes torch's OpenMP spin, not run
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 logging.getLogger("pipeline.models.backbone").setLevel(logging.ERROR)
+
+
+# The suite's two tiers. `make test` runs everything on every core (pytest-xdist); `make test-fast` leaves
+# out the tests marked slow: those that run DVC, start a server, build the C++ program, train, or export
+# through the dynamo exporter (the inner loop's unit tier, about a minute).
+SLOW_MODULES = {"test_pipeline", "test_cpp", "test_serving", "test_cuda"}
+SLOW_TESTS = {"test_presets.py::test_every_preset_parses_and_dvc_repro_dry_lists_every_stage",
+              "test_presets.py::test_a_bad_preset_is_named_and_params_yaml_is_kept",
+              "test_dvc_yaml.py::test_one_training_stage_per_fold_and_shot_count",
+              "test_bam.py::test_merge_and_onnx_parity",
+              "test_export.py::test_onnx_parity_one_and_five_shots_and_metadata"}
+# Modules first that hold the longest tests, so that no worker starts one of them last.
+FIRST = ("test_pipeline", "test_cpp", "test_bam", "test_export", "test_serving")
+LONGEST = ("test_dvc_repro_end_to_end_with_mlflow",)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: DVC, a server, the C++ build, training or a dynamo export "
+                                       "(left out by `make test-fast`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tier; keep the tests that share one of their module's fixtures on one xdist worker (the
+    fixture is built once); start with the modules whose tests take longest. Order inside a module is kept."""
+    for item in items:
+        module = item.module.__name__
+        name = f"{module}.py::{item.originalname}"
+        if module in SLOW_MODULES or name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        shared = [d[-1] for d in item._fixtureinfo.name2fixturedefs.values()
+                  if d and d[-1].scope == "module" and d[-1].baseid.endswith(f"{module}.py")]
+        if shared and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(module))
+    rank = {m: i for i, m in enumerate(FIRST)}
+    items.sort(key=lambda it: (rank.get(it.module.__name__, len(FIRST)), it.originalname not in LONGEST))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -21,7 +58,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def tiny_cfg():
     from pipeline.config import load_config
-    return load_config({"model": {"backbone": "resnet18", "pretrained": "random", "reduce_dim": 32,
+    return load_config({"model": {"backbone": "resnet10_slim", "pretrained": "random", "reduce_dim": 32,
                                   "bins": [1.0, 0.5, 0.25]}})
 
 

@@ -18,7 +18,7 @@ SIZE = 48
 def trained(tmp_path_factory):
     """An SVF model with perturbed singular values, saved as an adapter."""
     d = tmp_path_factory.mktemp("exp")
-    cfg = load_config({"model": {"backbone": "resnet18", "pretrained": "random", "reduce_dim": 16,
+    cfg = load_config({"model": {"backbone": "resnet10_slim", "pretrained": "random", "reduce_dim": 16,
                                  "bins": [1.0, 0.5, 0.25]}, "eval": {"test_size": SIZE}})
     model, _ = build_model(cfg)
     g = torch.Generator().manual_seed(0)
