@@ -5,7 +5,8 @@
 #   make test-fast - the unit tier: no DVC, no server, no C++ build, no training (tests/conftest.py)
 #   make ablation - the default pipeline, then frozen / svf / full trained and scored alike (results/ablation)
 #   make serve  - start the inference service on the model the default pipeline exported
-#   make cpp    - build the C++ library and svf_fss_predict (cpp/, into build/cpp) against the torch wheel's LibTorch
+#   make cpp    - build the C++ library and svf_fss_predict (cpp/, into build/cpp) against the torch wheel's LibTorch,
+#                 then the AOTInductor package it loads (export.aoti: true, `dvc exp run`: the export stages rerun)
 #   make lock   - re-resolve requirements.lock after editing pyproject.toml or constraints.txt
 # The environment is installed from requirements.lock: every package pinned, every file's sha256 checked.
 PYTHON ?= python3
@@ -36,7 +37,7 @@ ablation: $(STAMP)
 	$(BIN)/python -m stages.ablation $(ABLATION_ARGS)
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n auto --dist loadgroup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n auto --dist loadgroup --durations=15
 
 test-fast: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow"
@@ -47,6 +48,7 @@ serve: $(STAMP)
 cpp: $(STAMP)
 	$(BIN)/cmake -S cpp -B build/cpp -DPython3_EXECUTABLE=$(CURDIR)/$(BIN)/python
 	$(BIN)/cmake --build build/cpp -j2
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run -S export.aoti=true
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/svf_forms.py
