@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 INPUTS = ("query", "support", "support_mask")
 # export.exporter. dynamo (torch.export, the default): 11.2 s for a 48 px resnet10_slim PFENet on the 2-core
 # CPU; torchscript (the tracing exporter, deprecated by PyTorch but shipped by the pinned 2.14): 0.97 s, the
-# same outputs (relative error 3.5e-7 through ONNX Runtime at batch 1 and 3, 1 and 5 shots). Both graphs
-# take the same inputs, outputs, dynamic batch and shots; the parity check runs on either.
+# same outputs for PFENet (relative error 3.5e-7 through ONNX Runtime at batch 1 and 3, 1 and 5 shots). BAM's
+# traced graph is less exact: 1.2e-5 on resnet10_slim, 2.6e-4 on resnet18 (dynamo: 8.5e-8), over the 1e-4
+# tolerance, so keep dynamo for BAM. Both graphs take the same inputs, outputs, dynamic batch and shots; the
+# parity check runs on either and refuses a graph outside export.rtol.
 EXPORTERS = ("dynamo", "torchscript")
 OUTPUTS = ("logits",)
 
