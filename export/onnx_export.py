@@ -152,7 +152,7 @@ def export_split(model: torch.nn.Module, out_dir: str | Path, size: int, opset: 
                   exporter, feat_axes)
     with torch.no_grad():
         encoded = model.eval().encode_support(s, m)
-    dynamic = [_axes(IMAGE_AXES["query"], dims), tuple(_axes(a, dims) for a in feats.values())]   # (query, *features)
+    dynamic = [_axes(IMAGE_AXES["query"], dims), tuple(feat_axes)]   # (query, *features)
     dec = _export(QueryDecoder(model), (q, *encoded), dynamic, ("query", *feats), ("logits",),
                   out_dir / "query_decoder.onnx", opset, metadata, exporter, [{0: dims["batch"]}])
     return enc, dec
