@@ -35,8 +35,8 @@ def render(name: str, presets: Path = PRESETS) -> str:
     if not path.is_file():
         known = sorted(p.stem for p in presets.glob("*.yaml"))
         close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"no preset {name!r} in {presets}/{hint} Choose one of: {', '.join(known)}")
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"no preset {name!r} in {presets}/{hint}; choose one of: {', '.join(known)}")
     try:
         cfg = load_config(path)
     except ConfigError as e:
@@ -64,7 +64,7 @@ def main(argv=None):
         shutil.copy2(out, out.with_name(out.name + ".bak"))
         print(f"preset: the previous {out} is kept as {out.name}.bak")
     os.replace(tmp, out)
-    print(f"preset: {out} now holds {PRESETS / (name + '.yaml')}; run `make repro` (or `dvc repro --dry` to see the stages)")
+    print(f"preset: {out} now holds {PRESETS / (name + '.yaml')}; run `make repro` (`dvc repro --dry -f` lists its stages)")
 
 
 if __name__ == "__main__":
