@@ -21,13 +21,14 @@ import torch
 
 log = logging.getLogger(__name__)
 INPUTS = ("query", "support", "support_mask")
-# export.exporter. dynamo (torch.export, the default): 11.2 s for a 48 px resnet10_slim PFENet on the 2-core
+# export.exporter. dynamo (torch.export): 11.2 s for a 48 px resnet10_slim PFENet on the 2-core
 # CPU; torchscript (the tracing exporter, deprecated by PyTorch but shipped by the pinned 2.14): 0.97 s, the
 # same outputs for PFENet (relative error 3.5e-7 through ONNX Runtime at batch 1 and 3, 1 and 5 shots). BAM's
 # traced graph is less exact: 1.2e-5 on resnet10_slim, 2.6e-4 on resnet18 (dynamo: 8.5e-8), over the 1e-4
-# tolerance, so keep dynamo for BAM. Both graphs take the same inputs, outputs, dynamic batch and shots; the
-# parity check runs on either and refuses a graph outside export.rtol.
-EXPORTERS = ("dynamo", "torchscript")
+# tolerance, so keep dynamo for BAM. `auto` (the default) picks torchscript for PFENet, dynamo for BAM. Both
+# graphs take the same inputs, outputs, dynamic batch and shots; the parity check runs on either and refuses a
+# graph outside export.rtol.
+EXPORTERS = ("auto", "dynamo", "torchscript")
 OUTPUTS = ("logits",)
 
 
@@ -64,6 +65,16 @@ def _dynamic_axes(dynamic, names_in, names_out, out_axes) -> dict:
     named = dict(zip(names_in, per_input))
     named.update(zip(names_out, out_axes))
     return {n: {axis: dim.__name__ for axis, dim in axes.items()} for n, axes in named.items() if axes}
+
+
+def pick_exporter(exporter: str, model) -> str:
+    """export.exporter as run: ``auto`` is dynamo for BAM (its traced graph misses the tolerance), else torchscript."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"export.exporter: {exporter!r} is not one of {list(EXPORTERS)}")
+    if exporter != "auto":
+        return exporter
+    from pipeline.models.bam import BAM
+    return "dynamo" if isinstance(model, BAM) else "torchscript"
 
 
 def _export(module, example, dynamic, names_in, names_out, path: Path, opset: int, metadata: dict | None,
@@ -130,8 +141,9 @@ IMAGE_AXES = {"query": {0: "batch"}, "support": {0: "batch", 1: "shots"}, "suppo
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, size: int, opset: int = 18,
-                metadata: dict | None = None, exporter: str = "dynamo") -> Path:
+                metadata: dict | None = None, exporter: str = "auto") -> Path:
     """Export ``model`` (eval mode; the 3-input few-shot signature) to ``path``; checked by onnx.checker."""
+    exporter = pick_exporter(exporter, model)
     dims, k = _dims(model)
     dynamic = {n: _axes(a, dims) for n, a in IMAGE_AXES.items()}
     return _export(model.eval(), _example(size, k), dynamic, INPUTS, OUTPUTS, Path(path), opset, metadata,
@@ -139,10 +151,11 @@ def export_onnx(model: torch.nn.Module, path: str | Path, size: int, opset: int 
 
 
 def export_split(model: torch.nn.Module, out_dir: str | Path, size: int, opset: int = 18,
-                 metadata: dict | None = None, exporter: str = "dynamo") -> tuple[Path, Path]:
+                 metadata: dict | None = None, exporter: str = "auto") -> tuple[Path, Path]:
     """The same network as two graphs, so a server computes a support set's features once:
     ``support_encoder.onnx`` and ``query_decoder.onnx`` (batch and shots dynamic in both)."""
     out_dir = Path(out_dir)
+    exporter = pick_exporter(exporter, model)
     dims, k = _dims(model)
     q, s, m = _example(size, k)
     feats = model.SUPPORT_FEATURES

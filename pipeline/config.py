@@ -159,7 +159,7 @@ class ExportCfg:
     fp16: bool = True
     max_batch: int = 8
     aoti: bool = True               # the AOTInductor package for C++ (export/aoti.py; about a minute of g++)
-    exporter: str = field(default="dynamo", metadata=_choices("dynamo", "torchscript"))   # export/onnx_export.py
+    exporter: str = field(default="auto", metadata=_choices("auto", "dynamo", "torchscript"))   # export/onnx_export.py
 
 
 @dataclass

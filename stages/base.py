@@ -9,8 +9,6 @@ import json
 import os
 from pathlib import Path
 
-from pipeline import tracking
-from pipeline.train_base import checkpoint_path, train_base
 from stages.common import run, setup, write_json
 
 
@@ -26,6 +24,8 @@ def main():
                                        "reason": f"model.head is {cfg.model.head}: only bam uses a base learner"})
         print(f"base fold {args.fold}: nothing to train (model.head is {cfg.model.head})")
         return
+    from pipeline import tracking          # here: a head without a base learner needs neither torch nor MLflow
+    from pipeline.train_base import checkpoint_path, train_base
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         rf = tracking.run_file(out)

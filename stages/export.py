@@ -113,7 +113,7 @@ def main():
     lat_ort = onnx_export.latency(lambda: sess.run(None, feed))
     report = {"fold": args.fold, "model_shots": args.shot, "merge_max_rel": merge["max_rel"],
               "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size, "opset": cfg.export.opset,
-                       "exporter": cfg.export.exporter,
+                       "exporter": onnx_export.pick_exporter(cfg.export.exporter, model),
                        "providers": sess.get_providers(), "dynamic_axes": "batch" if k_fixed else "batch, shots", "parity": parity,
                        "split_graphs": {"support_encoder": str(enc), "query_decoder": str(dec),
                                         "parity": split_parity}},

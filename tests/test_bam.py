@@ -256,6 +256,7 @@ def test_merge_and_onnx_parity(tmp_path, shots):
     with torch.no_grad():
         ref, got = model(q, s, m), merged(q, s, m)
     assert rel_err(got, ref) < 1e-5
+    assert onnx_export.pick_exporter("auto", merged) == "dynamo"     # export.exporter's default for BAM
     path = onnx_export.export_onnx(merged, tmp_path / "model.onnx", 64)
     episodes = [_inputs(b=b, k=shots, size=64, seed=b) for b in (1, 2)]
     if shots == 1:   # a 1-shot model takes any number of supports (equal weights): the shots axis stays dynamic

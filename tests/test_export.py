@@ -56,18 +56,20 @@ def test_onnx_parity_one_and_five_shots_and_metadata(trained, tmp_path):
     import copy
     model = merge_svf(copy.deepcopy(unmerged)).eval()
     meta = {"class_names": ["a", "b"], "input_size": [SIZE, SIZE], "normalisation": {"mean": [0.1, 0.2, 0.3]}}
-    path = onnx_export.export_onnx(model, tmp_path / "m.onnx", SIZE, 18, meta)
+    path = onnx_export.export_onnx(model, tmp_path / "m.onnx", SIZE, 18, meta, exporter="dynamo")
     assert onnx_export.read_metadata(path) == meta
     sess = onnx_export.session(path)
     report = onnx_export.check_parity(model, sess, episodes([1, 5]), 1e-4)
     assert report["max_rel"] < 1e-4 and {(r["batch"], r["shots"]) for r in report["episodes"]} == {
         (1, 1), (3, 1), (1, 5), (3, 5)}
-    enc, dec = onnx_export.export_split(model, tmp_path, SIZE, 18, meta)
+    enc, dec = onnx_export.export_split(model, tmp_path, SIZE, 18, meta, exporter="dynamo")
     split = onnx_export.SplitSession(enc, dec)
     assert onnx_export.check_parity(model, split, episodes([2], seed=1), 1e-4)["max_rel"] < 1e-4
 
-    # export.exporter: torchscript gives graphs of the same contract (names, dynamic batch and shots, metadata)
+    # export.exporter: torchscript gives graphs of the same contract (names, dynamic batch and shots, metadata);
+    # `auto`, the default, picks it for PFENet (BAM keeps dynamo: test_bam.py)
     import onnx
+    assert onnx_export.pick_exporter("auto", model) == "torchscript"
 
     def contract(p):
         g = onnx.load(str(p)).graph
