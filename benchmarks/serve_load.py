@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.data.synthetic import generate_image  # noqa: E402
 from serving.app import DEFAULT_WORKERS  # noqa: E402
-from serving.backends import missing_model  # noqa: E402
+from serving.model_files import missing_model  # noqa: E402
 from serving.inputs import png_bytes  # noqa: E402
 
 

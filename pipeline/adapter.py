@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import config_from_dict
+from .data.benchmarks import require
 from .models import build_model
 
 FORMAT = "svf-fss-adapter/1"
@@ -47,9 +48,7 @@ def save(state: dict, path: str | Path) -> Path:
 
 def _load(path: str | Path, fmt: str, what: str, stage: str) -> dict:
     """torch.load a file of ours, with errors that name the file and the stage that makes it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {path} is missing; run the {stage} stage (`dvc repro {stage}`) first")
+    path = require(path, what, stage)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

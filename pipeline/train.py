@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import adapter as adapter_io
-from .data.benchmarks import fold_classes, prepared_dir, split_dir
+from .data.benchmarks import fold_classes, prepared_dir, require, split_dir
 from .data.episodes import EpisodeDataset
 from .evaluate import evaluate
 from .figures import curves_figure
@@ -58,8 +58,7 @@ def datasets(cfg, fold: int, shots: int):
     tc = cfg.train
     prepared, splits = prepared_dir(cfg.data.root, cfg.data.benchmark), split_dir(cfg.data.root, cfg.data.benchmark, fold)
     for f in (splits / "train.jsonl", splits / "val.jsonl"):
-        if not f.exists():
-            raise FileNotFoundError(f"split file {f} is missing; run the split stage (`dvc repro split`) first")
+        require(f, "split file", "split")
     base = fold_classes(cfg, fold)[1] if cfg.model.head == "bam" else None
     train_ds = EpisodeDataset(prepared, splits / "train.jsonl", shots, "train", tc.crop_size, tc.seed,
                               scale=tc.scale, rotate=tc.rotate, sampling=tc.sampling, base_classes=base,

@@ -6,11 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
-import uvicorn
-
-from .app import DEFAULT_WORKERS, Limits, create_app
-from .backends import BACKENDS, missing_model
-from .guard import LOOPBACK, guarded_protocol, load_keys
+from .guard import LOOPBACK, load_keys
+from .model_files import BACKENDS, missing_model
 
 log = logging.getLogger("serving")
 
@@ -31,7 +28,7 @@ def main():
     ap.add_argument("--max-inflight", type=int, default=64, help="/v1 requests at once; more answer 503")
     ap.add_argument("--body-timeout", type=float, default=60.0,
                     help="seconds a request body may take to arrive whole (a trickling upload answers 408)")
-    ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    ap.add_argument("--workers", type=int, default=None,
                     help="threads that decode and encode images off the event loop (default: the CPUs, at most 4)")
     ap.add_argument("--max-connections", type=int, default=512, help="open connections at once (uvicorn)")
     ap.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
@@ -53,7 +50,7 @@ def main():
                  "max_inflight", "body_timeout", "workers", "max_connections", "keep_alive", "header_timeout",
                  "max_sets", "max_set_mb", "batch_window_ms"):
         value = getattr(args, name)
-        if value < 0 or (value == 0 and name != "batch_window_ms"):
+        if value is not None and (value < 0 or (value == 0 and name != "batch_window_ms")):
             ap.error(f"--{name.replace('_', '-')} {value:g}: must be "
                      f"{'0 or more' if name == 'batch_window_ms' else 'more than 0'}")
     problem = missing_model(Path(args.model_dir), args.backend)
@@ -70,13 +67,17 @@ def main():
     if not keys and not loopback:
         log.warning("the service listens on %s without API keys: anyone who can reach it can segment and read, "
                     "overwrite or delete support sets; give --api-keys (or SVF_FSS_API_KEYS)", args.host)
+    import uvicorn                     # the inference stack (torch) only once the arguments are sound
+
+    from .app import DEFAULT_WORKERS, Limits, create_app
+    from .guard import guarded_protocol
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                     max_request_pixels=args.max_request_pixels, max_inflight=args.max_inflight,
                     body_timeout_s=args.body_timeout,
                     max_shots=args.max_shots, timeout_s=args.timeout, max_batch=args.max_batch,
                     batch_window_ms=args.batch_window_ms)
     app = create_app(args.model_dir, args.backend, limits, keys=keys, allowed_hosts=hosts,
-                     cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()], workers=args.workers,
+                     cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()], workers=args.workers or DEFAULT_WORKERS,
                      store=None if args.store == "none" else args.store, max_sets=args.max_sets,
                      max_set_bytes=int(args.max_set_mb * 1024 * 1024))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,

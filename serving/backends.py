@@ -12,15 +12,15 @@ as the network on an H100.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .model_files import BACKENDS
+
 log = logging.getLogger(__name__)
-BACKENDS = ("tensorrt", "onnxruntime", "aoti", "torch")
 
 
 class Backend:
@@ -197,24 +197,6 @@ class AotiBackend(Backend):
     def decode(self, query, feats):
         support, mask = (torch.from_numpy(f) for f in broadcast(feats, query.shape[0]))
         return self.runner(torch.from_numpy(query), support, mask).cpu().numpy()
-
-
-# what each backend loads from the model folder
-MODEL_FILES = {"tensorrt": ("model.engine",), "onnxruntime": ("support_encoder.onnx", "query_decoder.onnx"),
-               "aoti": ("aoti/model.pt2",), "torch": ("merged.pt",)}
-
-
-def missing_model(model_dir: Path, backend: str) -> str | None:
-    """One line saying which file is missing and which command makes it, or None when one loads."""
-    wanted = BACKENDS if backend == "auto" else (backend,)
-    if any(all((model_dir / f).exists() for f in MODEL_FILES[b]) for b in wanted):
-        return None
-    files = ", ".join(f for b in wanted for f in MODEL_FILES[b])
-    m = re.search(r"fold(\d)/(\d+)shot$", model_dir.as_posix())
-    make = (f"`dvc repro export@{m.group(1)}-{m.group(2)}` (fold {m.group(1)} must be listed in split.folds and "
-            f"{m.group(2)} in train.shots in params.yaml)") if m else \
-        "`dvc repro` (it exports models/fold<i>/<k>shot for every fold of split.folds and shot count of train.shots)"
-    return f"{model_dir} holds no exported model for backend {backend} (looked for {files}); make it with {make}"
 
 
 def load_backend(model_dir: str | Path, name: str = "auto") -> Backend:

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from pipeline.data.folder import IMAGE_SUFFIXES
 from pipeline.figures import overlay
 
-from .backends import BACKENDS, load_backend, missing_model
+from .backends import load_backend
+from .model_files import BACKENDS, missing_model
 from .inputs import UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask, rle, \
     support_tensors
 

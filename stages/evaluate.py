@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from pipeline import adapter as adapter_io
 from pipeline import tracking
-from pipeline.data.benchmarks import class_names, fold_classes, prepared_dir, split_dir
-from pipeline.data.episodes import EpisodeDataset, episodes_possible
-from pipeline.evaluate import evaluate, shot_key, spread_text, summarise
-from pipeline.figures import episodes_figure
-from pipeline.models import accepts_shots, fixed_shots
-from pipeline.train import pick_device
+from pipeline.data.benchmarks import class_names, fold_classes, prepared_dir, require, split_dir
 from stages.common import model_dir, plots_dir, run, setup, write_json
 
 log = logging.getLogger("evaluate")
@@ -27,6 +19,16 @@ def main():
     args, cfg = setup(__doc__, fold=True, extra=lambda ap: ap.add_argument(
         "--untrained", action="store_true", help="score the model before training (the baseline); not tracked"))
     out, plots = model_dir(args.fold, args.shot), plots_dir(args.fold, args.shot)
+    if not args.untrained:                     # before torch is imported: a missing model fails at once
+        require(out / "adapter.pt", "adapter", "train")
+    import torch
+
+    from pipeline import adapter as adapter_io
+    from pipeline.data.episodes import EpisodeDataset, episodes_possible
+    from pipeline.evaluate import evaluate, shot_key, spread_text, summarise
+    from pipeline.figures import episodes_figure
+    from pipeline.models import accepts_shots, fixed_shots
+    from pipeline.train import pick_device
     if args.untrained:
         from pipeline.models import build_model
         base = adapter_io.read_base(adapter_io.base_path(out / "adapter.pt"), cfg, args.fold) \
@@ -106,6 +108,7 @@ def seed_everything(seed: int) -> None:
     import random
 
     import numpy as np
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
-from pipeline import adapter as adapter_io
 from pipeline import tracking
-from pipeline.data.benchmarks import prepared_dir, split_dir
-from pipeline.data.episodes import fixed_batches
-from pipeline.models import accepts_shots
-from pipeline.svf import SVFConv2d, merge_svf
+from pipeline.data.benchmarks import prepared_dir, require, split_dir
 from stages.common import model_dir, run, setup, write_json
 
 
 def parity(a, b, batches) -> dict:
+    import torch
     worst_abs, worst_rel = 0.0, 0.0
     with torch.no_grad():
         for q, s, m in batches:
@@ -27,6 +22,11 @@ def parity(a, b, batches) -> dict:
 def main():
     args, cfg = setup(__doc__, fold=True)
     out = model_dir(args.fold, args.shot)
+    require(out / "adapter.pt", "adapter", "train")      # before torch is imported: fails at once
+    from pipeline import adapter as adapter_io
+    from pipeline.data.episodes import fixed_batches
+    from pipeline.models import accepts_shots
+    from pipeline.svf import SVFConv2d, merge_svf
     unmerged, acfg = adapter_io.load_model(out / "adapter.pt")
     n_svf = sum(isinstance(m, SVFConv2d) for m in unmerged.modules())
     merged = merge_svf(copy.deepcopy(unmerged)).eval()

@@ -4,14 +4,17 @@ from __future__ import annotations
 import json
 import os
 
-from pipeline import adapter as adapter_io
 from pipeline import tracking
-from pipeline.train import train
+from pipeline.data.benchmarks import require, split_dir
 from stages.common import model_dir, plots_dir, run, setup, write_json
 
 
 def main():
     args, cfg = setup(__doc__, fold=True)
+    for f in ("train.jsonl", "val.jsonl"):     # before torch is imported: a missing input fails at once
+        require(split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / f, "split file", "split")
+    from pipeline import adapter as adapter_io
+    from pipeline.train import train
     rank = int(os.environ.get("RANK", "0"))
     out, plots = model_dir(args.fold, args.shot), plots_dir(args.fold, args.shot)
     run_id = None

@@ -61,6 +61,15 @@ def folder_novel(num_classes: int, fold: int, num_folds: int) -> list[int]:
     return list(range(fold * num_classes // num_folds + 1, (fold + 1) * num_classes // num_folds + 1))
 
 
+def require(path: str | Path, what: str, stage: str) -> Path:
+    """``path``, or a FileNotFoundError naming it and the stage that makes it. The stages call it before
+    importing torch, so a missing input fails in a fraction of a second."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} is missing; run the {stage} stage (`dvc repro {stage}`) first")
+    return path
+
+
 def class_names(prepared: str | Path) -> list[str]:
     """The prepared benchmark's class names (index i-1 is class id i)."""
     path = Path(prepared) / "classes.json"
