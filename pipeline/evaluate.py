@@ -99,7 +99,9 @@ def evaluate(model, dataset, device, desc: str = "eval", progress: bool = True, 
     bam = dataset.protocol == "bam"
     acc = IoUAccumulator(sorted(classes or dataset.classes), strict=bam)
     kept = []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=list)
+    # a generator of its own: a loader seeded from the global RNG would move training's dropout after a validation
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=list,
+                                         generator=torch.Generator().manual_seed(0))
     bar = tqdm(total=len(dataset), desc=desc, unit="ep", disable=not progress, mininterval=2.0)
     for eps in loader:
         logits = model(*(torch.stack([ep[k] for ep in eps]).to(device) for k in ("query", "support", "support_mask")))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
 
 
 def _plt():
@@ -48,6 +47,8 @@ def episodes_figure(episodes: list[dict], path, class_names: list[str] | None = 
     """One row per episode: the query, the query with the prediction (translucent cyan) and the truth
     (white outline), and the supports with their masks outlined in white."""
     plt = _plt()
+    import torch.nn.functional as F     # here: the report stage draws its figure without torch
+
     from .data.episodes import MEAN, STD
 
     def show(t):

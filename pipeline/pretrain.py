@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data.episodes import normalize
-from .data.synthetic import PRETRAIN_TARGETS, generate_pretrain_image
+from .data.synthetic import PRETRAIN_TARGETS, generate_pretrain_set
 from .models.backbone import Backbone, to_checkpoint_state
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 def pretrain(arch: str, out_path: str | Path, iterations: int = 300, batch: int = 16, size: int = 96, seed: int = 0,
              lr: float = 2e-3, images: int = 2000) -> dict:
+    # the generated set first, in worker processes forked before torch has started a thread
+    data = generate_pretrain_set(images, size, seed, min(2, os.cpu_count() or 1))
     torch.manual_seed(seed)
     bb = Backbone(arch, output_stride=8)
     heads = nn.ModuleList(nn.Conv2d(c, sum(PRETRAIN_TARGETS), 1) for c in bb.channels[1:])
@@ -46,7 +48,7 @@ def pretrain(arch: str, out_path: str | Path, iterations: int = 300, batch: int 
 
     def sample(i):
         if i not in cache:
-            img, tgt = generate_pretrain_image(i, size, seed)
+            img, tgt = data[i]
             x = normalize(torch.from_numpy(np.array(img)).permute(2, 0, 1))
             cache[i] = (x, torch.from_numpy(tgt).long())
         return cache[i]
