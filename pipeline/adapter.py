@@ -95,12 +95,12 @@ MERGED_FORMAT = "svf-fss-merged/1"
 
 
 def merged_state(model, cfg, parity: dict | None = None) -> dict:
-    """A dense model (no SVFConv2d left) as a plain state_dict plus its config (and, for BAM, its
-    shot count and base class count, which fix the shapes of kshot_rw and the base classifier)."""
+    """A dense model (no SVFConv2d left) as a plain state_dict plus its config, its shot count (BAM's kshot_rw
+    and the baseline's summed shots depend on it) and, for BAM, the base classifier's class count."""
     from .svf import SVFConv2d
     if any(isinstance(m, SVFConv2d) for m in model.modules()):
         raise ValueError("merged_state needs a merged model; call merge_svf first")
-    shape = {"shots": model.shots, "base_classes": model.base.classes} if hasattr(model, "base") else {}
+    shape = {"shots": getattr(model, "shots", 1), **({"base_classes": model.base.classes} if hasattr(model, "base") else {})}
     return {"format": MERGED_FORMAT, "config": cfg.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in
                                                                             model.state_dict().items()},
             "parity": parity or {}, **shape}

@@ -65,16 +65,20 @@ class SplitCfg:
 
 @dataclass
 class ModelCfg:
-    head: str = field(default="pfenet", metadata=_choices("pfenet", "bam"))   # bam needs the base stage
+    head: str = field(default="pfenet", metadata=_choices("pfenet", "bam", "baseline"))   # bam needs the base stage
     backbone: str = field(default="resnet50", metadata=_choices("resnet10_slim", "resnet18", "resnet34", "resnet50",
-                                                                "resnet101", "resnet50_deep", "resnet101_deep"))
+                                                                "resnet101", "resnet50_deep", "resnet101_deep",
+                                                                "vgg16_bn"))
     pretrained: str = "imagenet"      # imagenet | synthetic | random | path to a checkpoint of the backbone's family
     output_stride: int = field(default=8, metadata=_choices(8, 32))
     dilation: str = field(default="pspnet", metadata=_choices("pspnet", "torchvision"))  # pipeline/models/backbone.py
     finetune: str = field(default="svf", metadata=_choices("frozen", "svf", "full"))
     svf_form: str = field(default="rebuild", metadata=_choices("rebuild", "factorised"))
+    svf_stages: list = field(default_factory=lambda: ["layer2", "layer3", "layer4"])   # svf and full train these
+    svf_rank: str = field(default="full", metadata=_choices("full", "authors"))   # pipeline/svf.py RANKS
     reduce_dim: int = 256
     kshot_dim: int = 2                # BAM: kshot_trans_dim (k-shot reweighting, shot > 1)
+    baseline_quirks: str = field(default="authors", metadata=_choices("authors", "fixed"))   # models/baseline.py
     bins: list = field(default_factory=lambda: [60, 30, 15, 8])  # ints: cells; floats <= 1: fraction of the feature size
     init_seed: int = 0                # seeds the head init and a random backbone
 
@@ -315,6 +319,11 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"model.kshot_dim: expected >= 1, got {cfg.model.kshot_dim}")
     if cfg.eval.episodes < 1:
         raise ConfigError(f"eval.episodes must be >= 1, got {cfg.eval.episodes}")
+    stages = ("layer0", "layer1", "layer2", "layer3", "layer4")
+    bad = [s for s in cfg.model.svf_stages if s not in stages]
+    if bad or not cfg.model.svf_stages or len(set(cfg.model.svf_stages)) != len(cfg.model.svf_stages):
+        raise ConfigError(f"model.svf_stages: {cfg.model.svf_stages!r} names {bad or 'no stage or one twice'}; "
+                          f"{cfg.model.backbone} has the stages {list(stages)}")
     if cfg.model.dilation == "torchvision" and cfg.model.backbone in ("resnet10_slim", "resnet18", "resnet34"):
         raise ConfigError(f"model.dilation: torchvision cannot dilate {cfg.model.backbone}'s BasicBlocks; use pspnet")
     if cfg.train.device not in ("auto", "cpu", "cuda") and not cfg.train.device.startswith("cuda:"):

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 
 FORMS = ("rebuild", "factorised")
 REGIMES = ("frozen", "svf", "full")
-SVF_STAGES = ("layer2", "layer3", "layer4")
+STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+SVF_STAGES = ("layer2", "layer3", "layer4")   # model.svf_stages' default: the paper's
+RANKS = ("full", "authors")
+# model.svf_rank. full: every singular value kept (the factorisation is exact). authors: the SVF authors'
+# svf.resolver, which factorises every conv of layer0..layer4 (S trains only in model.svf_stages) at rank
+# floor(min(out, in*kh*kw) / 4) * 4: ResNet-50's and VGG-16's first conv (3 -> 64, 3x3: 27) keeps 24, so
+# the stem is not the dense one; every other conv of both backbones keeps its full rank.
 
 
 class SVFConv2d(nn.Module):
@@ -58,7 +64,7 @@ class SVFConv2d(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, form: str = "rebuild") -> "SVFConv2d":
+    def from_conv(cls, conv: nn.Conv2d, form: str = "rebuild", rank: str = "full") -> "SVFConv2d":
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SVFConv2d.from_conv takes an nn.Conv2d, got {type(conv).__name__}; "
                             "accepted: torch.nn.Conv2d (any groups, zero padding mode)")
@@ -71,8 +77,9 @@ class SVFConv2d(nn.Module):
         mats = w.to(torch.float64).reshape(g, out_g, in_g * kh * kw)
         # One SVD per group (batched); grouped and depthwise convs are exact this way.
         U, S, Vh = torch.linalg.svd(mats, full_matrices=False)
-        rank = S.shape[-1]
-        m = cls(conv.in_channels, out_c, (kh, kw), conv.stride, conv.padding, conv.dilation, g, rank,
+        r = S.shape[-1] if rank == "full" else max(1, S.shape[-1] // 4 * 4)   # RANKS
+        U, S, Vh = U[..., :r], S[..., :r], Vh[..., :r, :]
+        m = cls(conv.in_channels, out_c, (kh, kw), conv.stride, conv.padding, conv.dilation, g, r,
                 conv.bias is not None, dtype=w.dtype, form=form).to(w.device)
         with torch.no_grad():
             m.U.copy_(U.to(w.dtype))
@@ -139,15 +146,15 @@ def _check_module(module) -> None:
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
 
 
-def apply_svf(module: nn.Module, form: str = "rebuild") -> nn.Module:
+def apply_svf(module: nn.Module, form: str = "rebuild", rank: str = "full") -> nn.Module:
     """Replace every nn.Conv2d inside ``module`` by an SVFConv2d, in place; returns ``module``.
 
     A bare Conv2d cannot be replaced in place by its own container: it is converted and returned.
     """
     _check_module(module)
     if isinstance(module, nn.Conv2d):
-        return SVFConv2d.from_conv(module, form)
-    _replace_children(module, nn.Conv2d, lambda c: SVFConv2d.from_conv(c, form))
+        return SVFConv2d.from_conv(module, form, rank)
+    _replace_children(module, nn.Conv2d, lambda c: SVFConv2d.from_conv(c, form, rank))
     return module
 
 
@@ -164,27 +171,39 @@ def count_params(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
 
-def set_finetune(backbone: nn.Module, regime: str, form: str = "rebuild") -> dict:
-    """Set one of the paper's three fine-tune regimes on a ResNet backbone exposing layer0..layer4.
+def set_finetune(backbone: nn.Module, regime: str, form: str = "rebuild", stages=SVF_STAGES,
+                 rank: str = "full") -> dict:
+    """Set one of the paper's three fine-tune regimes on a backbone exposing layer0..layer4.
 
     * ``frozen``: nothing in the backbone trains;
-    * ``svf``: layer2-4 convs become SVFConv2d and only their S trains; layer0, layer1 and every
-      BatchNorm stay frozen;
-    * ``full``: every backbone weight trains.
+    * ``svf``: the convs of ``stages`` (model.svf_stages; the paper's layer2-4) become SVFConv2d and only
+      their S trains; the other stages and every BatchNorm stay frozen (``rank``: RANKS);
+    * ``full``: every weight of the same ``stages`` trains, so svf and full differ in how, not where.
     BatchNorm running statistics stay in eval mode in every regime (the backbone's ``train()``
     keeps them there). Returns the trainable and total parameter counts.
     """
     if regime not in REGIMES:
         raise ValueError(f"unknown fine-tune regime {regime!r}; choose one of {REGIMES}")
-    missing = [s for s in ("layer0",) + SVF_STAGES if not hasattr(backbone, s)]
+    if rank not in RANKS:
+        raise ValueError(f"model.svf_rank: {rank!r} is not one of {list(RANKS)}")
+    missing = [s for s in STAGES if not hasattr(backbone, s)]
     if missing:
         raise ValueError(f"backbone lacks stages {missing}; set_finetune expects layer0..layer4")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"model.svf_stages: {list(stages)} names {unknown or 'no stage'}; the backbone's stages are "
+                         f"{list(STAGES)}")
     total = count_params(backbone.parameters())  # dense count, before any factorisation
     for p in backbone.parameters():
-        p.requires_grad_(regime == "full")
+        p.requires_grad_(False)
+    if regime == "full":
+        for stage in stages:
+            for p in getattr(backbone, stage).parameters():
+                p.requires_grad_(True)
     if regime == "svf":
-        for stage in SVF_STAGES:
-            apply_svf(getattr(backbone, stage), form)
+        for stage in (STAGES if rank == "authors" else stages):
+            apply_svf(getattr(backbone, stage), form, rank)
+        for stage in stages:
             for m in getattr(backbone, stage).modules():
                 if isinstance(m, SVFConv2d):
                     m.S.requires_grad_(True)

@@ -8,10 +8,11 @@ import torch
 from ..svf import set_finetune
 from .backbone import ARCHS, Backbone, load_backbone, state_fingerprint
 from .bam import BAM, bam_loss
+from .baseline import Baseline, baseline_loss, build_baseline
 from .pfenet import PFENet, build_pfenet, pfenet_loss, prior_mask
 from .pspnet import PSPNet
 
-HEADS = ("pfenet", "bam")
+HEADS = ("pfenet", "bam", "baseline")
 
 
 def base_learner(m, classes: int, state: dict | None = None, pretrained: str = "none", root="data") -> PSPNet:
@@ -49,7 +50,7 @@ def build_model(cfg, finetune: str | None = None, pretrained: str | None = None,
         # The SVF authors' BAM: the regime acts on a copy of the base learner's backbone; in `frozen` one
         # module serves both branches (the trained regime decides, so a merged svf model keeps two).
         backbone = learner.backbone if m.finetune == "frozen" else copy.deepcopy(learner.backbone)
-        counts = set_finetune(backbone, regime, m.svf_form)
+        counts = set_finetune(backbone, regime, m.svf_form, m.svf_stages, m.svf_rank)
         torch.manual_seed(m.init_seed + 1)
         model = BAM(backbone, learner, shots, m.reduce_dim)
         counts["head"] = sum(p.numel() for n, p in model.named_parameters()
@@ -61,16 +62,20 @@ def build_model(cfg, finetune: str | None = None, pretrained: str | None = None,
     backbone = load_backbone(m.backbone, pretrained or m.pretrained, m.output_stride, m.init_seed, root, m.dilation)
     fingerprint = state_fingerprint(backbone)
     torch.manual_seed(m.init_seed + 1)
-    model, counts = build_pfenet(backbone, regime, m.reduce_dim, m.bins, m.svf_form)
+    if m.head == "baseline":
+        model, counts = build_baseline(backbone, regime, m.reduce_dim, shots, m.baseline_quirks, m.svf_form,
+                                       m.svf_stages, m.svf_rank)
+        model.backbone_fingerprint = fingerprint
+        return model, counts
+    model, counts = build_pfenet(backbone, regime, m.reduce_dim, m.bins, m.svf_form, m.svf_stages, m.svf_rank)
     model.backbone_fingerprint = fingerprint   # the base weights this model starts from
     return model, counts
 
 
 def fixed_shots(model) -> int | None:
-    """The one shot count a model accepts (BAM trained with shot > 1: its reweighting has K inputs), or
-    None when any count works."""
-    model = getattr(model, "module", model)
-    return model.shots if getattr(model, "kshot_rw", None) is not None else None
+    """The one shot count a model accepts (BAM trained with shot > 1: its reweighting has K inputs; the
+    baseline with the authors' summed shots), or None when any count works."""
+    return getattr(getattr(model, "module", model), "fixed_shots", None)
 
 
 def accepts_shots(model, k: int) -> bool:
@@ -82,6 +87,8 @@ def head_loss(model, out, batch: dict, aux_weight: float = 1.0):
     model = getattr(model, "module", model)
     if isinstance(model, BAM):
         return bam_loss(out, batch["query_mask"], batch["query_base"], aux_weight)
+    if isinstance(model, Baseline):
+        return baseline_loss(out, batch["query_mask"])
     return pfenet_loss(out, batch["query_mask"], aux_weight)
 
 
@@ -90,6 +97,6 @@ def train_inputs(model, batch: dict) -> dict:
     return {"base_class": batch["base_class"]} if isinstance(getattr(model, "module", model), BAM) else {}
 
 
-__all__ = ["ARCHS", "BAM", "Backbone", "HEADS", "PFENet", "PSPNet", "accepts_shots", "bam_loss", "base_learner",
+__all__ = ["ARCHS", "BAM", "Backbone", "Baseline", "HEADS", "PFENet", "PSPNet", "accepts_shots", "bam_loss", "base_learner", "baseline_loss",
            "build_model", "fixed_shots",
            "head_loss", "load_backbone", "pfenet_loss", "prior_mask", "state_fingerprint", "train_inputs"]

@@ -1,6 +1,6 @@
-"""ResNet backbones exposed as layer0..layer4, with BatchNorm pinned to eval mode.
+"""Backbones exposed as layer0..layer4, with BatchNorm pinned to eval mode.
 
-Three families:
+Four families:
   * torchvision's ResNet-18/34/50/101 (7x7 stem), loaded from torchvision checkpoints;
   * ``resnet10_slim``: torchvision's layout (7x7 stem, BasicBlocks) with one block per stage at half
     width (32-64-128-256 channels), for the embedded synthetic benchmark (the default reaches 74 mIoU
@@ -11,6 +11,12 @@ Three families:
     3x3 convs 3->64 (stride 2), 64->64, 64->128, each with BN + ReLU, then max-pool; layer1 takes 128
     channels. These are the ImageNet weights PFENet, BAM and the SVF authors load
     (``resnet50_v2.pth`` / ``resnet101_v2.pth``); ``load_deep_state`` maps that file's keys strictly.
+  * ``vgg16_bn`` as the SVF authors (and PFENet, BAM) cut torchvision's ``vgg16_bn.features``: layer0..4 =
+    features[0:7], [7:14], [14:24], [24:34], [34:43] (pool5 dropped), every max-pool with ``ceil_mode``
+    (their make_layers: 473 px gives 237, 119, 60, 30, 30; torchvision's floor mode 236, 118, 59, 29), no
+    dilation: layer2 at stride 8, layer3 and layer4 at 16, whatever ``output_stride`` and ``dilation`` say.
+    Its convs carry biases (SVF keeps them frozen). Weights: torchvision's ImageNet checkpoint
+    (vgg16_bn-6c64b313.pth), given as a path (``model.pretrained``).
 Output stride 8 comes in two dilation styles (``model.dilation``): ``pspnet`` (PSPNet/BAM: every 3x3
 conv of layer3 dilation 2, of layer4 dilation 4, every stride 1) and ``torchvision``
 (``replace_stride_with_dilation``: the first block of layer3 keeps dilation 1, that of layer4 2),
@@ -29,13 +35,20 @@ import torchvision
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("resnet10_slim", "resnet18", "resnet34", "resnet50", "resnet101", "resnet50_deep", "resnet101_deep")
+ARCHS = ("resnet10_slim", "resnet18", "resnet34", "resnet50", "resnet101", "resnet50_deep", "resnet101_deep",
+         "vgg16_bn")
 DEEP = {"resnet50_deep": "resnet50", "resnet101_deep": "resnet101"}
 DILATIONS = ("pspnet", "torchvision")
 # (layer2, layer3, layer4) output channels
 CHANNELS = {"resnet10_slim": (64, 128, 256), "resnet18": (128, 256, 512), "resnet34": (128, 256, 512),
             "resnet50": (512, 1024, 2048), "resnet101": (512, 1024, 2048),
-            "resnet50_deep": (512, 1024, 2048), "resnet101_deep": (512, 1024, 2048)}
+            "resnet50_deep": (512, 1024, 2048), "resnet101_deep": (512, 1024, 2048), "vgg16_bn": (256, 512, 512)}
+# vgg16_bn.features[a:b] for layer0..layer4 (the SVF authors' get_vgg16_layer; index 43, pool5, unused)
+VGG_CUTS = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))
+# the ImageNet files no stage downloads (no full sha256 established here): where they come from
+BY_PATH = {"resnet50_deep": "resnet50_v2.pth, PSPNet's deep stem, linked from PFENet's README",
+           "resnet101_deep": "resnet101_v2.pth, PSPNet's deep stem, linked from PFENet's README",
+           "vgg16_bn": "torchvision's https://download.pytorch.org/models/vgg16_bn-6c64b313.pth"}
 # the deep stem's modules in layer0 = Sequential(conv1, bn1, relu, conv2, bn2, relu, conv3, bn3, relu, maxpool)
 DEEP_STEM = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7}
 
@@ -70,6 +83,15 @@ def _slim_resnet() -> nn.Module:
     return net
 
 
+def _vgg16_bn_layers() -> list[nn.Sequential]:
+    """layer0..layer4 of vgg16_bn, max-pools in ceil mode as the authors' make_layers builds them."""
+    feats = torchvision.models.vgg16_bn(weights=None).features
+    for m in feats:
+        if isinstance(m, nn.MaxPool2d):
+            m.ceil_mode = True
+    return [nn.Sequential(*feats[a:b]) for a, b in VGG_CUTS]
+
+
 WEIGHT_ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
                 "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}
 
@@ -98,13 +120,16 @@ class Backbone(nn.Module):
             raise ValueError(f"unknown dilation style {dilation!r}; choose one of {DILATIONS}")
         if output_stride not in (8, 32):
             raise ValueError(f"output_stride must be 8 or 32, got {output_stride}")
+        self.arch, self.deep, self.channels = arch, arch in DEEP, CHANNELS[arch]
+        if arch == "vgg16_bn":
+            self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = _vgg16_bn_layers()
+            return
         base = DEEP.get(arch, arch)
         tv_dilate = output_stride == 8 and dilation == "torchvision"
         if tv_dilate and base in ("resnet10_slim", "resnet18", "resnet34"):
             raise ValueError(f"{arch} has BasicBlocks, which torchvision cannot dilate; use model.dilation: pspnet")
         net = _slim_resnet() if base == "resnet10_slim" else getattr(torchvision.models, base)(
             weights=None, **({"replace_stride_with_dilation": [False, True, True]} if tv_dilate else {}))
-        self.arch, self.deep = arch, arch in DEEP
         if self.deep:
             self.layer0, self.layer1 = _deep_stem(), _deep_layer1(net)
         else:
@@ -113,7 +138,6 @@ class Backbone(nn.Module):
         if output_stride == 8 and dilation == "pspnet":
             _dilate(self.layer3, 2)
             _dilate(self.layer4, 4)
-        self.channels = CHANNELS[arch]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -124,7 +148,9 @@ class Backbone(nn.Module):
 
     def load_state(self, state: dict, source: str = "checkpoint") -> None:
         """Load an ImageNet checkpoint of this architecture's family, every key used."""
-        if self.deep:
+        if self.arch == "vgg16_bn":
+            self.load_vgg_state(state, source)
+        elif self.deep:
             self.load_deep_state(state, source)
         else:
             self.load_torchvision_state(state, source)
@@ -133,6 +159,8 @@ class Backbone(nn.Module):
         """Load the PSPNet deep-stem layout (``resnet50_v2.pth``): conv1..3/bn1..3 at the top, layer1..4,
         fc (unused). Strict: a missing or unexpected key is an error naming them (``num_batches_tracked``,
         absent from files of older PyTorch, excepted)."""
+        if any(k.startswith("features.") for k in state):
+            raise ValueError(f"{source} is a VGG checkpoint; use model.backbone: vgg16_bn")
         if "conv1.weight" in state and tuple(state["conv1.weight"].shape[-2:]) == (7, 7):
             raise ValueError(f"{source} is a torchvision ResNet checkpoint (7x7 stem); {self.arch} needs the "
                              "deep-stem PSPNet weights (resnet50_v2.pth / resnet101_v2.pth, see docs/paper.md), or "
@@ -145,6 +173,23 @@ class Backbone(nn.Module):
             mapped[f"layer0.{DEEP_STEM[top]}.{rest}" if top in DEEP_STEM else k] = v
         self._load_strict(mapped, source)
 
+    def load_vgg_state(self, state: dict, source: str = "checkpoint") -> None:
+        """Load torchvision's vgg16_bn layout (features.N, classifier unused) into layer0..layer4."""
+        if not any(k.startswith("features.") for k in state):
+            raise ValueError(f"{source} is not a VGG checkpoint (no features.N keys; it looks like "
+                             f"{_family(state)}); vgg16_bn needs {BY_PATH['vgg16_bn']}")
+        where = {i: (k, i - a) for k, (a, b) in enumerate(VGG_CUTS) for i in range(a, b)}
+        mapped = {}
+        for key, v in state.items():
+            top, idx, rest = key.split(".", 2) if key.count(".") >= 2 else (key, "", "")
+            if top == "classifier":
+                continue
+            if top == "features" and idx.isdigit() and int(idx) in where:
+                layer, j = where[int(idx)]
+                key = f"layer{layer}.{j}.{rest}"
+            mapped[key] = v
+        self._load_strict(mapped, source)
+
     def _load_strict(self, mapped: dict, source: str) -> None:
         missing, unexpected = self.load_state_dict(mapped, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -154,6 +199,8 @@ class Backbone(nn.Module):
 
     def load_torchvision_state(self, state: dict, source: str = "checkpoint") -> None:
         """Load a torchvision ResNet state_dict (conv1/bn1/layerN/fc keys)."""
+        if any(k.startswith("features.") for k in state):
+            raise ValueError(f"{source} is a VGG checkpoint; use model.backbone: vgg16_bn")
         if "conv2.weight" in state and "conv3.weight" in state:
             raise ValueError(f"{source} is a deep-stem (PSPNet) checkpoint; use model.backbone: {self.arch}_deep")
         mapped = {}
@@ -166,6 +213,14 @@ class Backbone(nn.Module):
                 k = "layer0.1." + k[len("bn1."):]
             mapped[k] = v
         self._load_strict(mapped, source)
+
+
+def _family(state: dict) -> str:
+    if "conv2.weight" in state and "conv3.weight" in state:
+        return "a deep-stem ResNet (model.backbone: resnet50_deep)"
+    if "conv1.weight" in state:
+        return "a torchvision ResNet"
+    return "no backbone this project knows"
 
 
 def weights_path(root: str | Path, arch: str, source: str = "imagenet") -> Path:
@@ -201,13 +256,13 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
         local = weights_path(weights_root, arch)
         if local.exists():
             state = torch.load(local, map_location="cpu", weights_only=True)
-        elif arch not in WEIGHT_ENUMS and arch not in DEEP:
+        elif arch not in WEIGHT_ENUMS and arch not in BY_PATH:
             raise FileNotFoundError(f"{arch} has no ImageNet weights; use model.pretrained: synthetic (offline "
                                     "pretraining) or a checkpoint path")
-        elif arch in DEEP:
-            raise FileNotFoundError(f"the ImageNet weights of {arch} ({DEEP[arch]}_v2.pth, PSPNet's deep stem) have "
-                                    "no stable download URL: fetch the file from the link in PFENet's README and "
-                                    "set model.pretrained to its path (see docs/paper.md, 'The backbone weights')")
+        elif arch in BY_PATH:
+            raise FileNotFoundError(f"the ImageNet weights of {arch} ({BY_PATH[arch]}) are not downloaded by the "
+                                    "pipeline (no full sha256 could be established for them): fetch the file and set "
+                                    "model.pretrained to its path (see docs/paper.md, 'The backbone weights')")
         else:
             raise FileNotFoundError(f"the ImageNet weights of {arch} are not at {local}: run `dvc repro download` "
                                     "(or `python -m stages.download` with model.pretrained: imagenet), which fetches "
@@ -231,6 +286,12 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
 
 def to_checkpoint_state(bb: Backbone) -> dict:
     """The backbone's weights in its family's checkpoint layout (the inverse of ``Backbone.load_state``)."""
+    if bb.arch == "vgg16_bn":
+        out = {}
+        for k, v in bb.state_dict().items():
+            layer, j, rest = k.split(".", 2)
+            out[f"features.{VGG_CUTS[int(layer[-1])][0] + int(j)}.{rest}"] = v
+        return out
     inverse = {v: k for k, v in DEEP_STEM.items()} if bb.deep else {0: "conv1", 1: "bn1"}
     out = {}
     for k, v in bb.state_dict().items():

@@ -28,28 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import Backbone
-from .layers import classifier, conv_block, features, masked_average_pool, mid_level, prior_mask, resize
+from .layers import add_meta_learner, at_layer3, features, masked_average_pool, meta_learner, mid_level, prior_mask, resize
 from .pspnet import PSPNet
 
 EPS = 1e-7
-
-
-class ASPP(nn.Module):
-    """Image pooling + 1x1 + 3x3 at dilations 6, 12, 18 (convs with bias, ReLU): 5 x dim channels."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.image_pool = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU())
-        self.branches = nn.ModuleList([nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU())] +
-                                      [nn.Sequential(nn.Conv2d(dim, dim, 3, padding=r, dilation=r), nn.ReLU())
-                                       for r in (6, 12, 18)])
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.image_pool(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, x.shape[2], x.shape[3])
-        return torch.cat([g] + [b(x) for b in self.branches], 1)
 
 
 def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
@@ -82,11 +64,7 @@ class BAM(nn.Module):
         d = reduce_dim
         self.down_query = nn.Sequential(nn.Conv2d(c2 + c3, d, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
         self.down_supp = nn.Sequential(nn.Conv2d(c2 + c3, d, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
-        self.init_merge = conv_block(2 * d + 1, d, 1)
-        self.aspp = ASPP(d)
-        self.res1 = conv_block(5 * d, d, 1)
-        self.res2 = nn.Sequential(conv_block(d, d, 3), conv_block(d, d, 3))
-        self.cls_meta = classifier(d, classes)
+        add_meta_learner(self, d, classes)
         self.gram_merge = _merge_conv()
         self.cls_merge = _merge_conv()
         self.kshot_rw = (nn.Sequential(nn.Conv2d(shots, kshot_dim, 1), nn.ReLU(inplace=True),
@@ -98,6 +76,11 @@ class BAM(nn.Module):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
         return self
+
+    @property
+    def fixed_shots(self) -> int | None:
+        """The one shot count the model takes (its k-shot reweighting has K inputs), or None (1-shot: any)."""
+        return self.shots if self.kshot_rw is not None else None
 
     @property
     def shared_backbone(self) -> bool:
@@ -114,7 +97,7 @@ class BAM(nn.Module):
         mid = self.down_supp(mid_level(f2, f3))
         proto = masked_average_pool(mid, resize(m, mid.shape[-2:]))
         f4 = f4 * resize(m, f4.shape[-2:])
-        gram = gram_matrix(f2)
+        gram = gram_matrix(at_layer3(f2, f3))
         return proto.view(b, k, -1), f4.view(b, k, *f4.shape[1:]), gram.view(b, k, *gram.shape[1:])
 
     def shot_weights(self, est: torch.Tensor) -> torch.Tensor:
@@ -141,15 +124,13 @@ class BAM(nn.Module):
         f2, f3, q4 = features(self.backbone, query)
         q = self.down_query(mid_level(f2, f3))
         b, c2 = f2.shape[:2]
-        est = (gram_matrix(f2).unsqueeze(1) - support_gram).flatten(2).norm(dim=2) / c2      # B, K
+        est = (gram_matrix(at_layer3(f2, f3)).unsqueeze(1) - support_gram).flatten(2).norm(dim=2) / c2   # B, K
         weights = self.shot_weights(est)
         est = (weights * est).sum(1)
         prior = resize(prior_mask(q4, support_feat4, per_shot=True), q.shape[-2:])
         prior = (weights[:, :, None, None] * prior).sum(1, keepdim=True)
-        proto = (weights[:, :, None] * prototypes).sum(1)[:, :, None, None]
-        merged = self.init_merge(torch.cat([q, proto.expand_as(q), prior], 1))
-        meta = self.res1(self.aspp(merged))
-        meta = self.cls_meta(self.res2(meta) + meta)
+        proto = (weights[:, :, None] * prototypes).sum(1)
+        meta = meta_learner(self, q, proto, prior)
         base = self.base.classify(self.base_features(query, q4))
 
         meta_p, base_p = meta.softmax(1), base.softmax(1)

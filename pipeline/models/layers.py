@@ -1,5 +1,6 @@
-"""Pieces the few-shot heads share (PFENet, BAM): backbone features, prototypes, the prior mask,
-export-friendly adaptive pooling, and the small conv blocks both heads are written with."""
+"""Pieces the few-shot heads share (PFENet, BAM, the baseline): backbone features, prototypes, the prior
+mask, export-friendly adaptive pooling, the small conv blocks the heads are written with, and the ASPP
+meta learner BAM and the baseline have in common."""
 from __future__ import annotations
 
 import torch
@@ -94,8 +95,46 @@ def features(bb: Backbone, x: torch.Tensor, mask: torch.Tensor | None = None):
     return f2, f3, f4
 
 
+def at_layer3(f2: torch.Tensor, f3: torch.Tensor) -> torch.Tensor:
+    """layer2 resized to layer3's size where they differ (VGG-16, output stride 32), as the authors do."""
+    return resize(f2, f3.shape[-2:]) if f2.shape[-2:] != f3.shape[-2:] else f2
+
+
 def mid_level(f2: torch.Tensor, f3: torch.Tensor) -> torch.Tensor:
-    """concat(layer3, layer2), layer2 resized to layer3's size where they differ (output stride 32)."""
-    if f2.shape[-2:] != f3.shape[-2:]:
-        f2 = resize(f2, f3.shape[-2:])
-    return torch.cat([f3, f2], 1)
+    """concat(layer3, layer2 at layer3's size)."""
+    return torch.cat([f3, at_layer3(f2, f3)], 1)
+
+
+class ASPP(nn.Module):
+    """Image pooling + 1x1 + 3x3 at dilations 6, 12, 18 (convs with bias, ReLU): 5 x dim channels."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.image_pool = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU())
+        self.branches = nn.ModuleList([nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU())] +
+                                      [nn.Sequential(nn.Conv2d(dim, dim, 3, padding=r, dilation=r), nn.ReLU())
+                                       for r in (6, 12, 18)])
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.image_pool(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, x.shape[2], x.shape[3])
+        return torch.cat([g] + [b(x) for b in self.branches], 1)
+
+
+# BAM's meta learner, which is the SVF authors' baseline: concat(query, prototype, prior) -> init_merge -> ASPP
+# -> res1 -> res2 (residual) -> cls_meta. Its modules are attributes of the head (the checkpoints' names).
+def add_meta_learner(head: nn.Module, d: int, classes: int = 2) -> None:
+    head.init_merge = conv_block(2 * d + 1, d, 1)
+    head.aspp = ASPP(d)
+    head.res1 = conv_block(5 * d, d, 1)
+    head.res2 = nn.Sequential(conv_block(d, d, 3), conv_block(d, d, 3))
+    head.cls_meta = classifier(d, classes)
+
+
+def meta_learner(head: nn.Module, q: torch.Tensor, proto: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """q [B,d,h,w], proto [B,d], prior [B,1,h,w] -> the meta learner's logits [B,2,h,w]."""
+    merged = head.init_merge(torch.cat([q, proto[:, :, None, None].expand_as(q), prior], 1))
+    meta = head.res1(head.aspp(merged))
+    return head.cls_meta(head.res2(meta) + meta)

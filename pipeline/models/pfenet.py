@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..svf import set_finetune
+from ..svf import SVF_STAGES, set_finetune
 from .backbone import Backbone
 from .layers import adaptive_pool, classifier, conv_block, features, masked_average_pool, mid_level, prior_mask, resize
 
@@ -103,8 +103,9 @@ def pfenet_loss(out: dict, target: torch.Tensor, aux_weight: float = 1.0):
     return main + aux_weight * aux, {"main_loss": main, "aux_loss": aux}
 
 
-def build_pfenet(backbone: Backbone, finetune: str, reduce_dim: int, bins, form: str = "rebuild"):
-    counts = set_finetune(backbone, finetune, form)
+def build_pfenet(backbone: Backbone, finetune: str, reduce_dim: int, bins, form: str = "rebuild",
+                 stages=SVF_STAGES, rank: str = "full"):
+    counts = set_finetune(backbone, finetune, form, stages, rank)
     model = PFENet(backbone, reduce_dim, bins)
     counts["head"] = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
     return model, counts
