@@ -151,6 +151,7 @@ class EvalCfg:
     test_size: int = 473
     device: str = "auto"
     figure_episodes: int = 4
+    paper: str = ""                   # a setting of the SVF paper (pipeline/paper.py): report compares with it
 
 
 @dataclass
@@ -319,6 +320,11 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"model.kshot_dim: expected >= 1, got {cfg.model.kshot_dim}")
     if cfg.eval.episodes < 1:
         raise ConfigError(f"eval.episodes must be >= 1, got {cfg.eval.episodes}")
+    if cfg.eval.paper:
+        from .paper import PUBLISHED
+        if cfg.eval.paper not in PUBLISHED:
+            raise ConfigError(f"eval.paper: {cfg.eval.paper!r} is not a setting of the SVF paper; known: "
+                              f"{', '.join(sorted(PUBLISHED))}")
     stages = ("layer0", "layer1", "layer2", "layer3", "layer4")
     bad = [s for s in cfg.model.svf_stages if s not in stages]
     if bad or not cfg.model.svf_stages or len(set(cfg.model.svf_stages)) != len(cfg.model.svf_stages):

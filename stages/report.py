@@ -55,6 +55,12 @@ def main():
     base = Path("models") / f"fold{args.fold}" / "base" / "base.json"
     if base.exists() and json.loads(base.read_text()).get("trained"):   # BAM: the base learner's base-class mIoU
         metrics["base_miou"] = round(json.loads(base.read_text())["base_miou"], 2)
+    if cfg.eval.paper:         # a preset of the paper: measured vs published, per shot count of this fold
+        from pipeline.paper import compare, published
+        metrics["paper"] = compare(cfg.eval.paper, args.fold, metrics)
+        for key, c in metrics["paper"].items():
+            print(f"report fold {args.fold}: {key} mIoU {c['measured']:.2f}, the paper {c['paper']:.2f} "
+                  f"({published(cfg.eval.paper)['source']}): {c['difference']:+.2f}")
     path = write_json(Path("metrics") / f"fold{args.fold}.json", metrics)
     evaluations = {k: v for r in models.values() for k, v in r["evaluate"].items() if "shot" in k and isinstance(v, dict)}
     regime = models[cfg.train.shots[0]]["evaluate"]["finetune"]
@@ -69,7 +75,8 @@ def main():
                 mine = {key: v for key, v in metrics.items() if isinstance(v, dict) and key in reports["evaluate"]}
                 tracking.describe_model_version(cfg, version, {f"{key}_miou": v["miou"] for key, v in mine.items()}
                                                 | {"parity_digits": metrics["parity"]})
-    shots = "; ".join(f"{k} mIoU {v['miou']:.2f} +- {v['std']:.2f}" for k, v in metrics.items() if isinstance(v, dict))
+    shots = "; ".join(f"{k} mIoU {v['miou']:.2f} +- {v['std']:.2f}" for k, v in metrics.items()
+                      if isinstance(v, dict) and "miou" in v)
     print(f"report fold {args.fold}: {shots}; parity {metrics['parity']:.1f} digits -> {path}, {fig}")
 
 

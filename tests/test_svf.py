@@ -103,7 +103,38 @@ def test_regime_counts_and_bn_eval():
         assert all(not m.training for m in bb.modules() if isinstance(m, nn.BatchNorm2d))
     assert counts["frozen"] == 0
     assert 0 < counts["svf"] < counts["full"]
-    assert counts["full"] == sum(p.numel() for p in Backbone("resnet18").parameters())
+    bb = Backbone("resnet18")   # full fine-tunes the stages svf does (model.svf_stages), every weight of them
+    assert counts["full"] == sum(p.numel() for s in ("layer2", "layer3", "layer4") for p in getattr(bb, s).parameters())
+
+
+def test_svf_stages_and_the_authors_rank_rule():
+    from pipeline.config import ConfigError, load_config
+    bb = Backbone("resnet10_slim")
+    counts = set_finetune(bb, "svf", stages=("layer3",))
+    assert {n.split(".")[0] for n, p in bb.named_parameters() if p.requires_grad} == {"layer3"}
+    assert not any(isinstance(m, SVFConv2d) for m in bb.layer2.modules())
+    assert counts["trainable"] == sum(m.rank for m in bb.layer3.modules() if isinstance(m, SVFConv2d))
+    bb = Backbone("resnet10_slim")
+    assert set_finetune(bb, "full", stages=("layer4",))["trainable"] == sum(p.numel() for p in bb.layer4.parameters())
+
+    # the authors' svf.resolver: every conv of layer0..4 factorised, rank floored to a multiple of 4 (27 -> 24)
+    conv = nn.Conv2d(3, 64, 3, padding=1, bias=True)
+    m = SVFConv2d.from_conv(conv, rank="authors")
+    U, S, Vh = torch.linalg.svd(conv.weight.detach().double().reshape(64, 27), full_matrices=False)
+    assert m.rank == 24 and torch.allclose(m.dense_weight().double().reshape(64, 27),
+                                           (U[:, :24] * S[:24]) @ Vh[:24], atol=1e-6)
+    assert SVFConv2d.from_conv(nn.Conv2d(64, 64, 3), rank="authors").rank == 64
+    bb = Backbone("resnet10_slim")
+    counts = set_finetune(bb, "svf", rank="authors")
+    assert all(not isinstance(x, nn.Conv2d) for x in bb.modules())          # layer0-1 factorised too ...
+    trained = {n.split(".")[0] for n, p in bb.named_parameters() if p.requires_grad}
+    assert trained == {"layer2", "layer3", "layer4"}                         # ... and frozen
+    with pytest.raises(ValueError, match=r"model.svf_stages: \['layer5'\] names \['layer5'\]"):
+        set_finetune(Backbone("resnet10_slim"), "svf", stages=("layer5",))
+    with pytest.raises(ConfigError, match="model.svf_stages.*layer5.*layer0"):
+        load_config({"model": {"svf_stages": ["layer2", "layer5"]}})
+    with pytest.raises(ConfigError, match="model.svf_rank"):
+        load_config({"model": {"svf_rank": "half"}})
 
 
 def test_bad_arguments_list_what_is_accepted():
