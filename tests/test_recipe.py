@@ -67,7 +67,7 @@ def test_deep_stem_refuses_files_that_do_not_fit(tmp_path):
     torch.save(authors_layout(), tmp_path / "v2.pth")
     with pytest.raises(ValueError, match="deep-stem .* use model.backbone: resnet50_deep"):
         load_backbone("resnet50", str(tmp_path / "v2.pth"))
-    with pytest.raises(FileNotFoundError, match="no stable download URL"):
+    with pytest.raises(FileNotFoundError, match="resnet50_v2.pth.*not downloaded by the pipeline.*model.pretrained"):
         load_backbone("resnet50_deep", "imagenet", weights_root=tmp_path)
 
 
