@@ -110,16 +110,13 @@ def main():
     k_fixed = fixed_shots(model)
     shots = [k_fixed] if k_fixed else cfg.export.shots
     if k_fixed:
-        meta["shots"] = f"exactly {k_fixed} (BAM's k-shot reweighting)"
-    onnx_path = onnx_export.export_onnx(model, out / "model.onnx", size, cfg.export.opset, meta,
-                                        cfg.export.exporter)
-    sess = onnx_export.session(onnx_path)
+        meta["shots"] = f"exactly {k_fixed} (the shot count the model was trained with)"
     batches = fixed_batches(prepared, split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / "val.jsonl",
                             size, shots, cfg.export.parity_episodes)
-    parity = onnx_export.check_parity(model, sess, batches, cfg.export.rtol, fail_dir=out, label="onnx")
-    enc, dec = onnx_export.export_split(model, out, size, cfg.export.opset, meta, cfg.export.exporter)
-    split_parity = onnx_export.check_parity(model, onnx_export.SplitSession(enc, dec), batches, cfg.export.rtol,
-                                            fail_dir=out, label="onnx_split")
+    graphs = onnx_export.export_checked(model, out, size, cfg.export.opset, meta, cfg.export.exporter, batches,
+                                        cfg.export.rtol)
+    onnx_path, sess, parity = graphs["path"], graphs["session"], graphs["parity"]
+    enc, dec, split_parity = graphs["encoder"], graphs["decoder"], graphs["split_parity"]
     q, s, m = batches[0]
     with torch.no_grad():
         lat_torch = onnx_export.latency(lambda: model(q, s, m))
@@ -127,7 +124,7 @@ def main():
     lat_ort = onnx_export.latency(lambda: sess.run(None, feed))
     report = {"fold": args.fold, "model_shots": args.shot, "merge_max_rel": merge["max_rel"],
               "onnx": {"file": str(onnx_path), "bytes": onnx_path.stat().st_size, "opset": cfg.export.opset,
-                       "exporter": onnx_export.pick_exporter(cfg.export.exporter, model),
+                       "exporter": graphs["exporter"], **({"fallback": graphs["fallback"]} if "fallback" in graphs else {}),
                        "providers": sess.get_providers(), "dynamic_axes": "batch" if k_fixed else "batch, shots", "parity": parity,
                        "split_graphs": {"support_encoder": str(enc), "query_decoder": str(dec),
                                         "parity": split_parity}},

@@ -21,12 +21,13 @@ logging.getLogger("pipeline.models.backbone").setLevel(logging.ERROR)
 SLOW_MODULES = {"test_pipeline", "test_cpp", "test_serving", "test_cuda"}
 SLOW_TESTS = {"test_presets.py::test_every_preset_parses_and_dvc_repro_dry_lists_every_stage",
               "test_presets.py::test_a_bad_preset_is_named_and_params_yaml_is_kept",
+              "test_presets.py::test_a_preset_runs_end_to_end_on_a_miniature",
               "test_dvc_yaml.py::test_one_training_stage_per_fold_and_shot_count",
               "test_bam.py::test_merge_and_onnx_parity",
               "test_export.py::test_onnx_parity_one_and_five_shots_and_metadata"}
 # Modules first that hold the longest tests, so that no worker starts one of them last.
-FIRST = ("test_pipeline", "test_cpp", "test_bam", "test_export", "test_serving")
-LONGEST = ("test_dvc_repro_end_to_end_with_mlflow",)
+FIRST = ("test_pipeline", "test_presets", "test_cpp", "test_bam", "test_export", "test_serving")
+LONGEST = ("test_dvc_repro_end_to_end_with_mlflow", "test_a_preset_runs_end_to_end_on_a_miniature")
 
 
 def pytest_configure(config):

@@ -65,15 +65,27 @@ PASCAL_LABELS = {
 }
 
 
-def build_pascal(out: Path) -> dict:
+def episode_blocks(novel, base, per_class: int = 2) -> tuple[list, list]:
+    """(train, val) lists of (name, class): every base class in ``per_class`` training images and every novel
+    class in as many val images, each covering the top 40 of 64 rows: enough for episodes of every class."""
+    train = [(f"t{c:02d}{i}", c) for c in base for i in range(per_class)]
+    return train, [(f"v{c:02d}{i}", c) for c in novel for i in range(per_class)]
+
+
+def build_pascal(out: Path, episodes: tuple[list, list] | None = None) -> dict:
+    """The small PASCAL above, or with ``episodes`` (episode_blocks) a VOC val and SBD train of one block each."""
     out.mkdir(parents=True, exist_ok=True)
     voc_train, voc_val, sbd_train = ["2007_a", "2007_b"], ["2009_v1", "2009_v2"], ["2007_b", "2008_s1", "2008_s2"]
+    labels = PASCAL_LABELS
+    if episodes is not None:
+        labels = {n: block_label(64, 64, [(c, 0, 40, 0, 64)]) for n, c in episodes[0] + episodes[1]}
+        voc_train, voc_val, sbd_train = [], [n for n, _ in episodes[1]], [n for n, _ in episodes[0]]
     with tarfile.open(out / "VOCtrainval_11-May-2012.tar", "w") as tf:
         root = "VOCdevkit/VOC2012"
-        for i, name in enumerate(PASCAL_LABELS):
+        for i, name in enumerate(labels):
             _add(tf, f"{root}/JPEGImages/{name}.jpg", _jpeg(64, 64, i))
         for name in voc_train + voc_val:
-            lab = PASCAL_LABELS[name].copy()
+            lab = labels[name].copy()
             if name != "2007_a":
                 lab[0, :] = 255   # VOC's boundary band
             _add(tf, f"{root}/SegmentationClass/{name}.png", _png(lab, palette=True))
@@ -82,8 +94,8 @@ def build_pascal(out: Path) -> dict:
     with tarfile.open(out / "benchmark.tgz", "w:gz") as tf:
         for name in sbd_train:
             buf = io.BytesIO()
-            savemat(buf, {"GTcls": {"Segmentation": PASCAL_LABELS[name], "Boundaries": np.zeros((1,)),
-                                    "CategoriesPresent": np.unique(PASCAL_LABELS[name])[1:]}})
+            savemat(buf, {"GTcls": {"Segmentation": labels[name], "Boundaries": np.zeros((1,)),
+                                    "CategoriesPresent": np.unique(labels[name])[1:]}})
             _add(tf, f"benchmark_RELEASE/dataset/cls/{name}.mat", buf.getvalue())
         _add(tf, "benchmark_RELEASE/dataset/train.txt", ("\n".join(sbd_train) + "\n").encode())
     (out / "train_noval.txt").write_text("\n".join(sbd_train) + "\n")
@@ -93,8 +105,9 @@ def build_pascal(out: Path) -> dict:
 COCO_CAT_IDS = [c for c in range(1, 91) if c not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 
-def build_coco(out: Path) -> dict:
-    """Two train and one val image. Real COCO category ids (with gaps), polygons, RLE and a crowd."""
+def build_coco(out: Path, episodes: tuple[list, list] | None = None) -> dict:
+    """Two train and one val image. Real COCO category ids (with gaps), polygons, RLE and a crowd. With
+    ``episodes`` (episode_blocks, contiguous class ids): one polygon of its class over each image's top rows."""
     from pycocotools import mask as mask_utils
     assert len(COCO_CAT_IDS) == 80
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +129,14 @@ def build_coco(out: Path) -> dict:
         ],
         "val": [{"id": 5, "image_id": 3, "category_id": 2, "iscrowd": 0, "segmentation": [[0, 0, 64, 0, 64, 48, 0, 48]]}],
     }
+    if episodes is not None:
+        images, anns, n = {"train": [], "val": []}, {"train": [], "val": []}, 0
+        for split, items in zip(("train", "val"), episodes):
+            for _, c in items:
+                n += 1
+                images[split].append((n, 64, 64))
+                anns[split].append({"id": n, "image_id": n, "category_id": COCO_CAT_IDS[c - 1], "iscrowd": 0,
+                                    "segmentation": [[0, 0, 64, 0, 64, 40, 0, 40]]})
     for split in ("train", "val"):
         with zipfile.ZipFile(out / f"{split}2014.zip", "w") as zf:
             for img_id, h, w in images[split]:
