@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.models.backbone import weights_path
-from pipeline.pretrain import pretrain
 from stages.common import run, setup, write_json
 
 
@@ -16,6 +14,8 @@ def main():
     wdir = Path(d.root) / "weights" / "synthetic"
     wdir.mkdir(parents=True, exist_ok=True)
     if cfg.model.pretrained == "synthetic":
+        from pipeline.models.backbone import weights_path    # torch: only when there is something to pretrain
+        from pipeline.pretrain import pretrain
         info = pretrain(arch, weights_path(d.root, arch, "synthetic"), s.pretrain_iterations, s.pretrain_batch,
                         s.pretrain_size, s.seed)
         print(f"pretrain: {arch} pretrained on the generated shape-family set -> {info['file']} (final loss {info['final_loss']:.3f})")
