@@ -124,3 +124,19 @@ def doc_block(marker: str) -> list[str]:
     block = doc_text(marker)[1].split("```", 2)[1]
     return [line.split("  #")[0].strip() for line in block.splitlines()[1:] if line.strip()
             and not line.strip().startswith("#")]
+
+
+# our meta learner's module names -> those of the reference code's OneModel (chunbolang/BAM model/BAM.py and the SVF
+# authors' model/aspp.py name it alike)
+ASPP_NAMES = {"aspp.image_pool.0": "ASPP_meta.layer6_0.0", "res1.": "res1_meta.", "res2.0.0": "res2_meta.0",
+              "res2.1.0": "res2_meta.2", **{f"aspp.branches.{i}.0": f"ASPP_meta.layer6_{i + 1}.0" for i in range(4)}}
+
+
+def reference_name(key: str) -> str:
+    """A key of our meta learner or backbone (``backbone.`` dropped) in the reference's names."""
+    key = key[len("backbone."):] if key.startswith("backbone.") else key
+    for a, b in ASPP_NAMES.items():
+        if key.startswith(a):
+            return b + key[len(a):]
+    return key
+

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import rel_err
+from conftest import reference_name, rel_err
 from pipeline.config import load_config
 from pipeline.models import BAM, build_model, head_loss, train_inputs
 
@@ -176,24 +176,16 @@ def _reference_model(repo: Path, workdir: Path, shots: int):
 
 def _reference_state(ours: BAM) -> dict:
     """Our state_dict in the reference's names."""
-    ren = {"aspp.image_pool.0": "ASPP_meta.layer6_0.0", "res1.": "res1_meta.", "res2.0.0": "res2_meta.0",
-           "res2.1.0": "res2_meta.2"}
-    ren.update({f"aspp.branches.{i}.0": f"ASPP_meta.layer6_{i + 1}.0" for i in range(4)})
     out = {}
     for k, v in ours.state_dict().items():
         if k.startswith("base.backbone."):
             continue
-        if k.startswith("backbone."):
-            k = k[len("backbone."):]
-        elif k.startswith("base.ppm.features."):
+        if k.startswith("base.ppm.features."):
             i, j, rest = k[len("base.ppm.features."):].split(".", 2)
             k = f"learner_base.0.features.{i}.{int(j) + 1}.{rest}"
         elif k.startswith("base.cls."):
             k = "learner_base.1." + k[len("base.cls."):]
-        for a, b in ren.items():
-            if k.startswith(a):
-                k = b + k[len(a):]
-        out[k] = v
+        out[reference_name(k)] = v
     return out
 
 

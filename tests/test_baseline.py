@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import rel_err
+from conftest import reference_name, rel_err
 from pipeline.config import load_config
 from pipeline.models import Baseline, build_model, fixed_shots, head_loss
 
@@ -98,17 +98,7 @@ def test_merge_and_onnx_export_of_a_two_shot_model(tmp_path):
 # ------------------------------------------------------------------ parity with the SVF authors' aspp.py
 def _reference_state(ours: Baseline) -> dict:
     """Our state_dict in the names of the authors' OneModel (model/aspp.py)."""
-    ren = {"aspp.image_pool.0": "ASPP_meta.layer6_0.0", "res1.": "res1_meta.", "res2.0.0": "res2_meta.0",
-           "res2.1.0": "res2_meta.2"}
-    ren.update({f"aspp.branches.{i}.0": f"ASPP_meta.layer6_{i + 1}.0" for i in range(4)})
-    out = {}
-    for k, v in ours.state_dict().items():
-        k = k[len("backbone."):] if k.startswith("backbone.") else k
-        for a, b in ren.items():
-            if k.startswith(a):
-                k = b + k[len(a):]
-        out[k] = v
-    return out
+    return {reference_name(k): v for k, v in ours.state_dict().items()}
 
 
 @pytest.mark.skipif(not REFERENCE, reason="set SVF_FSS_SVF_REPO to a checkout of github.com/zechao-li/"

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import Backbone
-from .layers import add_meta_learner, at_layer3, features, masked_average_pool, meta_learner, mid_level, prior_mask, resize
+from .layers import add_meta_learner, at_layer3, encode_shots, features, meta_learner, mid_level, prior_mask, resize
 from .pspnet import PSPNet
 
 EPS = 1e-7
@@ -90,15 +90,9 @@ class BAM(nn.Module):
     def encode_support(self, support: torch.Tensor, support_mask: torch.Tensor):
         """support [B,K,3,H,W], support_mask [B,K,H,W] (1 = object) -> (prototypes [B,K,d],
         masked layer4 features [B,K,C4,h,w], layer2 Gram matrices [B,K,C2,C2])."""
-        b, k = support.shape[0], support.shape[1]
-        x = support.flatten(0, 1)
-        m = (support_mask.flatten(0, 1) == 1).to(x.dtype).unsqueeze(1)
-        f2, f3, f4 = features(self.backbone, x, m)
-        mid = self.down_supp(mid_level(f2, f3))
-        proto = masked_average_pool(mid, resize(m, mid.shape[-2:]))
-        f4 = f4 * resize(m, f4.shape[-2:])
+        proto, f4, (f2, f3) = encode_shots(self.backbone, self.down_supp, support, support_mask)
         gram = gram_matrix(at_layer3(f2, f3))
-        return proto.view(b, k, -1), f4.view(b, k, *f4.shape[1:]), gram.view(b, k, *gram.shape[1:])
+        return proto, f4, gram.view(*proto.shape[:2], *gram.shape[1:])
 
     def shot_weights(self, est: torch.Tensor) -> torch.Tensor:
         """[B,K] scene differences -> [B,K] weights summing to 1 (kshot_rw; equal without it)."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..svf import SVF_STAGES, set_finetune
 from .backbone import Backbone
-from .layers import add_meta_learner, features, masked_average_pool, meta_learner, mid_level, prior_mask, resize
+from .layers import add_meta_learner, encode_shots, features, meta_learner, mid_level, prior_mask, resize
 
 QUIRKS = ("authors", "fixed")
 
@@ -56,14 +56,8 @@ class Baseline(nn.Module):
     def encode_support(self, support: torch.Tensor, support_mask: torch.Tensor):
         """support [B,K,3,H,W], support_mask [B,K,H,W] (1 = object) -> (prototypes [B,K,d], masked layer4
         features [B,K,C4,h,w])."""
-        b, k = support.shape[0], support.shape[1]
-        x = support.flatten(0, 1)
-        m = (support_mask.flatten(0, 1) == 1).to(x.dtype).unsqueeze(1)
-        f2, f3, f4 = features(self.backbone, x, m)
-        mid = self.down_supp(mid_level(f2, f3))
-        proto = masked_average_pool(mid, resize(m, mid.shape[-2:]))
-        f4 = f4 * resize(m, f4.shape[-2:])
-        return proto.view(b, k, -1), f4.view(b, k, *f4.shape[1:])
+        proto, f4, _ = encode_shots(self.backbone, self.down_supp, support, support_mask)
+        return proto, f4
 
     def decode(self, query: torch.Tensor, prototypes: torch.Tensor, support_feat4: torch.Tensor):
         h, w = query.shape[-2:]

@@ -95,6 +95,20 @@ def features(bb: Backbone, x: torch.Tensor, mask: torch.Tensor | None = None):
     return f2, f3, f4
 
 
+def encode_shots(bb: Backbone, down_supp: nn.Module, support: torch.Tensor, support_mask: torch.Tensor):
+    """The support side BAM and the baseline share: support [B,K,3,H,W], support_mask [B,K,H,W] (1 = object)
+    -> (prototypes [B,K,d] of down_supp(mid-level) by masked average pooling, masked layer4 features
+    [B,K,C4,h,w], (layer2, layer3) of the B*K supports)."""
+    b, k = support.shape[0], support.shape[1]
+    x = support.flatten(0, 1)
+    m = (support_mask.flatten(0, 1) == 1).to(x.dtype).unsqueeze(1)
+    f2, f3, f4 = features(bb, x, m)
+    mid = down_supp(mid_level(f2, f3))
+    proto = masked_average_pool(mid, resize(m, mid.shape[-2:]))
+    f4 = f4 * resize(m, f4.shape[-2:])
+    return proto.view(b, k, -1), f4.view(b, k, *f4.shape[1:]), (f2, f3)
+
+
 def at_layer3(f2: torch.Tensor, f3: torch.Tensor) -> torch.Tensor:
     """layer2 resized to layer3's size where they differ (VGG-16, output stride 32), as the authors do."""
     return resize(f2, f3.shape[-2:]) if f2.shape[-2:] != f3.shape[-2:] else f2
