@@ -163,7 +163,7 @@ class ExportCfg:
     merge_tolerance: float = 1e-4
     fp16: bool = True
     max_batch: int = 8
-    aoti: bool = True               # the AOTInductor package for C++ (export/aoti.py; about a minute of g++)
+    aoti: bool = False              # the AOTInductor package for C++ (export/aoti.py; minutes of g++): `make cpp` sets it
     exporter: str = field(default="auto", metadata=_choices("auto", "dynamo", "torchscript"))   # export/onnx_export.py
 
 
