@@ -11,7 +11,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # the cores shared among pytest-xdist's workers: more threads than cores makes torch's OpenMP spin, not run
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))   # and so every stage, server and command a test starts
 logging.getLogger("pipeline.models.backbone").setLevel(logging.ERROR)
 
 
