@@ -180,6 +180,7 @@ def test_a_preset_runs_end_to_end_on_a_miniature(preset, tmp_path):
     from pipeline.data.benchmarks import fold_classes
     from pipeline.data.download import Resource
     from pipeline.models.backbone import Backbone, to_checkpoint_state
+    from pipeline.paper import PUBLISHED
 
     proj = tmp_path / "proj"
     proj.mkdir()
@@ -218,7 +219,7 @@ def test_a_preset_runs_end_to_end_on_a_miniature(preset, tmp_path):
     for f in ("adapter.pt", "merged.pt", "model.onnx", "support_encoder.onnx", "export.json"):
         assert (proj / "models/fold0/1shot" / f).exists(), f
     metrics = json.loads((proj / "metrics/fold0.json").read_text())
-    published = {"coco_baseline_frozen": 38.91, "pascal_baseline_frozen_vgg": 57.48}[preset]   # pipeline/paper.py, fold 0
+    published = PUBLISHED[preset][1][0]          # fold 0, 1-shot
     assert metrics["paper"]["1shot"]["paper"] == published
     assert metrics["paper"]["1shot"]["difference"] == round(metrics["1shot"]["miou"] - published, 2)
     assert f"the paper {published:.2f}" in out and metrics["parity"] >= 4
