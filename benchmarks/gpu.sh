@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a machine with a CUDA GPU checks and measures, in one go (this project's CI has no GPU):
 #   the CUDA tests (tests/test_cuda.py), a training step of PFENet + SVF and BAM + SVF at the recipe's
-#   sizes (float32 / AMP bf16 / AMP fp16, both SVF forms), unmerged against merged inference, and the
+#   sizes (float32 / AMP bf16 / AMP fp16, both SVF forms), PFENet + SVF and baseline + SVF on VGG-16 beside
+#   ResNet-50 at 473 and 641 px (the paper's PASCAL and COCO crops), unmerged against merged inference, and the
 #   service under load at the recipe's sizes (torch backend, 500x500 JPEG uploads) where its packages exist.
 # usage: benchmarks/gpu.sh [log folder (default gpu_logs)] [size (473)] [batch (8)]
 set -uo pipefail
@@ -22,6 +23,14 @@ for shots in 1 5; do
   for head in pfenet bam; do
     $py benchmarks/train_step.py --head $head --size "$size" --batch "$batch" --shots $shots --iters 10 2>&1 \
       | grep -v "randomly initialised" | tee "$out/train_step_${head}_${shots}shot.txt" || status=1
+  done
+done
+for arch in resnet50_deep vgg16_bn; do
+  for head in pfenet baseline; do
+    for px in 473 641; do
+      $py benchmarks/train_step.py --head $head --arch $arch --size $px --batch "$batch" --iters 10 2>&1 \
+        | grep -v "randomly initialised" | tee "$out/train_step_${head}_${arch}_${px}.txt" || status=1
+    done
   done
 done
 $py benchmarks/svf_forms.py --arch resnet50_deep --size "$size" --batch "$batch" --iters 10 --device cuda 2>&1 \

@@ -1,11 +1,13 @@
-"""Time one PFENet + SVF (or BAM + SVF) training step of the paper's recipe, and what a fold then costs.
+"""Time one training step with SVF of the paper's recipe (PFENet, BAM or the baseline head; ResNet-50 or VGG-16),
+and what a fold then costs.
 
 A step = forward + backward + SGD step on a batch of episodes (head + S of layer2-4, BN frozen),
 for both SVF forward forms and, on CUDA, float32 / AMP bf16 / AMP fp16. Prints step time, peak
 memory, and the hours one fold takes for the given epochs and training images. BAM's base learner
-(PSPNet over background + 15 base classes) is random here: its weights do not change the cost.
+(PSPNet over background + 15 base classes) is random here: its weights do not change the cost. The
+ResNet's dilation is the presets' (PSPNet's for BAM, torchvision's for PFENet and the baseline); VGG-16 has none.
 
-    python benchmarks/train_step.py [--head pfenet|bam] [--arch resnet50_deep] [--size 473] [--batch 8]
+    python benchmarks/train_step.py [--head pfenet|bam|baseline] [--arch resnet50_deep|vgg16_bn] [--size 473] [--batch 8]
                                     [--shots 1] [--iters 5] [--epochs 200] [--images 4000]
 """
 from __future__ import annotations
@@ -51,7 +53,7 @@ def step_time(model, opt, batch: dict, device, dtype, iters: int) -> tuple[float
 def main():
     ap = argparse.ArgumentParser(prog="python benchmarks/train_step.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--head", default="pfenet", choices=("pfenet", "bam"))
+    ap.add_argument("--head", default="pfenet", choices=("pfenet", "bam", "baseline"))
     ap.add_argument("--arch", default="resnet50_deep")
     ap.add_argument("--size", type=int, default=473)
     ap.add_argument("--batch", type=int, default=8)
@@ -79,7 +81,7 @@ def main():
     for form in ("rebuild", "factorised"):
         cfg = load_config({"model": {"head": args.head, "backbone": args.arch, "pretrained": "random",
                                      "finetune": "svf", "svf_form": form,
-                                     "dilation": "torchvision" if args.head == "pfenet" else "pspnet"},
+                                     "dilation": "pspnet" if args.head == "bam" else "torchvision"},
                            "train": {"lr": 0.015, "schedule": "constant"}})
         model, _ = build_model(cfg, base={"classes": BASE_CLASSES} if args.head == "bam" else None, shots=k)
         model.to(device).train()
