@@ -12,7 +12,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-BENCHMARKS = ("synthetic", "pascal", "coco", "folder")
+from .data.benchmarks import BENCHMARKS
 
 
 class ConfigError(ValueError):
@@ -50,8 +50,9 @@ class DataCfg:
     coco_split: str = field(default="interleaved", metadata=_choices("interleaved", "consecutive"))
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
     folder: FolderCfg = field(default_factory=FolderCfg)
-    backbones: list = field(default_factory=lambda: ["resnet50"])  # ImageNet weights fetched by `download`
-    workers: int = 2
+    backbones: list = field(default_factory=lambda: ["resnet50"])  # ImageNet weights fetched by `weights`
+    workers: Any = "auto"             # processes of download's generation and of prepare: auto = every core, or a count
+    keep_archives: bool = True        # false: delete each archive once verified and extracted (docs/paper.md, disk)
 
 
 @dataclass
@@ -299,6 +300,9 @@ def _validate_folds(cfg: Config) -> None:
 
 def _validate(cfg: Config) -> Config:
     _validate_folds(cfg)
+    w = cfg.data.workers
+    if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+        raise ConfigError(f"data.workers: expected auto or a positive process count, got {w!r}")
     for key, ks in (("train.shots", cfg.train.shots), ("eval.shots", cfg.eval.shots),
                     ("export.shots", cfg.export.shots)):
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks) or len(set(ks)) < len(ks):

@@ -10,11 +10,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import make_synthetic
-from miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal
-from pipeline.data import sources
+from miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal, md5
+from pipeline.data import imagenet, sources
 from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, protocol_folds, split_dir
-from pipeline.data.download import (ChecksumError, DownloadError, Resource, UnsafeArchiveError, _check_tar, download,
-                                     extract)
+from pipeline.data.download import (ChecksumError, DiskSpaceError, DownloadError, Resource, UnsafeArchiveError,
+                                     _check_tar, download, extract)
 from pipeline.data.episodes import (MEAN, MEAN_255, STD, EpisodeDataset, TrainTransform, binarize, eval_image, eval_size,
                                     eval_transform)
 from pipeline.data.prepare import PrepareError, prepare
@@ -203,6 +203,58 @@ def test_pascal_download_prepare_split(pascal_raw):
     assert f1_train == [("2007_a", 1), ("2008_s2", 12)]
 
 
+def test_a_verified_download_is_never_fetched_again_and_archives_can_go(tmp_path):
+    """What DVC reruns (an edit of sources.py, a new checksum elsewhere) costs no second download: verified.json
+    records each file's checksum and extraction; data.keep_archives: false deletes each archive once extracted,
+    and the next run still fetches nothing. A file whose checksum the code changes is fetched again."""
+    archives = tmp_path / "mirror"
+    digests = build_pascal(archives)
+    with ArchiveServer(archives) as srv:
+        res = [(Resource(f"{srv.url}/{r.filename}", r.filename, md5=digests[r.filename]), m) for r, m in sources.PASCAL]
+        raw = sources.fetch_benchmark("pascal", tmp_path / "data", resources=res, keep_archives=False)
+        assert len(srv.requests) == 3 and sorted(p.name for p in (raw / "archives").iterdir()) == ["train_noval.txt"]
+        record = json.loads((raw / "verified.json").read_text())
+        assert record["benchmark.tgz"]["digest"] == f"md5:{digests['benchmark.tgz']}"
+        assert record["benchmark.tgz"]["extracted"] == "benchmark_RELEASE/dataset/cls"
+        image = raw / "VOCdevkit/VOC2012/JPEGImages/2007_a.jpg"
+        inode = image.stat().st_ino
+        sources.fetch_benchmark("pascal", tmp_path / "data", resources=res, keep_archives=False)
+        assert len(srv.requests) == 3 and image.stat().st_ino == inode      # nothing fetched, nothing rewritten
+        (archives / "train_noval.txt").write_text("2007_b\n2008_s1\n")     # the code now asks for another file
+        changed = [(r, m) if r.filename != "train_noval.txt" else
+                   (Resource(r.url, r.filename, md5=md5(archives / "train_noval.txt")), m) for r, m in res]
+        sources.fetch_benchmark("pascal", tmp_path / "data", resources=changed, keep_archives=False)
+        assert [p for p, _ in srv.requests[3:]] == ["/train_noval.txt"]
+        assert (raw / "train_noval.txt").read_text() == "2007_b\n2008_s1\n"
+
+
+def test_too_little_disk_is_named_before_anything_is_written(tmp_path):
+    """The check before the first byte, against the disk's real free space: the shortfall is named."""
+    import shutil
+    free = shutil.disk_usage(tmp_path).free
+    huge = Resource("http://127.0.0.1:9/never.zip", "never.zip", md5="0" * 32, size=free)   # twice with its extraction
+    with pytest.raises(DiskSpaceError) as e:
+        sources.fetch_benchmark("coco", tmp_path / "data", resources=[(huge, "never")])
+    msg = str(e.value)
+    assert "needs" in msg and "free" in msg and "data.keep_archives: false" in msg and str(tmp_path / "data") in msg
+    assert not (tmp_path / "data/raw/coco/archives").exists()
+
+
+def test_a_damaged_archive_is_named_and_nothing_is_extracted(tmp_path):
+    good = tmp_path / "a.tgz"
+    with tarfile.open(good, "w:gz") as tf:
+        for i in range(20):
+            data = np.random.default_rng(i).integers(0, 255, 5000, dtype=np.uint8).tobytes()
+            info = tarfile.TarInfo(f"top/f{i}.bin")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    cut = tmp_path / "cut.tgz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DownloadError, match="cut.tgz is damaged.*delete it"):
+        extract(cut, tmp_path / "out", "top")
+    assert not (tmp_path / "out" / "top").exists() and not list(tmp_path.glob(".out.extracting"))
+
+
 def test_corrupt_image_and_label_are_named(pascal_raw):
     root, raw = pascal_raw
     bad = raw / "VOCdevkit/VOC2012/JPEGImages/2007_b.jpg"
@@ -262,12 +314,12 @@ def test_weights_download_verifies_the_full_sha256(tmp_path):
     # a different file with the same 8-digit prefix: what a prefix check would let through
     other = digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:]
     with ArchiveServer(srv_dir) as srv:
-        got = sources.fetch_weights(["resnet18"], tmp_path / "data",
+        got = imagenet.fetch_weights(["resnet18"], tmp_path / "data",
                                     resources={"resnet18": Resource(f"{srv.url}/{name}", name, sha256=digest)})
         assert Path(got["resnet18"]["file"]).read_bytes() == buf.getvalue()
         assert got["resnet18"]["sha256"] == digest
         with pytest.raises(ChecksumError, match=name):
-            sources.fetch_weights(["resnet18"], tmp_path / "d2",
+            imagenet.fetch_weights(["resnet18"], tmp_path / "d2",
                                   resources={"resnet18": Resource(f"{srv.url}/{name}", name, sha256=other)})
         assert not list((tmp_path / "d2").rglob(name)), "a file that failed verification is removed"
     for bad in ({"sha256": digest[:8]}, {"sha256": digest.upper()}, {"md5": "0" * 31}, {}):
@@ -279,20 +331,20 @@ def test_imagenet_checkpoints_are_known_by_their_full_sha256():
     import torchvision
 
     from pipeline.models.backbone import WEIGHT_ENUMS
-    assert set(sources.IMAGENET_SHA256) == set(WEIGHT_ENUMS)
+    assert set(imagenet.IMAGENET_SHA256) == set(WEIGHT_ENUMS)
     for arch in WEIGHT_ENUMS:
-        res = sources.backbone_resource(arch)
+        res = imagenet.backbone_resource(arch)
         # the installed torchvision's file name carries the first 8 digits of the same digest
         assert res.url == getattr(torchvision.models, WEIGHT_ENUMS[arch]).IMAGENET1K_V1.url
         assert len(res.sha256) == 64 and res.filename == f"{arch}-{res.sha256[:8]}.pth"
-    assert sources.backbone_resource("resnet50").sha256.startswith("0676ba61b679")
+    assert imagenet.backbone_resource("resnet50").sha256.startswith("0676ba61b679")
     with pytest.raises(ValueError, match="no torchvision ImageNet checkpoint"):
-        sources.backbone_resource("resnet50_deep")
+        imagenet.backbone_resource("resnet50_deep")
 
 
 def test_imagenet_backbone_without_its_verified_file_names_the_download_stage(tmp_path):
     from pipeline.models import load_backbone
-    with pytest.raises(FileNotFoundError, match="dvc repro download.*full sha256"):
+    with pytest.raises(FileNotFoundError, match="dvc repro weights.*full sha256"):
         load_backbone("resnet18", "imagenet", weights_root=tmp_path)
 
 

@@ -131,7 +131,7 @@ def test_every_preset_parses_and_dvc_repro_dry_lists_every_stage(project, monkey
         with Repo(".") as repo:    # `dvc repro --dry --force`: plain --dry stops at a missing dep (DVC 3.67)
             ran = {stage.addressing for stage in repo.reproduce(dry=True, force=True)}
         folds, shots = PRESETS[name]["split.folds"], PRESETS[name]["train.shots"]
-        expected = {"validate", "download", "pretrain", "prepare", "split"}
+        expected = {"validate", "download", "weights", "pretrain", "prepare", "split"}
         expected |= {f"{s}@{f}-{k}" for s in ("train", "evaluate", "merge", "export") for f in folds for k in shots}
         expected |= {f"{s}@{f}" for s in ("base", "report") for f in folds}
         assert ran == expected, f"{name}: planned {sorted(ran)}, expected {sorted(expected)}"
@@ -140,7 +140,7 @@ def test_every_preset_parses_and_dvc_repro_dry_lists_every_stage(project, monkey
     assert r.returncode == 0 and "params.yaml.bak" in r.stdout, r.stdout + r.stderr
     assert load_config(project / "params.yaml").flat() == load_config(ROOT / "presets/pascal_bam_svf.yaml").flat()
     print("dvc repro --dry stages per preset:", counts)
-    assert set(counts.values()) == {5 + 4 + 4 * 2 * 4 + 4}
+    assert set(counts.values()) == {6 + 4 + 4 * 2 * 4 + 4}
 
 
 def test_a_bad_preset_is_named_and_params_yaml_is_kept(project):
@@ -225,3 +225,14 @@ def test_a_preset_runs_end_to_end_on_a_miniature(preset, tmp_path):
     assert f"the paper {published:.2f}" in out and metrics["parity"] >= 4
     onnx = json.loads((proj / "models/fold0/1shot/export.json").read_text())["onnx"]
     assert onnx["exporter"] == "torchscript" and "fallback" not in onnx
+
+    # the data exists once on disk: a prepared image is its raw file, and DVC's cache holds no copy of it
+    import hashlib
+    image = sorted((proj / "data/prepared" / bench / "images").iterdir())[0]
+    digest = hashlib.md5(image.read_bytes()).hexdigest()
+    assert image.stat().st_nlink == 2 and not (proj / ".dvc/cache/files/md5" / digest[:2] / digest[2:]).exists()
+    # an edit of the models, the schema or the stages' shared code reruns no download
+    for f in ("pipeline/models/layers.py", "pipeline/config.py", "pipeline/svf.py", "stages/common.py"):
+        (proj / f).write_text((proj / f).read_text() + "\n# an edit\n")
+    out = sh("dvc repro download weights")
+    assert "Stage 'download' didn't change" in out and "Running stage 'weights'" in out, out

@@ -1,11 +1,14 @@
-"""Benchmark definitions: class names, fold class sets, and where each stage puts its files."""
+"""Benchmark definitions: class names, fold class sets, and where each stage puts its files.
+
+Imports nothing of the project: the download stage runs it, and DVC reruns that stage only when what it
+fetches changes (dvc.yaml), never for an edit of the config schema or the models."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from ..config import BENCHMARKS
-
+BENCHMARKS = ("synthetic", "pascal", "coco", "folder")
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor"]
@@ -15,6 +18,13 @@ SYNTHETIC_CLASSES = ["disc", "square", "triangle", "star", "cross", "ring", "hex
 NUM_CLASSES = {"synthetic": 20, "pascal": 20, "coco": 80}
 FOLDS = (0, 1, 2, 3)
 COCO_SPLITS = ("interleaved", "consecutive")
+
+
+def data_workers(workers) -> int:
+    """``data.workers`` as a process count: ``auto`` is every core this process may use."""
+    if workers == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return int(workers)
 
 
 def check_benchmark(name: str) -> str:

@@ -1,6 +1,7 @@
 """Verified, resumable downloads and safe archive extraction."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -10,6 +11,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -31,13 +33,19 @@ class UnsafeArchiveError(RuntimeError):
     pass
 
 
+class DiskSpaceError(OSError):
+    pass
+
+
 @dataclass(frozen=True)
 class Resource:
-    """A file at ``url``, saved as ``filename``, verified by its full md5 or sha256 (never a prefix)."""
+    """A file at ``url``, saved as ``filename``, verified by its full md5 or sha256 (never a prefix);
+    ``size`` (bytes, where known) lets the free-space check run before the first byte is fetched."""
     url: str
     filename: str
     md5: str | None = None
     sha256: str | None = None
+    size: int | None = None
 
     def __post_init__(self):
         if not (self.md5 or self.sha256):
@@ -49,7 +57,34 @@ class Resource:
                                  f"(got {digest!r}); a prefix would let a different file through")
 
     def with_url(self, url: str) -> "Resource":
-        return Resource(url, self.filename, self.md5, self.sha256)
+        return Resource(url, self.filename, self.md5, self.sha256, self.size)
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{self.sha256}" if self.sha256 else f"md5:{self.md5}"
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def require_space(folder: str | Path, need: int, what: str) -> None:
+    """Raise DiskSpaceError naming the shortfall when the disk holding ``folder`` has less than ``need``
+    bytes free; before a download or an extraction starts, so nothing is half-written."""
+    folder = Path(folder).resolve()
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise DiskSpaceError(f"{what} needs {gigabytes(need)} in {folder}, the disk has {gigabytes(free)} free: "
+                             f"free {gigabytes(need - free)} more (or set data.keep_archives: false to drop each "
+                             "archive once extracted) and run again; everything verified so far is kept")
+
+
+def mirrored(res: Resource, mirror: str) -> Resource:
+    """The same file fetched from ``mirror`` (a base URL serving it under its file name)."""
+    return res.with_url(mirror.rstrip("/") + "/" + res.filename) if mirror else res
 
 
 def link_or_copy(src: str | Path, dst: str | Path) -> Path:
@@ -80,11 +115,13 @@ def _check(res: Resource, path: Path) -> tuple[bool, str, str]:
     return actual == res.md5, res.md5, actual
 
 
-def download(res: Resource, dest_dir: str | Path, timeout: float = 60.0, progress: bool = True) -> Path:
+def download(res: Resource, dest_dir: str | Path, timeout: float = 60.0, progress: bool = True,
+             then_extract: bool = False) -> Path:
     """Fetch ``res`` into ``dest_dir``, resuming a partial ``.part`` file with an HTTP Range request.
 
     A file already present and verified is not fetched again. On a checksum mismatch the file is
-    removed and ``ChecksumError`` names the URL and both digests.
+    removed and ``ChecksumError`` names the URL and both digests. The disk must hold what is left to
+    fetch (and, ``then_extract``, as much again for the extracted files) before the first byte is written.
     """
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +145,9 @@ def download(res: Resource, dest_dir: str | Path, timeout: float = 60.0, progres
                 offset = 0
             length = r.headers.get("Content-Length")
             total = int(length) + offset if length is not None else None
+            left = int(length) if length is not None else (res.size - offset if res.size else 0)
+            require_space(dest_dir, left + ((total or res.size or 0) if then_extract else 0),
+                          f"{res.filename}" + (" and its extraction" if then_extract else ""))
             with open(part, "ab" if offset else "wb") as f, tqdm(
                     total=total, initial=offset, unit="B", unit_scale=True, desc=res.filename,
                     disable=not progress, mininterval=1.0) as bar:
@@ -122,7 +162,13 @@ def download(res: Resource, dest_dir: str | Path, timeout: float = 60.0, progres
             pass
         else:
             raise DownloadError(f"download of {res.url} failed: HTTP {e.code} {e.reason}") from e
+    except DiskSpaceError:
+        raise
     except (urllib.error.URLError, OSError) as e:
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            raise DiskSpaceError(f"the disk filled up while fetching {res.url}: {part} keeps "
+                                 f"{part.stat().st_size if part.exists() else 0} bytes; free space and run again "
+                                 "to resume") from e
         raise DownloadError(f"download of {res.url} interrupted ({e}); {part} keeps "
                             f"{part.stat().st_size if part.exists() else 0} bytes and the next run resumes") from e
     if total is not None and part.stat().st_size < total:
@@ -217,11 +263,13 @@ def extract(archive: str | Path, target: str | Path, marker: str | None = None) 
                     _safe_member_path(target, info.filename)
                     if (info.external_attr >> 16) & 0o170000 == 0o120000:
                         raise UnsafeArchiveError(f"archive member {info.filename!r} is a symbolic link; refusing")
+                require_space(tmp, sum(i.file_size for i in zf.infolist()), f"extracting {archive.name}")
                 for info in tqdm(zf.infolist(), desc=f"extract {archive.name}", unit="file", mininterval=1.0):
                     zf.extract(info, tmp)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
                 _check_tar(tf, target)
+                require_space(tmp, sum(m.size for m in tf.getmembers()), f"extracting {archive.name}")
                 # every member was checked above; the stdlib "data" filter (where present) checks again
                 kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 for m in tqdm(tf.getmembers(), desc=f"extract {archive.name}", unit="file", mininterval=1.0):
@@ -236,6 +284,14 @@ def extract(archive: str | Path, target: str | Path, marker: str | None = None) 
                 else:
                     dest.unlink()
             os.replace(child, dest)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskSpaceError(f"the disk filled up while extracting {archive}: nothing of it was kept, the archive "
+                                 "is; free space and run again") from e
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise DownloadError(f"{archive} is damaged ({e}); nothing of it was extracted: delete it and run again "
+                            "to fetch it anew") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -67,8 +67,9 @@ def _prepare_one(job):
             im.load()
             size = im.size
     except Exception as e:
-        raise PrepareError(f"corrupt or unreadable image {img_src}: {e}. Delete it and run "
-                           "`dvc repro download` again") from e
+        raise PrepareError(f"corrupt or unreadable image {img_src}: {e}. Replace it (PASCAL or COCO: delete "
+                           "data/raw/<benchmark>/verified.json and run `dvc repro download`, which extracts the "
+                           "verified archives again, or fetches them if they were deleted)") from e
     try:
         label = _load_label(label_kind, label_src)
     except Exception as e:

@@ -264,8 +264,8 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
                                     "pipeline (no full sha256 could be established for them): fetch the file and set "
                                     "model.pretrained to its path (see docs/paper.md, 'The backbone weights')")
         else:
-            raise FileNotFoundError(f"the ImageNet weights of {arch} are not at {local}: run `dvc repro download` "
-                                    "(or `python -m stages.download` with model.pretrained: imagenet), which fetches "
+            raise FileNotFoundError(f"the ImageNet weights of {arch} are not at {local}: run `dvc repro weights` "
+                                    "(or `python -m stages.weights` with model.pretrained: imagenet), which fetches "
                                     "torchvision's checkpoint and verifies its full sha256")
     else:
         path = Path(pretrained)
