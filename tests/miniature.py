@@ -126,6 +126,9 @@ def build_coco(out: Path, episodes: tuple[list, list] | None = None) -> dict:
             # image 2: a crowd region (must not be painted) and a polygon of category 13 (contiguous 12)
             {"id": 3, "image_id": 2, "category_id": 5, "iscrowd": 1, "segmentation": rle},
             {"id": 4, "image_id": 2, "category_id": 13, "iscrowd": 0, "segmentation": [[0, 0, 64, 0, 64, 20, 0, 20]]},
+            # image 2: polygons of two points and of one (real COCO has a few): skipped and listed, never fatal
+            {"id": 6, "image_id": 2, "category_id": 13, "iscrowd": 0, "segmentation": [[10, 30, 20, 40]]},
+            {"id": 7, "image_id": 2, "category_id": 90, "iscrowd": 0, "segmentation": [[10, 30]]},
         ],
         "val": [{"id": 5, "image_id": 3, "category_id": 2, "iscrowd": 0, "segmentation": [[0, 0, 64, 0, 64, 48, 0, 48]]}],
     }

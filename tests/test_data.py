@@ -268,6 +268,42 @@ def test_corrupt_image_and_label_are_named(pascal_raw):
         prepare("pascal", raw, prepared_dir(root, "pascal"), workers=1)
 
 
+def test_a_killed_prepare_continues_where_it_stopped(tmp_path, caplog):
+    """SIGKILL mid-way (the process group: parent and workers); the rerun finishes the rest and its output is
+    the uninterrupted run's, byte for byte."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.config import SyntheticCfg
+    raw = sources.fetch_benchmark("synthetic", tmp_path, synthetic=SyntheticCfg(num_train=500, num_val=100,
+                                                                                image_size=64, seed=3), workers=2)
+    whole = prepare("synthetic", raw, tmp_path / "whole", workers=1)
+    out = tmp_path / "prepared" / "synthetic"
+    code = f"from pipeline.data.prepare import prepare; prepare('synthetic', {str(raw)!r}, {str(out)!r}, workers=1)"
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stderr=subprocess.DEVNULL,
+                         cwd=Path(__file__).resolve().parents[1])
+    journal = out.parent / ".synthetic.tmp" / "done.jsonl"
+    t0 = time.time()
+    while not (journal.exists() and journal.read_text().count("\n") >= 100) and time.time() - t0 < 60:
+        time.sleep(0.005)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not out.exists()
+    finished = journal.read_text().count("\n")
+    assert 100 <= finished < 600, finished
+    caplog.set_level("INFO")
+    again = prepare("synthetic", raw, out, workers=1)
+    assert f"{finished} of 600 images done by an earlier run" in caplog.text
+    assert again == whole
+    for f in ("class_pixels.json", "class_report.json", "train.txt", "val.txt"):
+        assert (out / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
+    labels = sorted((out / "labels").iterdir())
+    assert len(labels) == 600 and all(f.read_bytes() == (tmp_path / "whole/labels" / f.name).read_bytes() for f in labels)
+
+
 def test_missing_raw_names_the_stage(tmp_path):
     with pytest.raises(PrepareError, match="dvc repro download"):
         prepare("pascal", tmp_path / "nothing", tmp_path / "out")
@@ -281,8 +317,13 @@ def test_coco_download_prepare_split(tmp_path):
         res = [(Resource(f"{srv.url}/{r.filename}", r.filename, md5=digests[r.filename]), m) for r, m in sources.COCO]
         raw = sources.fetch_benchmark("coco", tmp_path / "data", resources=res)
     out = prepared_dir(tmp_path / "data", "coco")
-    prepare("coco", raw, out, workers=1)
+    counts = prepare("coco", raw, out, workers=1)
     assert (out / "train.txt").read_text().split() == ["COCO_train2014_000000000001", "COCO_train2014_000000000002"]
+    report = json.loads((out / "class_report.json").read_text())
+    assert counts["skipped_annotations"] == 2
+    assert [(a["id"], a["image"]) for a in report[11]["skipped_annotations"]] == [(6, "COCO_train2014_000000000002")]
+    assert "no polygon of 3 or more points ([2] points)" in report[11]["skipped_annotations"][0]["why"]
+    assert [a["id"] for a in report[79]["skipped_annotations"]] == [7]
     l1 = np.array(Image.open(out / "labels/COCO_train2014_000000000001.png"))
     assert l1.shape == (48, 64)
     assert set(np.unique(l1)) == {0, 1, 80}            # category 90 -> 80, category 1 -> 1
@@ -573,7 +614,7 @@ def test_folder_benchmark_bad_input_is_named_and_nothing_is_half_written(tmp_pat
         broken("nolabel", lambda d: (d / "labels" / "photo_004.png").unlink())
     with pytest.raises(FolderError, match="classes.txt is missing"):
         broken("noclasses", lambda d: (d / "classes.txt").unlink())
-    with pytest.raises(PrepareError, match=r"photo_002.png has shape \(20, 40\), its image .*photo_002.jpg is 40x40"):
+    with pytest.raises(PrepareError, match=r"photo_002.png is 40x20, its image .*photo_002.jpg is 40x40"):
         broken("size", lambda d: Image.fromarray(np.zeros((20, 40), np.uint8)).save(d / "labels" / "photo_002.png"))
     with pytest.raises(PrepareError, match=r"photo_003.png holds class ids \[7\] outside 0..3"):
         broken("index", lambda d: Image.fromarray(np.full((40, 40), 7, np.uint8)).save(d / "labels" / "photo_003.png"))
@@ -582,7 +623,9 @@ def test_folder_benchmark_bad_input_is_named_and_nothing_is_half_written(tmp_pat
     with pytest.raises(PrepareError, match="photo_001.png has 3 channels; a label is a single-channel PNG"):
         broken("rgb", lambda d: Image.new("RGB", (40, 40)).save(d / "labels" / "photo_001.png"))
     assert sorted(p.name for p in (prepared / "labels").iterdir()) == before      # the good result untouched
-    assert not list(prepared.parent.glob(".*.tmp"))                                # no temporary left
+    assert [p.name for p in prepared.parent.glob(".*.tmp")] == [".folder.tmp"]      # the work so far, for a rerun
+    _prepare_folder(cfg)
+    assert not list(prepared.parent.glob(".*.tmp"))                                # gone once complete
 
     caplog.clear()
     broken("extra", lambda d: (d / "images" / "notes.txt").write_text("x"))       # skipped with a warning

@@ -83,8 +83,8 @@ def split_names(names: list[str], root: Path, val_fraction: float, seed: int) ->
 
 
 def coco_instances(ann: Path) -> tuple[list[str], list[tuple[dict, list]]]:
-    """(class names in category-id order, [(image info, [(class id 1..N, segmentation), ...])]) of a COCO
-    instances file; crowd regions are left out (background), as PFENet and BAM do."""
+    """(class names in category-id order, [(image info, [(class id 1..N, segmentation, annotation id), ...])]) of
+    a COCO instances file; crowd regions are left out (background), as PFENet and BAM do."""
     from pycocotools.coco import COCO
     coco = COCO(str(ann))
     cat_ids = sorted(coco.getCatIds())
@@ -92,10 +92,21 @@ def coco_instances(ann: Path) -> tuple[list[str], list[tuple[dict, list]]]:
     names = [coco.loadCats(cid)[0]["name"] for cid in cat_ids]
     images = []
     for img_id in sorted(coco.getImgIds()):
-        anns = [(contiguous[a["category_id"]], a["segmentation"])
+        anns = [(contiguous[a["category_id"]], _compact(a["segmentation"]), a.get("id"))
                 for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None)) if not a.get("iscrowd", 0)]
         images.append((coco.loadImgs(img_id)[0], anns))
     return names, images
+
+
+def _compact(seg):
+    """Polygons as float64 arrays (8 bytes a coordinate, not a Python float's 32; cheap to send to a worker);
+    anything else (RLE, a malformed entry) as it is, for prepare to use or to skip with its id."""
+    if isinstance(seg, list) and all(isinstance(p, list) for p in seg):
+        try:
+            return [np.asarray(p, np.float64) for p in seg]
+        except (TypeError, ValueError):
+            return seg
+    return seg
 
 
 def _coco_jobs(root: Path, images: dict[str, Path], out: Path):
@@ -151,13 +162,17 @@ def folder_jobs(root: str | Path, out: Path, val_fraction: float = 0.25, seed: i
     return jobs, train, val, names
 
 
-def class_report(pixels: dict, names: list[str]) -> list[dict]:
-    """Per class: images holding it and its pixels, from prepare's class_pixels.json."""
+def class_report(pixels: dict, names: list[str], skipped: dict | None = None) -> list[dict]:
+    """Per class: images holding it and its pixels, from prepare's class_pixels.json; with ``skipped``
+    ({image: [(annotation id, class id, why), ...]}), the annotations prepare could not draw."""
     rows = [{"id": c, "name": n, "images": 0, "pixels": 0} for c, n in enumerate(names, 1)]
     for counts in pixels.values():
         for c, n in counts.items():
             rows[int(c) - 1]["images"] += 1
             rows[int(c) - 1]["pixels"] += int(n)
+    for image, anns in (skipped or {}).items():
+        for ann_id, c, why in anns:
+            rows[int(c) - 1].setdefault("skipped_annotations", []).append({"id": ann_id, "image": image, "why": why})
     return rows
 
 

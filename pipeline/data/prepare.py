@@ -13,8 +13,10 @@ Benchmarks: synthetic, pascal, coco from their raw downloads; folder from the us
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -35,65 +37,95 @@ class PrepareError(RuntimeError):
     pass
 
 
-def _load_label(kind: str, src) -> np.ndarray:
-    if kind == "png":
-        return np.asarray(Image.open(src))
-    if kind == "mat":   # SBD: GTcls.Segmentation
-        from scipy.io import loadmat
-        mat = loadmat(src, mat_dtype=True, squeeze_me=True, struct_as_record=False)
-        return np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8)
-    if kind == "coco":  # (height, width, [(class id, segmentation), ...]) painted in annotation order
-        from pycocotools import mask as mask_utils
-        h, w, anns = src
-        label = np.zeros((h, w), np.uint8)
-        for cid, seg in anns:
+def _coco_label(h: int, w: int, anns) -> tuple[np.ndarray, list]:
+    """Paint the annotations in their order; one that cannot be drawn (a polygon of fewer than 3 points, a
+    malformed RLE) is skipped and returned as (annotation id, class id, why), never fatal."""
+    from pycocotools import mask as mask_utils
+    label = np.zeros((h, w), np.uint8)
+    skipped = []
+    for cid, seg, ann_id in anns:
+        try:
             if isinstance(seg, list):
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg.get("counts"), list):
+                polys = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0]
+                if not polys:
+                    raise ValueError(f"no polygon of 3 or more points ({[len(p) // 2 for p in seg]} points)")
+                rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+            elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
                 rle = mask_utils.frPyObjects(seg, h, w)
             else:
                 rle = seg
-            label[mask_utils.decode(rle) > 0] = cid
-        return label
+            m = mask_utils.decode(rle)
+            if m.shape != (h, w):
+                raise ValueError(f"mask of {m.shape[1]}x{m.shape[0]} on an image of {w}x{h}")
+        except Exception as e:     # pycocotools raises bare Exception and TypeError for malformed input
+            skipped.append((ann_id, cid, f"{type(e).__name__}: {e}"))
+            continue
+        label[m.view(bool)] = cid
+    return label, skipped
+
+
+def _load_label(kind: str, src) -> tuple[np.ndarray, list]:
+    if kind == "png":
+        with Image.open(src) as im:
+            return np.asarray(im), []
+    if kind == "mat":   # SBD: GTcls.Segmentation
+        from scipy.io import loadmat
+        mat = loadmat(src, mat_dtype=True, squeeze_me=True, struct_as_record=False)
+        return np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8), []
+    if kind == "coco":  # (height, width, [(class id, segmentation, annotation id), ...])
+        return _coco_label(*src)
     raise ValueError(kind)
 
 
+def _check_image(img_src: Path) -> tuple[int, int]:
+    """The image's size, after decoding all of it (a truncated or corrupt file raises). JPEGs decode at 1/8
+    scale (libjpeg's DCT scaling reads every coefficient, skipping most of the inverse transform): 4x cheaper."""
+    with Image.open(img_src) as im:
+        size = im.size
+        if im.format == "JPEG":
+            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+        im.load()
+    return size
+
+
 def _prepare_one(job):
-    """Verify and write one image/label pair; return (id, {class: pixels})."""
+    """Verify and write one image/label pair; return (id, {class: pixels}, skipped annotations)."""
     image_id, img_src, label_kind, label_src, out, num_classes = job
     img_src = Path(img_src)
     try:
-        with Image.open(img_src) as im:
-            im.load()
-            size = im.size
+        size = _check_image(img_src)
     except Exception as e:
         raise PrepareError(f"corrupt or unreadable image {img_src}: {e}. Replace it (PASCAL or COCO: delete "
                            "data/raw/<benchmark>/verified.json and run `dvc repro download`, which extracts the "
                            "verified archives again, or fetches them if they were deleted)") from e
+    where = label_src if label_kind != "coco" else f"the annotations of {image_id}"
     try:
-        label = _load_label(label_kind, label_src)
+        label, skipped = _load_label(label_kind, label_src)
     except Exception as e:
-        where = label_src if label_kind != "coco" else f"annotations of {image_id}"
         raise PrepareError(f"corrupt or unreadable label {where}: {e}") from e
     if label.ndim != 2:
         raise PrepareError(f"label {label_src} has {label.shape[2]} channels; a label is a single-channel PNG of "
                            f"class indices (0 background, 1..{num_classes} the classes, 255 ignore)")
     if (label.shape[1], label.shape[0]) != size:
-        raise PrepareError(f"label {label_src if label_kind != 'coco' else image_id} has shape {label.shape}, "
-                           f"its image {img_src} is {size[0]}x{size[1]}")
-    values = np.unique(label)
-    bad = [int(v) for v in values if v != 255 and v > num_classes]
+        raise PrepareError(f"label {where} is {label.shape[1]}x{label.shape[0]}, its image {img_src} is "
+                           f"{size[0]}x{size[1]}: the two must be the same size")
+    counts = np.bincount(label.ravel(), minlength=256)
+    bad = [int(v) for v in np.flatnonzero(counts) if v != 255 and v > num_classes]
     if bad:
-        raise PrepareError(f"label {label_src if label_kind != 'coco' else image_id} holds class ids {bad} "
-                           f"outside 0..{num_classes} and 255")
+        raise PrepareError(f"label {where} holds class ids {bad} outside 0..{num_classes} and 255")
     out = Path(out)
     _link(img_src, out / "images" / f"{image_id}.jpg")
-    if label_kind == "png" and Image.open(label_src).mode == "L":
+    if label_kind == "png" and _is_gray_png(label_src):
         _link(Path(label_src), out / "labels" / f"{image_id}.png")
-    else:
-        Image.fromarray(label.astype(np.uint8), mode="L").save(out / "labels" / f"{image_id}.png")
-    counts = np.bincount(label.ravel(), minlength=256)
-    return image_id, {int(c): int(counts[c]) for c in range(1, num_classes + 1) if counts[c]}
+    else:       # zlib level 1: 4x faster than the default, labels of flat regions hardly larger
+        Image.fromarray(label.astype(np.uint8, copy=False), mode="L").save(out / "labels" / f"{image_id}.png",
+                                                                           compress_level=1)
+    return image_id, {int(c): int(counts[c]) for c in range(1, num_classes + 1) if counts[c]}, skipped
+
+
+def _is_gray_png(path) -> bool:
+    with Image.open(path) as im:
+        return im.mode == "L"
 
 
 def _read_list(path: Path) -> list[str]:
@@ -149,43 +181,83 @@ def _jobs_coco(raw: Path, out: Path):
     return jobs, lists["train"], lists["val"], names
 
 
+JOURNAL = "done.jsonl"
+
+
+def _resume(tmp: Path, jobs: list) -> dict:
+    """What an earlier, interrupted run of the same jobs finished (tmp/done.jsonl, a line per image, written
+    after its files); anything else in ``tmp`` is started over."""
+    key = hashlib.sha256(json.dumps([[j[0], str(j[1]), j[2]] for j in jobs]).encode()
+                         + Path(__file__).read_bytes()).hexdigest()
+    done = {}
+    if (tmp / "jobs.sha256").exists() and (tmp / "jobs.sha256").read_text() == key and (tmp / JOURNAL).exists():
+        for line in (tmp / JOURNAL).read_text().splitlines():
+            try:
+                image_id, counts, skipped = json.loads(line)
+            except ValueError:          # the line a kill cut short
+                continue
+            done[image_id] = (counts, skipped)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "labels").mkdir(parents=True)
+        (tmp / "jobs.sha256").write_text(key)
+    return done
+
+
 def prepare(benchmark: str, raw: str | Path, out: str | Path, workers: int = 2, folder=None) -> dict:
     """Convert the raw benchmark (for ``folder``: the user's folder, ``folder`` its data.folder config)
-    into the prepared layout; writes to a temporary directory first, so an error leaves nothing."""
+    into the prepared layout, in ``workers`` processes. The work goes to a hidden sibling first, which
+    replaces ``out`` only once complete: an error or a kill leaves ``out`` as it was, and the next run
+    of the same jobs continues where that one stopped. An annotation that cannot be drawn is skipped and
+    listed in class_report.json."""
     check_benchmark(benchmark)
     raw, out = Path(raw), Path(out)
     if not raw.exists():
         raise PrepareError(f"data.folder.root: {raw} does not exist" if benchmark == "folder" else
                            f"raw data {raw} is missing; run `dvc repro download` first")
     tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    (tmp / "labels").mkdir(parents=True)
-    pixels = {}
-    try:
-        if benchmark == "folder":
-            jobs, train, val, names = folder_jobs(raw, tmp, folder.val_fraction, folder.seed)
-        else:
-            jobs, train, val, names = {"synthetic": _jobs_synthetic, "pascal": _jobs_pascal,
-                                       "coco": _jobs_coco}[benchmark](raw, tmp)
-        with ProcessPoolExecutor(max(1, workers)) as ex:
-            for image_id, counts in tqdm(ex.map(_prepare_one, jobs, chunksize=32), total=len(jobs),
-                                         desc=f"prepare {benchmark}", unit="img", mininterval=1.0):
-                pixels[image_id] = counts
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if benchmark == "folder":
+        jobs, train, val, names = folder_jobs(raw, tmp, folder.val_fraction, folder.seed)
+    else:
+        jobs, train, val, names = {"synthetic": _jobs_synthetic, "pascal": _jobs_pascal,
+                                   "coco": _jobs_coco}[benchmark](raw, tmp)
+    done = _resume(tmp, jobs)
+    if done:
+        log.info("prepare: %d of %d images done by an earlier run, continuing", len(done), len(jobs))
+    todo = [j for j in jobs if j[0] not in done]
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                      else "spawn")    # workers without the parent's parsed annotations
+    with open(tmp / JOURNAL, "a") as journal, ProcessPoolExecutor(max(1, min(workers, len(todo) // 64 + 1)),
+                                                                   mp_context=ctx) as ex:
+        results = ex.map(_prepare_one, todo, chunksize=32)
+        for image_id, counts, skipped in tqdm(results, total=len(todo), desc=f"prepare {benchmark}", unit="img",
+                                              mininterval=1.0):
+            done[image_id] = (counts, skipped)
+            journal.write(json.dumps([image_id, counts, skipped]) + "\n")
+            journal.flush()
+    pixels = {i: {str(c): n for c, n in done[i][0].items()} for i in (j[0] for j in jobs)}
+    skipped = {i: done[i][1] for i in pixels if done[i][1]}
     (tmp / "train.txt").write_text("\n".join(train) + "\n")
     (tmp / "val.txt").write_text("\n".join(val) + "\n")
     (tmp / "classes.json").write_text(json.dumps({"benchmark": benchmark, "num_classes": len(names),
                                                   "names": names}, indent=1))
     (tmp / "class_pixels.json").write_text(json.dumps(pixels))
-    report = class_report(pixels, names)
+    report = class_report(pixels, names, skipped)
     (tmp / "class_report.json").write_text(json.dumps(report, indent=1))
+    for f in (JOURNAL, "jobs.sha256"):
+        (tmp / f).unlink()
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     absent = [r["name"] for r in report if not r["images"]]
     if absent and benchmark == "folder":
         log.warning("class(es) %s appear in no label: the class list and the labels do not match", ", ".join(absent))
-    return {"train_images": len(train), "val_images": len(val), "classes": report}
+    n_skipped = sum(len(v) for v in skipped.values())
+    if n_skipped:
+        first = [f"{a} ({i})" for i, v in skipped.items() for a, _, _ in v][:10]
+        log.warning("%d annotation(s) of %d image(s) could not be drawn and were skipped (listed per class in %s): "
+                    "%s%s", n_skipped, len(skipped), out / "class_report.json", ", ".join(first),
+                    " ..." if n_skipped > 10 else "")
+    return {"train_images": len(train), "val_images": len(val), "classes": report,
+            "skipped_annotations": n_skipped}
