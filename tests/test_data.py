@@ -268,6 +268,35 @@ def test_corrupt_image_and_label_are_named(pascal_raw):
         prepare("pascal", raw, prepared_dir(root, "pascal"), workers=1)
 
 
+def test_polygons_rasterised_in_their_box_are_pycocotools_whole_image_masks():
+    """prepare paints a COCO polygon from its bounding box only; the pixels must be pycocotools' own on the whole
+    image, for polygons inside, across and beyond the edges, with integer, 2-decimal (tie-prone) and real coordinates."""
+    from pycocotools import mask as mask_utils
+
+    from pipeline.data.prepare import _polygon_mask
+    rng = np.random.default_rng(0)
+    for trial in range(3000):
+        h, w = int(rng.integers(5, 120)), int(rng.integers(5, 120))
+        polys = []
+        for _ in range(int(rng.integers(1, 3))):
+            k = int(rng.integers(3, 12))
+            xs, ys = rng.uniform(-10, w + 10, k), rng.uniform(-10, h + 10, k)
+            if trial % 3 == 0:
+                xs, ys = np.round(xs), np.round(ys)
+            elif trial % 2 == 0:        # COCO's: two decimals, on the ties of pycocotools' x5 rounding
+                xs, ys = np.round(xs, 2), np.round(ys, 1)
+            if trial % 5 == 0:
+                xs, ys = rng.uniform(0.3 * w, 0.6 * w, k), rng.uniform(0.3 * h, 0.6 * h, k)
+            if trial % 7 == 0:
+                xs = rng.uniform(w + 1, w + 20, k)
+            polys.append(np.stack([xs, ys], 1).ravel())
+        whole = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w)))
+        y0, x0, box = _polygon_mask(polys, h, w)
+        mine = np.zeros((h, w), np.uint8)
+        mine[y0:y0 + box.shape[0], x0:x0 + box.shape[1]] = box
+        assert (mine == whole).all(), (trial, h, w, polys)
+
+
 def test_a_killed_prepare_continues_where_it_stopped(tmp_path, caplog):
     """SIGKILL mid-way (the process group: parent and workers); the rerun finishes the rest and its output is
     the uninterrupted run's, byte for byte."""
