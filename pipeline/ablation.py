@@ -75,7 +75,7 @@ def score(model, cfg, fold: int, shots: int, device, progress: bool = True) -> l
         ds = EpisodeDataset(prepared, pairs, shots, "test", cfg.eval.test_size, seed=seed, episodes=cfg.eval.episodes,
                             protocol=cfg.eval.protocol)
         acc, _ = evaluate(model, ds, device, desc=f"{cfg.model.finetune} {shots}-shot seed {seed}", classes=novel,
-                          progress=progress)
+                          progress=progress, workers=cfg.train.workers)
         out.append(np.asarray(acc.records, dtype=np.int64))
     return out
 

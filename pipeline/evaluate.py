@@ -68,7 +68,7 @@ def predict_bam(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor
     the whole padded logits [2, S, S] upsampled (bilinear, align_corners) to that square."""
     h, w = label.shape[-2:]
     side = max(h, w)
-    square = torch.full((side, side), IGNORE, dtype=label.dtype)
+    square = torch.full((side, side), IGNORE, dtype=label.dtype, device=label.device)
     square[:h, :w] = label
     up = F.interpolate(logits[None].float(), size=(side, side), mode="bilinear", align_corners=True)
     return up[0].argmax(0), square
@@ -105,16 +105,17 @@ def evaluate(model, dataset, device, desc: str = "eval", progress: bool = True, 
     bar = tqdm(total=len(dataset), desc=desc, unit="ep", disable=not progress, mininterval=2.0)
     for eps in loader:
         logits = model(*(torch.stack([ep[k] for ep in eps]).to(device) for k in ("query", "support", "support_mask")))
-        for ep, lg in zip(eps, logits):
+        for ep, lg in zip(eps, logits):          # scored on the model's device: upsampling, comparison, sums
+            label = ep["label"].to(device, non_blocking=True)
             if bam:
-                pred, label = predict_bam(lg.cpu(), ep["label"])
-                acc.add(pred, label, ep["class"])
-                pred = pred[:ep["label"].shape[0], :ep["label"].shape[1]]
+                pred, square = predict_bam(lg, label)
+                acc.add(pred, square, ep["class"])
+                pred = pred[:label.shape[0], :label.shape[1]]
             else:
-                pred = predict_original(lg, ep["valid"].tolist(), ep["label"].shape).cpu()
-                acc.add(pred, ep["label"], ep["class"])
+                pred = predict_original(lg, ep["valid"].tolist(), label.shape)
+                acc.add(pred, label, ep["class"])
             if len(kept) < keep:
-                kept.append({**ep, "pred": pred})
+                kept.append({**ep, "pred": pred.cpu()})
         bar.update(len(eps))
     bar.close()
     if acc.never_drawn():

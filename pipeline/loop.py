@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import adapter as adapter_io
 from .config import diff_configs
-from .data.episodes import EpochBatches, steps_per_epoch
+from .data.episodes import PREFETCH, Epochs, check_shared_memory, steps_per_epoch
 
 log = logging.getLogger(__name__)
 # keys that may change between an interrupted run and its resume without changing the result
@@ -209,12 +209,14 @@ def fit(run: Run, step: Callable, validate: Callable, steps: int, total: int, va
     loader_gen = torch.Generator().manual_seed(lc.seed)
 
     def batches(from_it):
+        # one loader for the whole run, its workers started once (not at every epoch)
         epoch, b = divmod(from_it, steps)
-        while True:
-            sampler = EpochBatches(len(run.dataset), lc.batch_size, run.world, run.rank, lc.seed, epoch, b)
-            yield from DataLoader(run.dataset, batch_sampler=sampler, num_workers=lc.workers, generator=loader_gen,
-                                  persistent_workers=False, pin_memory=run.device.type == "cuda")
-            epoch, b = epoch + 1, 0
+        sampler = Epochs(len(run.dataset), lc.batch_size, run.world, run.rank, lc.seed, epoch, b)
+        if lc.workers:
+            check_shared_memory(run.dataset, lc.batch_size, lc.workers, PREFETCH, run.section)
+        yield from DataLoader(run.dataset, batch_sampler=sampler, num_workers=lc.workers, generator=loader_gen,
+                              pin_memory=run.device.type == "cuda",
+                              **({"prefetch_factor": PREFETCH} if lc.workers else {}))
 
     run.net.train()
     it_data = batches(state.iteration)

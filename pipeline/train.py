@@ -23,7 +23,7 @@ import torch
 
 from . import adapter as adapter_io
 from .data.benchmarks import fold_classes, prepared_dir, require, split_dir
-from .data.episodes import EpisodeDataset
+from .data.episodes import EpisodeDataset, to_model
 from .evaluate import evaluate
 from .figures import curves_figure
 from .loop import (NaNLossError, Run, finish, fit, init_distributed, lr_factor, optimizer, pick_device, steps_and_total,
@@ -71,7 +71,7 @@ def datasets(cfg, fold: int, shots: int):
 def episode_step(run: Run, amp: bool, aux_weight: float):
     """forward + head loss + backward + optimizer step on one batch of episodes (a non-finite loss skips the update)."""
     def step(batch):
-        batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_model(batch, run.device)
         with torch.autocast(device_type=run.device.type, dtype=torch.float16, enabled=amp):
             out = run.net(batch["query"], batch["support"], batch["support_mask"], **train_inputs(run.model, batch))
             loss, parts = head_loss(run.model, out, batch, aux_weight)
@@ -83,7 +83,7 @@ def episode_step(run: Run, amp: bool, aux_weight: float):
 def episode_validation(model, val_ds, device, cfg, shots: int):
     """Score the novel classes; the state kept for the best score is the adapter."""
     def validate(it):
-        acc, _ = evaluate(model, val_ds, device, desc=f"val @{it}", progress=False)
+        acc, _ = evaluate(model, val_ds, device, desc=f"val @{it}", progress=False, workers=cfg.train.workers)
         miou, fbiou = 100 * acc.miou(), 100 * acc.fbiou()
         keep = lambda: adapter_io.adapter_state(model, cfg, {"iteration": it, "val_miou": miou, "shots": shots})  # noqa: E731
         return miou, {"val_miou": round(miou, 3), "val_fbiou": round(fbiou, 3)}, keep

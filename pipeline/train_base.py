@@ -48,18 +48,20 @@ def base_datasets(cfg, fold: int, classes: list[int]):
 
 
 @torch.no_grad()
-def base_miou(model, ds, device, batch: int = 4) -> tuple[float, list[float]]:
-    """(mIoU over the base classes, per-class IoU), intersections and unions summed over the images."""
+def base_miou(model, ds, device, batch: int = 4, workers: int = 0) -> tuple[float, list[float]]:
+    """(mIoU over the base classes, per-class IoU), intersections and unions summed over the images; the
+    images prepared by ``workers`` loader processes, scored on the model's device."""
     model.eval()
-    inter = torch.zeros(ds.classes, dtype=torch.float64)
-    union = torch.zeros(ds.classes, dtype=torch.float64)
-    for b in DataLoader(ds, batch_size=batch, num_workers=0):
-        pred = model(b["image"].to(device)).argmax(1).cpu()
-        y = b["label"]
+    inter = torch.zeros(ds.classes, dtype=torch.float64, device=device)
+    union = torch.zeros(ds.classes, dtype=torch.float64, device=device)
+    for b in DataLoader(ds, batch_size=batch, num_workers=workers):
+        pred = model(b["image"].to(device)).argmax(1)
+        y = b["label"].to(device)
         ok = y != IGNORE
         p, t = pred[ok], y[ok]
         inter += torch.bincount(t[p == t], minlength=ds.classes).double()
         union += (torch.bincount(p, minlength=ds.classes) + torch.bincount(t, minlength=ds.classes)).double()
+    inter, union = inter.cpu(), union.cpu()
     union -= inter
     ious = (inter / union.clamp_min(1)).tolist()[1:]
     seen = [iou for iou, u in zip(ious, union.tolist()[1:]) if u > 0]
@@ -87,14 +89,15 @@ def train_base(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_m
                  f"{sum(p.numel() for p in model.parameters()):,}", total, steps, len(train_ds))
 
     def step(batch):
-        x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        batch = to_model(batch, device)
+        x, y = batch["image"], batch["label"]
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             loss = F.cross_entropy(run.net(x).float(), y, ignore_index=IGNORE)
         update(run, loss)
         return loss, {}, x.shape[0]
 
     def validate(it):
-        miou, per_class = base_miou(model, val_ds, device)
+        miou, per_class = base_miou(model, val_ds, device, workers=cfg.base.workers)
         keep = lambda: adapter_io.base_state(model, cfg, fold, classes, {"iteration": it, "val_miou": miou,  # noqa: E731
                                                                         "class_iou": per_class})
         return miou, {"val_miou": round(miou, 3)}, keep

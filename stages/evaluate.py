@@ -65,7 +65,7 @@ def main():
             if cfg.eval.protocol == "bam":
                 seed_everything(seed)
             acc, kept = evaluate(model, ds, device, desc=f"{k}-shot seed {seed}", classes=novel,
-                                 keep=cfg.eval.figure_episodes if i == 0 else 0)
+                                 keep=cfg.eval.figure_episodes if i == 0 else 0, workers=cfg.train.workers)
             accs.append(acc)
             if kept:
                 path = plots / "episodes" / f"{k}shot.png"

@@ -16,7 +16,7 @@ from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, 
 from pipeline.data.download import (ChecksumError, DiskSpaceError, DownloadError, Resource, UnsafeArchiveError,
                                      _check_tar, download, extract)
 from pipeline.data.episodes import (MEAN, MEAN_255, STD, EpisodeDataset, TrainTransform, binarize, eval_image, eval_size,
-                                    eval_transform)
+                                    eval_transform, normalize, to_model)
 from pipeline.data.prepare import PrepareError, prepare
 from pipeline.data.split import fold_pairs, make_splits, read_pairs
 
@@ -475,8 +475,12 @@ def test_binarize_and_transforms():
     assert x[:, 20:].abs().max() < 0.02      # mean-colour padding normalises to ~0
     torch.manual_seed(0)
     xi, mi = TrainTransform(50)(img, mask)
-    assert xi.shape == (3, 50, 50) and mi.shape == (50, 50)
+    assert xi.shape == (3, 50, 50) and mi.shape == (50, 50) and xi.dtype == mi.dtype == torch.uint8
     assert set(mi.unique().tolist()) <= {1, 255}
+    # the workers ship uint8; the model's device normalises to the bits the CPU would
+    batch = to_model({"query": xi[None], "support_mask": mi[None, None], "query_mask": mi[None]}, "cpu")
+    assert torch.equal(batch["query"], normalize(xi)[None])
+    assert batch["support_mask"].dtype == torch.float32 and batch["query_mask"].dtype == torch.int64
 
 
 @pytest.mark.parametrize("protocol", ["random", "bam"])
@@ -497,10 +501,25 @@ def test_the_test_image_is_resize_pad_normalize_to_the_bit(protocol):
 
 
 def _object_hue(img: torch.Tensor, mask: torch.Tensor) -> float:
-    """Hue (0..1) of the mean colour of the mask's pixels of a normalised image."""
+    """Hue (0..1) of the mean colour of the mask's pixels of a uint8 (training) or normalised (test) image."""
     import colorsys
-    rgb = img.permute(1, 2, 0) * torch.tensor(STD) + torch.tensor(MEAN)
+    rgb = img.permute(1, 2, 0) / 255.0 if img.dtype == torch.uint8 else img.permute(1, 2, 0) * torch.tensor(STD) + torch.tensor(MEAN)
     return colorsys.rgb_to_hsv(*rgb[mask == 1].mean(0).clamp(0, 1).tolist())[0]
+
+
+def test_a_too_small_dev_shm_is_named_with_the_fix(synthetic):
+    """Against the machine's real /dev/shm: a prefetch larger than its free space stops before any worker starts."""
+    import shutil
+
+    from pipeline.data.episodes import check_shared_memory
+    pre, sp = prepared_dir(synthetic, "synthetic"), split_dir(synthetic, "synthetic", 0)
+    ds = EpisodeDataset(pre, sp / "train.jsonl", shots=1, mode="train", size=48, seed=1)
+    need = check_shared_memory(ds, 8, 2, 2, "train")
+    assert need == 8 * 2 * 2 * (2 * 3 * 48 * 48 + 2 * 48 * 48)       # uint8 query, support and masks
+    free = shutil.disk_usage("/dev/shm").free
+    with pytest.raises(RuntimeError, match=r"/dev/shm has \d+ MiB free; 2 loader workers x 2 batches .*--shm-size.*"
+                                           r"lower train.workers"):
+        check_shared_memory(ds, free // (2 * 2 * 13824) + 1, 2, 2, "train")
 
 
 def test_hue_jitter_turns_query_and_supports_alike(synthetic):

@@ -39,6 +39,6 @@ class SemanticDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(np.random.default_rng([self.seed, epoch, index]).integers(2 ** 31)))
                 x, y = self.tf(img, label, keep_class=None)
-            return {"image": x, "label": y.long(), "index": index}
+            return {"image": x, "label": y, "index": index}          # uint8 both: episodes.to_model converts
         x, y, valid = eval_transform(img, label, self.size)
         return {"image": x, "label": y.long(), "index": index, "valid": torch.tensor(valid)}
