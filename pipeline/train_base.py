@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from . import adapter as adapter_io
 from .data.benchmarks import fold_classes, prepared_dir
-from .data.episodes import IGNORE
+from .data.episodes import IGNORE, to_model
 from .data.semantic import SemanticDataset
 from .figures import curves_figure
 from .loop import Run, finish, fit, init_distributed, optimizer, steps_and_total, update, wrap_distributed

@@ -263,10 +263,11 @@ def prepare(benchmark: str, raw: str | Path, out: str | Path, workers: int = 2, 
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                                       else "spawn")    # workers without the parent's parsed annotations
     with open(tmp / JOURNAL, "a") as journal, contextlib.ExitStack() as stack:
-        if workers > 0:
-            ex = stack.enter_context(ProcessPoolExecutor(min(workers, len(todo) // 64 + 1), mp_context=ctx))
+        workers = min(workers, len(todo) // 64 + 1)         # a process pays off from 64 images on
+        if workers > 1:
+            ex = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx))
             results = ex.map(_prepare_one, todo, chunksize=32)
-        else:           # workers 0: in this process (benchmarks/data_scale.py measures a job's CPU so)
+        else:           # in this process (benchmarks/data_scale.py measures a job's CPU so, with workers 0)
             results = map(_prepare_one, todo)
         for image_id, counts, skipped in tqdm(results, total=len(todo), desc=f"prepare {benchmark}", unit="img",
                                               mininterval=1.0):
