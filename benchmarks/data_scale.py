@@ -239,6 +239,35 @@ def validation_cost(prepared: Path, pairs: Path, size: int, n: int) -> tuple[flo
     return data, (cpu() - c) / n
 
 
+def parse_at_real_size(work: Path, seed: int = 0) -> dict:
+    """instances_train2014.json at its real size (82,783 images, ~605,000 polygon instances; no image files),
+    parsed by prepare's reader in a process of its own: its time and peak memory, the parent's serial part."""
+    import subprocess
+    import sys
+    rng = np.random.default_rng(seed)
+    path = work / "instances_train2014.json"
+    n_img, n_ann = 82_783, 604_907
+    owners = np.sort(rng.integers(1, n_img + 1, n_ann))
+    with open(path, "w") as f:
+        f.write('{"images": [')
+        f.write(",".join(json.dumps({"id": i, "width": 640, "height": 480, "file_name": f"COCO_train2014_{i:012d}.jpg"})
+                         for i in range(1, n_img + 1)))
+        f.write('], "categories": ' + json.dumps([{"id": c, "name": f"class{c}", "supercategory": "x"} for c in COCO_IDS]))
+        f.write(', "annotations": [')
+        for k, owner in enumerate(owners):
+            poly = _shapes(rng, 640, 480, 1)[0]
+            f.write(("," if k else "") + json.dumps({"id": k + 1, "image_id": int(owner), "category_id": COCO_IDS[k % 80],
+                                                     "iscrowd": 0, "segmentation": [poly], "area": 1.0,
+                                                     "bbox": [0, 0, 1, 1]}))
+        f.write("]}")
+    code = ("import resource, sys, time; from pipeline.data.folder import coco_instances; t = time.process_time(); "
+            f"names, images = coco_instances({str(path)!r}); "
+            "print(time.process_time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, len(images))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    return {"json_mb": path.stat().st_size / 1e6, "cpu_s": float(out[-3]), "peak_mb": float(out[-2])}
+
+
 def main():
     ap = argparse.ArgumentParser(prog="python benchmarks/data_scale.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,6 +278,8 @@ def main():
     ap.add_argument("--episodes", type=int, default=60, help="loader and validation episodes timed")
     ap.add_argument("--cores", type=int, default=16, help="the machine projected to")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--real-json", action="store_true",
+                    help="COCO: also parse an instances file of the real size (~330 MB; a minute, a few GB of memory)")
     args = ap.parse_args()
     bench, n, real = args.benchmark, args.images, REAL[args.benchmark]
     workers = data_workers(args.workers if args.workers == "auto" else int(args.workers))
@@ -314,6 +345,10 @@ def main():
               f"largest worker {peak.rss / 2 ** 20:.0f} MB")
         print(f"disk: raw {raw_disk / 1e6:.0f} MB (archives kept), prepared adds {(both - raw_disk) / 1e6:.0f} MB "
               f"(its images are links to the raw ones); an epoch is {train_eps:,} training episodes")
+        if bench == "coco" and args.real_json:
+            big = parse_at_real_size(work)
+            print(f"instances_train2014.json at its real size ({big['json_mb']:.0f} MB): parsed by prepare's reader in "
+                  f"{big['cpu_s']:.0f} s of CPU, peak {big['peak_mb']:.0f} MB (the parent's serial part; val is half)")
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "benchmark": bench, "images": n, "cores_here": os.cpu_count(),

@@ -2,8 +2,9 @@
 # What a machine with a CUDA GPU checks and measures, in one go (this project's CI has no GPU):
 #   the CUDA tests (tests/test_cuda.py), a training step of PFENet + SVF and BAM + SVF at the recipe's
 #   sizes (float32 / AMP bf16 / AMP fp16, both SVF forms), PFENet + SVF and baseline + SVF on VGG-16 beside
-#   ResNet-50 at 473 and 641 px (the paper's PASCAL and COCO crops), unmerged against merged inference, and the
-#   service under load at the recipe's sizes (torch backend, 500x500 JPEG uploads) where its packages exist.
+#   ResNet-50 at 473 and 641 px (the paper's PASCAL and COCO crops), the data path's scale benchmark on the
+#   machine's cores (benchmarks/data_scale.py: prepare, the uint8 loader, validation's data), unmerged
+#   against merged inference, and the service under load at the recipe's sizes (torch backend, 500x500 JPEG uploads) where its packages exist.
 # usage: benchmarks/gpu.sh [log folder (default gpu_logs)] [size (473)] [batch (8)]
 set -uo pipefail
 out=${1:-gpu_logs}; size=${2:-473}; batch=${3:-8}
@@ -33,6 +34,8 @@ for arch in resnet50_deep vgg16_bn; do
     done
   done
 done
+$py benchmarks/data_scale.py --benchmark coco --images 3000 --episodes 200 --real-json 2>&1 \
+  | grep -v "it/s\|img/s\|file/s\|B/s" | tee "$out/data_scale_coco.txt" || status=1
 $py benchmarks/svf_forms.py --arch resnet50_deep --size "$size" --batch "$batch" --iters 10 --device cuda 2>&1 \
   | grep -v "randomly initialised" | tee "$out/svf_forms.txt" || status=1
 if $py -c "import fastapi, uvicorn, httptools, python_multipart, psutil" 2>/dev/null; then

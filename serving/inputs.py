@@ -109,6 +109,14 @@ def read_mask(data: bytes, what: str, shape: tuple[int, int], max_pixels: int,
         raise UserError(f"{what} must be a single-channel image")
     if m.shape != shape:
         raise UserError(f"{what} is {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    return binary_mask(m, what, threshold)
+
+
+def binary_mask(m: np.ndarray, what: str, threshold: float | None = None,
+                hint: str = "mask_threshold (e.g. 0.5) to binarise a JPEG or anti-aliased mask") -> np.ndarray:
+    """The rules of a support mask, for a decoded image (/v1) or a tensor (/v2): values {0,1} (255 = ignore)
+    or {0,255}; others refused (or, with ``threshold``, binarised); at least one object pixel. Returns uint8
+    with 1 object, 0 background, 255 ignore."""
     values = set(np.unique(m).tolist())
     if values == {255}:
         raise UserError(f"{what} holds only the value 255: all ignore in the 0/1/255 encoding, so it marks no object; "
@@ -121,9 +129,9 @@ def read_mask(data: bytes, what: str, shape: tuple[int, int], max_pixels: int,
         white = 65535 if m.dtype == np.uint16 or max(values) > 255 else 255
         out = (m >= threshold * white).astype(np.uint8)
     else:
-        bad = sorted(values - {0, 1, 255})[:5]
-        raise UserError(f"{what} is not binary: it holds values {bad}; use 0/1 (255 = ignore) or 0/255, or give "
-                        "mask_threshold (e.g. 0.5) to binarise a JPEG or anti-aliased mask")
+        bad = sorted(values - {0, 1, 255}, key=str)[:5]
+        raise UserError(f"{what} is not binary: it holds values {bad}; use 0/1 (255 = ignore) or 0/255"
+                        + (f", or give {hint}" if hint else ""))
     if not (out == 1).any():
         raise UserError(f"{what} marks no object pixel (all background); a support must show its object")
     return out

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 
 from export.triton import DECODER, ENCODER, FULL, signatures
 
-from .inputs import UserError
+from .inputs import UserError, binary_mask
 
 HEADER = "inference-header-content-length"
 VERSION = "1"
@@ -104,6 +104,10 @@ class Protocol:
         if missing:
             raise UserError(f"model {name} needs input(s) {', '.join(missing)}")
         self.check_shapes(name, got, declared)
+        if "support_mask" in got:       # /v1's rules: 0/1 (255 ignore) or 0/255, an object in every support
+            m = got["support_mask"]
+            for b, k in np.ndindex(*m.shape[:2]):
+                m[b, k] = binary_mask(m[b, k], f"support_mask[{b}][{k}]", hint="") == 1
         return got, request
 
     def check_shapes(self, name: str, got: dict, declared: dict) -> None:

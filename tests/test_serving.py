@@ -763,6 +763,16 @@ def test_open_inference_protocol_with_tritonclient(keyed, model_dir, episode, tm
     for name, inputs, message in bad:
         with pytest.raises(InferenceServerException, match=message):
             client.infer(name, inputs, headers=dict(key))
+    # support_mask follows /v1's rules: 0/255 is read as 0/1; other values, NaN or no object pixel are refused
+    r = client.infer(triton.FULL, tensors(True, query=query, support=support, support_mask=support_mask * 255),
+                     headers=dict(key))
+    np.testing.assert_allclose(r.as_numpy("logits"), want, rtol=0, atol=1e-5)
+    for m, message in ((support_mask * 2, r"support_mask\[0\]\[0\] is not binary: it holds values \[2.0\]"),
+                       (support_mask * 0.5, r"values \[0.5\]"),
+                       (np.zeros_like(support_mask), r"support_mask\[0\]\[0\] marks no object pixel"),
+                       (np.where(support_mask > 0, np.nan, 0).astype(np.float32), r"values \[nan\]")):
+        with pytest.raises(InferenceServerException, match=message):
+            client.infer(triton.FULL, tensors(True, query=query, support=support, support_mask=m), headers=dict(key))
     wrong = triton_http.InferInput("query", list(query.shape), "FP64")
     wrong.set_data_from_numpy(query.astype(np.float64))
     with pytest.raises(InferenceServerException, match="every tensor of this model is FP32"):
