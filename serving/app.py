@@ -288,7 +288,8 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         b.decode(x, feats)    # warm-up
         state["feature_shapes"] = [(n, [-1 if i in axes else d for i, d in enumerate(f.shape)])
                                    for (n, axes), f in zip((b.features or {}).items(), feats)]
-        state["store"] = SupportStore(store, fingerprint(b.kind, b.files), max_sets, max_set_bytes)
+        state["store"] = SupportStore(store, fingerprint(b.kind, b.files), max_sets, max_set_bytes,
+                                      state["feature_shapes"] if b.features else None)
         loaded, refused = state["store"].load()
         if store:
             log.info("support sets: %d reloaded from %s, %d refused", loaded, store, len(refused))

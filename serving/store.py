@@ -5,14 +5,20 @@ encoded features and a JSON ``meta`` (shots, the masks' sizes and object areas, 
 fingerprint, when). Written to a temporary file and renamed, so a crash leaves the old set or the new
 one, never half of one. At start every set is reloaded; a set encoded by another model (another
 fingerprint: other weights, or another backend whose features differ in form) is refused with a
-warning and left on disk, never used: its images are not kept, so it cannot be re-encoded.
+warning and left on disk, never used: its images are not kept, so it cannot be re-encoded. So is a set
+whose features are not what this model's encoder makes (their count, float32, the shapes, finite
+values), and a leftover temporary file (``.<name>.*.tmp.npz``, a write a crash cut short) is never
+loaded as a set: it is named at every start and left for its owner to delete. Writes of one store are
+serialised: concurrent PUTs of a name leave the last one, on disk as in memory.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import itertools
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -39,10 +45,27 @@ def fingerprint(kind: str, files: list[Path]) -> str:
 
 class SupportStore:
     def __init__(self, root: str | Path | None, model_fingerprint: str, max_sets: int = 100,
-                 max_bytes: int = 256 << 20):
+                 max_bytes: int = 256 << 20, feature_shapes: list | None = None):
         self.root = Path(root) if root else None
         self.fp, self.max_sets, self.max_bytes = model_fingerprint, max_sets, max_bytes
+        self.shapes = feature_shapes          # [(name, shape with -1 for a free axis)] of the encoder's output
         self.sets: dict[tuple[str, str], tuple] = {}
+        self.lock = threading.Lock()
+        self.count = itertools.count()
+
+    def _check(self, feats: tuple) -> str | None:
+        """Why ``feats`` cannot be this model's support features, or None."""
+        for i, a in enumerate(feats):
+            if a.dtype != np.float32 or not np.isfinite(a).all():
+                return f"array {i} is {a.dtype}" + (", not float32" if a.dtype != np.float32 else " with non-finite values")
+        if self.shapes is None:         # a whole-network backend: the set holds its support tensors
+            return None
+        if len(feats) != len(self.shapes):
+            return f"{len(feats)} feature arrays, this model's encoder makes {len(self.shapes)}"
+        for a, (name, shape) in zip(feats, self.shapes):
+            if a.ndim != len(shape) or any(w not in (-1, d) for w, d in zip(shape, a.shape)):
+                return f"{name} has shape {list(a.shape)}, this model's is {shape} (-1: any)"
+        return None
 
     @staticmethod
     def _dir(owner: str) -> str:
@@ -57,6 +80,11 @@ class SupportStore:
         if self.root is None or not self.root.is_dir():
             return 0, refused
         for f in sorted(self.root.glob("*/*.npz")):
+            if f.name.startswith("."):
+                log.warning("%s is a temporary file a write left behind (a crash, or a kill mid-write); not a support "
+                            "set, not loaded: delete it", f)
+                refused.append(str(f))
+                continue
             try:
                 with np.load(f, allow_pickle=False) as z:
                     meta = json.loads(str(z["meta"]))
@@ -68,6 +96,11 @@ class SupportStore:
             if meta.get("model") != self.fp:
                 log.warning("support set %s was encoded by another model (fingerprint %s, this one %s); not used, "
                             "register it again", f, str(meta.get("model"))[:12], self.fp[:12])
+                refused.append(str(f))
+                continue
+            why = self._check(feats)
+            if why:
+                log.warning("support set %s does not hold this model's features (%s); not used, register it again", f, why)
                 refused.append(str(f))
                 continue
             owner = "" if f.parent.name == "_open" else f.parent.name
@@ -84,27 +117,32 @@ class SupportStore:
         return sum(sum(a.nbytes for a in f) for (o, _), f in self.sets.items() if o == owner)
 
     def put(self, owner: str, name: str, feats: tuple, meta: dict) -> None:
-        others = [n for n in self.names(owner) if n != name]
-        if len(others) >= self.max_sets:
-            raise QuotaError(f"{len(others)} support sets registered, the limit per key; delete one first", 429)
-        size = sum(a.nbytes for a in feats)
-        old = self.get(owner, name)
-        used = self.used_bytes(owner) - (sum(a.nbytes for a in old) if old else 0)
-        if used + size > self.max_bytes:
-            raise QuotaError(f"this set needs {size} bytes and {used} of the {self.max_bytes} per key are used; "
-                             "delete a set first", 507)
-        if self.root is not None:
-            path = self._path(owner, name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-            record = {**meta, "model": self.fp, "features": len(feats), "created": time.time()}
-            np.savez(tmp, meta=np.array(json.dumps(record)), **{f"f{i}": a for i, a in enumerate(feats)})
-            os.replace(tmp, path)
-        self.sets[(owner, name)] = feats
+        with self.lock:       # one write at a time: quotas, file and memory agree, the last PUT of a name stays
+            others = [n for n in self.names(owner) if n != name]
+            if len(others) >= self.max_sets:
+                raise QuotaError(f"{len(others)} support sets registered, the limit per key; delete one first", 429)
+            size = sum(a.nbytes for a in feats)
+            old = self.get(owner, name)
+            used = self.used_bytes(owner) - (sum(a.nbytes for a in old) if old else 0)
+            if used + size > self.max_bytes:
+                raise QuotaError(f"this set needs {size} bytes and {used} of the {self.max_bytes} per key are used; "
+                                 "delete a set first", 507)
+            if self.root is not None:
+                path = self._path(owner, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.stem}.{os.getpid()}.{next(self.count)}.tmp.npz")
+                record = {**meta, "model": self.fp, "features": len(feats), "created": time.time()}
+                try:
+                    np.savez(tmp, meta=np.array(json.dumps(record)), **{f"f{i}": a for i, a in enumerate(feats)})
+                    os.replace(tmp, path)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            self.sets[(owner, name)] = feats
 
     def delete(self, owner: str, name: str) -> bool:
-        if self.sets.pop((owner, name), None) is None:
-            return False
-        if self.root is not None:
-            self._path(owner, name).unlink(missing_ok=True)
-        return True
+        with self.lock:
+            if self.sets.pop((owner, name), None) is None:
+                return False
+            if self.root is not None:
+                self._path(owner, name).unlink(missing_ok=True)
+            return True

@@ -596,11 +596,46 @@ def test_support_sets_survive_a_restart_and_never_cross_models(model_dir, episod
         a.stop()
     files = sorted(p.relative_to(store).as_posix() for p in store.rglob("*"))
     assert files == ["_open", "_open/cats.npz"]        # no temporary file left
+    # files that load but do not hold this model's features, and a write's leftover, are refused at start
+    with np.load(store / "_open/cats.npz") as z:
+        good = {k: z[k] for k in z.files}
+    bad = {"f64": {"f0": good["f0"].astype(np.float64)}, "nan": {"f0": np.full_like(good["f0"], np.nan)},
+           "shape": {"f0": good["f0"][:, :1]}}      # a channel count of another model
+    for name, change in bad.items():
+        np.savez(store / f"_open/{name}.npz", **{**good, **change})
+    (store / "_open/.cats.123.0.tmp.npz").write_bytes((store / "_open/cats.npz").read_bytes())
     b = Server(model_dir, "onnxruntime", store=store)
     try:
-        assert Client(b.url).segment_with("cats", q) == want
+        c = Client(b.url)
+        assert c.segment_with("cats", q) == want
+        for name in bad:
+            with pytest.raises(ServiceError, match="404"):
+                c.segment_with(name, q)
+        # eight clients PUT one name at once: every answer 201, and what is served is what a restart serves
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            answers = list(ex.map(lambda i: Client(b.url).register("race", [episode[1 + i % 3][0]],
+                                                                     [episode[1 + i % 3][1]]), range(8)))
+        assert all(a["name"] == "race" for a in answers)
+        served = c.segment_with("race", q)
+        assert sorted(p.name for p in (store / "_open").iterdir() if ".tmp." in p.name) == [".cats.123.0.tmp.npz"]
     finally:
         b.stop()
+    log = b.proc.stderr.read().decode()
+    for why in ("f64.npz does not hold this model's features (array 0 is float64, not float32)",
+                "nan.npz does not hold this model's features (array 0 is float32 with non-finite values)",
+                "shape.npz does not hold this model's features", ".cats.123.0.tmp.npz is a temporary file"):
+        assert why in log, why
+    assert (store / "_open/.cats.123.0.tmp.npz").exists()      # named, never removed
+    for name in ("f64", "nan", "shape"):
+        (store / f"_open/{name}.npz").unlink()
+    (store / "_open/.cats.123.0.tmp.npz").unlink()
+    again = Server(model_dir, "onnxruntime", store=store)
+    try:
+        assert Client(again.url).segment_with("race", q) == served
+    finally:
+        again.stop()
+    (store / "_open/race.npz").unlink()
     t = Server(model_dir, "torch", store=store)        # other backend: features of another form
     try:
         with pytest.raises(ServiceError, match="404"):
