@@ -97,7 +97,10 @@ class Guard:
         if not self._host_ok(headers):
             return await self._refuse(scope, send, 400, "Host header not allowed")
         api = scope["path"].startswith(("/v1/", "/v2/models/"))
-        if api:
+        # a browser's CORS preflight never carries the key (the Fetch standard leaves credentials out of it):
+        # it passes to the CORS answer, which grants nothing by itself; the request that follows is checked
+        preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
+        if api and not preflight:
             owner = self._owner(headers)
             if owner is None:
                 return await self._refuse(scope, send, 401, "a valid API key is required (Authorization: Bearer <key> "

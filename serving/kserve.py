@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -64,8 +65,11 @@ class Protocol:
             request = json.loads(body[:n])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"the inference request is not JSON: {e}")
+        except RecursionError:
+            raise UserError("the inference request is JSON nested too deep to read")
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
             raise UserError('the inference request needs "inputs": a list of tensors')
+        self.check_outputs(name, request)
         binary, offset = memoryview(body)[n:], 0
         declared = dict(self.signatures[name][0])
         got: dict[str, np.ndarray] = {}
@@ -73,17 +77,22 @@ class Protocol:
             if not isinstance(t, dict):
                 raise UserError("each input is an object with name, shape, datatype and data")
             tname, shape, dtype = t.get("name"), t.get("shape"), t.get("datatype")
-            if tname not in declared:
+            if not isinstance(tname, str) or tname not in declared:
                 raise UserError(f"model {name} has no input {tname!r}; its inputs: {', '.join(declared)}")
             if tname in got:
                 raise UserError(f"input {tname} given twice")
             if dtype != "FP32":
                 raise UserError(f"input {tname} is {dtype}; every tensor of this model is FP32")
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)):
+            if not (isinstance(shape, list) and shape and
+                    all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
                 raise UserError(f"input {tname}: shape must be a list of positive integers, got {shape!r}")
-            count = int(np.prod(shape))
-            size = (t.get("parameters") or {}).get("binary_data_size")
+            count = math.prod(shape)            # Python integers: no overflow to 0
+            if count > MAX_VALUES:
+                raise UserError(f"input {tname}: shape {shape} holds {count} values, more than {MAX_VALUES}")
+            size = parameters(t, f"input {tname}").get("binary_data_size")
             if size is not None:
+                if isinstance(size, bool) or not isinstance(size, int):
+                    raise UserError(f"input {tname}: binary_data_size must be a byte count, got {size!r}")
                 if size != 4 * count or offset + size > len(binary):
                     raise UserError(f"input {tname}: {size} bytes of binary data for shape {shape} (needs {4 * count}; "
                                     f"{len(binary) - offset} left in the body)")
@@ -110,6 +119,26 @@ class Protocol:
                 m[b, k] = binary_mask(m[b, k], f"support_mask[{b}][{k}]", hint="") == 1
         return got, request
 
+    def check_outputs(self, name: str, request: dict) -> None:
+        """The request's "parameters" and "outputs", checked before inference runs."""
+        flag = parameters(request, "the request").get("binary_data_output")
+        if flag is not None and not isinstance(flag, bool):
+            raise UserError(f"binary_data_output must be true or false, got {flag!r}")
+        wanted = request.get("outputs")
+        if wanted is None:
+            return
+        names = [n for n, _ in self.signatures[name][1]]
+        if not isinstance(wanted, list) or not wanted:
+            raise UserError(f'"outputs" must be a list of {{"name": ...}} objects (or left out for all); got {wanted!r}')
+        for o in wanted:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise UserError(f'each requested output is an object with a "name", got {o!r}')
+            if o["name"] not in names:
+                raise UserError(f"model {name} has no output {o['name']!r}; its outputs: {', '.join(names)}")
+            flag = parameters(o, f"output {o['name']}").get("binary_data")
+            if flag is not None and not isinstance(flag, bool):
+                raise UserError(f"output {o['name']}: binary_data must be true or false, got {flag!r}")
+
     def check_shapes(self, name: str, got: dict, declared: dict) -> None:
         batch = {a.shape[0] for a in got.values()}
         if len(batch) > 1:
@@ -119,8 +148,11 @@ class Protocol:
             if arr.ndim != len(want) or any(w not in (-1, d) for w, d in zip(want, arr.shape)):
                 raise UserError(f"input {tname} has shape {list(arr.shape)}; model {name} takes {want} (-1: any)")
         shots = {got[k].shape[1] for k in ("support", "support_mask") if k in got}
+        if name == DECODER:         # cached features that keep a shots axis count too
+            shots |= {got[f].shape[i] for f, axes in (self.backend.features or {}).items() if f in got
+                      for i, a in axes.items() if a == "shots"}
         if len(shots) > 1:
-            raise UserError(f"support and support_mask disagree on the shots: {sorted(shots)}")
+            raise UserError(f"the inputs disagree on the shots: {sorted(shots)}")
         if shots and max(shots) > self.max_shots:
             raise UserError(f"{max(shots)} shots given; at most {self.max_shots} are accepted")
 
@@ -135,14 +167,9 @@ class Protocol:
     @staticmethod
     def response(name: str, request: dict, outputs: list[tuple[str, np.ndarray]]) -> Response:
         """JSON data, or binary where the request asked for it (per output, or for all)."""
-        wanted = request.get("outputs")
-        all_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
-        binary_of = {o["name"]: (o.get("parameters") or {}).get("binary_data", all_binary)
-                     for o in wanted or [] if isinstance(o, dict) and "name" in o}
-        names = [n for n, _ in outputs]
-        unknown = [n for n in binary_of if n not in names]
-        if unknown:
-            raise UserError(f"model {name} has no output {', '.join(map(repr, unknown))}; its outputs: {', '.join(names)}")
+        wanted = request.get("outputs")           # checked by check_outputs before inference
+        all_binary = parameters(request, "the request").get("binary_data_output", False)
+        binary_of = {o["name"]: parameters(o, "").get("binary_data", all_binary) for o in wanted or []}
         head, blobs = {"model_name": name, "model_version": VERSION, "outputs": []}, []
         if "id" in request:
             head["id"] = request["id"]
@@ -205,7 +232,7 @@ def add_routes(app: FastAPI, state: dict, off_loop, timeout_s: float, max_shots:
             if request.headers.get("content-encoding", "identity") != "identity":
                 raise UserError("compressed requests are not accepted; send the body uncompressed")
             header = request.headers.get(HEADER)
-            if header is not None and not header.isdigit():
+            if header is not None and not (header.isascii() and header.isdigit()):
                 raise UserError(f"Inference-Header-Content-Length must be a byte count, got {header!r}")
             x, req = await off_loop(p.parse, name, await request.body(), None if header is None else int(header))
             try:
@@ -214,6 +241,19 @@ def add_routes(app: FastAPI, state: dict, off_loop, timeout_s: float, max_shots:
             except asyncio.TimeoutError:
                 raise UserError(f"inference took longer than {timeout_s} s", 504)
             return await off_loop(p.response, name, req, outputs)
+
+
+MAX_VALUES = 1 << 30        # values of one input tensor (4 GiB of FP32): beyond any request the limits let through
+
+
+def parameters(obj: dict, what: str) -> dict:
+    """``obj["parameters"]``, which the protocol makes an object; {} when absent."""
+    p = obj.get("parameters")
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise UserError(f'{what}: "parameters" must be an object, got {p!r}')
+    return p
 
 
 def check_version(version: str) -> None:

@@ -502,16 +502,23 @@ def keyed(model_dir, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text("# two clients\nalice-0123456789abcdef\nbob-0123456789abcdef0\n")
     s = Server(model_dir, "onnxruntime", "--api-keys", str(keys), "--max-upload-mb", "1", "--max-inflight", "1",
-               "--max-pixels", "40000", "--max-request-pixels", "9000")
+               "--max-pixels", "40000", "--max-request-pixels", "9000", "--cors-origins", "http://app.example")
     yield s
     s.stop()
 
 
 def test_keys_hosts_and_limits_that_hold(keyed, episode, tmp_path):
     """Support sets belong to their key; a wrong Host, no key, a chunked upload over the limit, too many
-    pixels in one request and requests beyond the in-flight limit are refused, each with {"error": ...}."""
+    pixels in one request and requests beyond the in-flight limit are refused, each with {"error": ...}.
+    A browser's CORS preflight (which never carries the key) gets the CORS answer."""
     import httpx
     from serving.client import Client, ServiceError
+    for path, method in (("/v1/support-sets/cats", "PUT"), ("/v2/models/svf_fss/infer", "POST")):
+        pre = httpx.options(keyed.url + path, headers={"Origin": "http://app.example",
+                                                       "Access-Control-Request-Method": method,
+                                                       "Access-Control-Request-Headers": "authorization"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example", pre.text
+    assert httpx.options(keyed.url + "/v1/support-sets/cats").status_code == 401      # not a preflight: the key
     q, _ = episode[0]
     s, m = episode[1]
     alice = Client(keyed.url, api_key="alice-0123456789abcdef")
@@ -815,6 +822,37 @@ def test_open_inference_protocol_with_tritonclient(keyed, model_dir, episode, tm
     import httpx
     r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=b"{not json", headers=dict(key))
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
+
+    # malformed requests: each a 400 {"error"} naming what is wrong, checked before inference runs
+    def as_json(a, name):
+        return {"name": name, "shape": list(a.shape), "datatype": "FP32", "data": a.ravel().tolist()}
+    inputs = [as_json(query, "query"), as_json(support, "support"), as_json(support_mask, "support_mask")]
+    raw = query.tobytes()
+    binary_query = {"name": "query", "shape": list(query.shape), "datatype": "FP32",
+                    "parameters": {"binary_data_size": float(len(raw))}}
+    cases = [
+        ({"inputs": inputs}, {"Inference-Header-Content-Length": "\u00b2".encode()}, "byte count"),
+        ({"inputs": [binary_query, *inputs[1:]]}, "binary", "binary_data_size must be a byte count"),
+        ({"inputs": [{**inputs[0], "shape": [2 ** 32, 2 ** 32, 2 ** 32], "data": []}, *inputs[1:]]}, None, "more than"),
+        ({"inputs": [{**inputs[0], "shape": [True, 3, SIZE, SIZE]}, *inputs[1:]]}, None, "positive integers"),
+        ({"inputs": [{**inputs[0], "name": ["query"]}, *inputs[1:]]}, None, "has no input"),
+        ({"inputs": inputs, "parameters": ["binary_data_output"]}, None, '"parameters" must be an object'),
+        ({"inputs": [{**inputs[0], "parameters": "x"}, *inputs[1:]]}, None, '"parameters" must be an object'),
+        ({"inputs": inputs, "outputs": [{"name": ["logits"]}]}, None, 'object with a "name"'),
+        ({"inputs": inputs, "outputs": {"name": "logits"}}, None, '"outputs" must be a list'),
+        ({"inputs": inputs, "outputs": [{}]}, None, 'object with a "name"'),
+        ({"inputs": inputs, "outputs": [{"name": "logits", "parameters": "x"}]}, None, '"parameters" must be an object'),
+        ({"inputs": inputs, "parameters": {"binary_data_output": "false"}}, None, "must be true or false"),
+    ]
+    for body, headers, message in cases:
+        content = json.dumps(body).encode()
+        if headers == "binary":
+            headers, content = {"Inference-Header-Content-Length": str(len(content))}, content + raw
+        r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=content, headers={**key, **(headers or {})})
+        assert r.status_code == 400 and message in r.json()["error"], (message, r.status_code, r.text[:300])
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=deep, headers=dict(key))
+    assert r.status_code == 400 and "nested too deep" in r.json()["error"], r.text[:300]
 
 
 def test_an_unhandled_error_answers_500_json_and_is_counted():
