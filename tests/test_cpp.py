@@ -145,3 +145,60 @@ def test_cpp_bad_inputs_say_what_is_wrong(program, model_dir, episodes, tmp_path
         assert "frame #" not in r.stderr                      # a sentence, not LibTorch's backtrace
     r = _run(program, model, [s], [grey], [q], tmp_path / "out", "--mask-threshold", "0.4")
     assert r.returncode == 0, r.stderr                       # a threshold binarises it, as in Python
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header declares width x height (its data a few bytes): a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_cpp_writes_every_mask_or_none_and_refuses_hostile_files(program, model_dir, episodes, tmp_path):
+    """As serving.predict: a truncated JPEG, a PNG declaring 65535 x 65535, a BMP, a missing query among good ones,
+    two queries of one name, a full disk: each one line and exit 1 (2 for the command line), and --out holds
+    every mask or none. Numbers on the command line are whole and in range."""
+    import subprocess as sp
+    files, jpg = episodes
+    (s, m), (q, _), (q2, _) = files[1], files[0], files[2]
+    model = model_dir / "aoti" / "model.pt2"
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(jpg.read_bytes()[: jpg.stat().st_size * 2 // 3])
+    bmp = tmp_path / "q.bmp"
+    Image.open(q).save(bmp)
+    twin = tmp_path / "twin" / q.name
+    twin.parent.mkdir()
+    twin.write_bytes(q.read_bytes())
+    out = tmp_path / "out"
+    cases = [([q, cut, q2], 1, "cut.jpg: not a readable JPEG"),
+             ([q, _png_declaring(tmp_path / "bomb.png", 65535, 65535)], 1, "declares 65535x65535 = 4294836225 pixels"),
+             ([q, bmp], 1, "q.bmp: neither a PNG nor a JPEG"),
+             ([q, tmp_path / "none.png", q2], 1, "none.png: cannot open"),
+             ([q, twin], 2, f"two queries are named {q.stem}")]
+    for queries, code, message in cases:
+        r = _run(program, model, [s], [m], queries, out)
+        assert r.returncode == code and message in r.stderr, (message, r.returncode, r.stderr)
+        assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())     # nothing half-done
+    for flag, value in (("--repeat", "99999999999"), ("--mask-threshold", "1e999"), ("--mask-threshold", "0.5abc"),
+                        ("--mask-threshold", "-1"), ("--size", "12x")):
+        r = _run(program, model, [s], [m], [q], out, flag, value)
+        assert r.returncode == 2 and f"{flag} needs a" in r.stderr and "terminate" not in r.stderr, (flag, r.stderr)
+    # a full disk: a 16 KiB tmpfs (root only; elsewhere this part is left out)
+    small = tmp_path / "small"
+    small.mkdir()
+    if sp.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], capture_output=True).returncode == 0:
+        try:
+            many = []
+            for i in range(12):
+                many.append(tmp_path / f"many{i}.png")
+                many[-1].write_bytes(q.read_bytes())
+            r = _run(program, model, [s], [m], many, small / "out")
+            assert r.returncode == 1 and ("No space left on device" in r.stderr or "cannot write" in r.stderr), r.stderr
+            assert not list((small / "out").glob("*.png")) and not list((small / "out").glob(".*")), r.stderr
+        finally:
+            sp.run(["umount", str(small)], capture_output=True)

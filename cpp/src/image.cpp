@@ -18,6 +18,17 @@
 namespace svf_fss {
 namespace {
 
+// The cap of serving.predict (serving/predict.py MAX_PIXELS), checked on the declared size before any
+// allocation: a 69-byte PNG may declare 65535 x 65535.
+constexpr uint64_t MAX_PIXELS = uint64_t(8192) * 8192;
+
+void check_pixels(const std::string& path, uint64_t width, uint64_t height) {
+  if (width == 0 || height == 0 || width * height > MAX_PIXELS)
+    throw std::runtime_error(path + " declares " + std::to_string(width) + "x" + std::to_string(height) + " = " +
+                             std::to_string(width * height) + " pixels; the limit is " + std::to_string(MAX_PIXELS) +
+                             " (8192 x 8192, as serving.predict)");
+}
+
 struct File {
   FILE* f;
   explicit File(const std::string& path, const char* mode) : f(std::fopen(path.c_str(), mode)) {
@@ -38,6 +49,12 @@ bool is_png(const std::string& path) {
   return std::fread(sig, 1, 8, file.f) == 8 && png_sig_cmp(sig, 0, 8) == 0;
 }
 
+bool is_jpeg(const std::string& path) {
+  File file(path, "rb");
+  unsigned char sig[3] = {0};
+  return std::fread(sig, 1, 3, file.f) == 3 && sig[0] == 0xFF && sig[1] == 0xD8 && sig[2] == 0xFF;
+}
+
 // mask=false: palette -> RGB(A); mask=true: palette indices kept, except that a palette with
 // transparency is expanded so that its alpha can be read (as Pillow converts it to RGBA).
 Raw read_png(const std::string& path, bool mask) {
@@ -51,6 +68,12 @@ Raw read_png(const std::string& path, bool mask) {
   }
   png_init_io(png, file.f);
   png_read_info(png, info);
+  try {
+    check_pixels(path, png_get_image_width(png, info), png_get_image_height(png, info));
+  } catch (...) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    throw;
+  }
   raw.color_type = png_get_color_type(png, info);
   raw.bit_depth = png_get_bit_depth(png, info);
   bool trns = png_get_valid(png, info, PNG_INFO_tRNS);
@@ -94,21 +117,36 @@ Raw read_png(const std::string& path, bool mask) {
 struct JpegError {
   jpeg_error_mgr mgr;
   std::jmp_buf jump;
+  char message[JMSG_LENGTH_MAX] = {0};
+  bool too_big = false;
 };
 
+// Strict as Pillow: libjpeg's warnings (a truncated file, corrupt data it would paint grey) are errors too.
 Image read_jpeg(const std::string& path) {
   File file(path, "rb");
   jpeg_decompress_struct cinfo;
   JpegError err;
   cinfo.err = jpeg_std_error(&err.mgr);
-  err.mgr.error_exit = [](j_common_ptr c) { std::longjmp(reinterpret_cast<JpegError*>(c->err)->jump, 1); };
+  err.mgr.error_exit = [](j_common_ptr c) {
+    auto* e = reinterpret_cast<JpegError*>(c->err);
+    (*c->err->format_message)(c, e->message);
+    std::longjmp(e->jump, 1);
+  };
+  err.mgr.emit_message = [](j_common_ptr c, int level) {
+    if (level < 0) c->err->error_exit(c);   // a warning: stop, as an error
+  };
   if (setjmp(err.jump)) {
     jpeg_destroy_decompress(&cinfo);
-    throw std::runtime_error(path + ": not a readable JPEG");
+    throw std::runtime_error(path + ": not a readable JPEG (" + err.message + "; a truncated or damaged file)");
   }
   jpeg_create_decompress(&cinfo);
   jpeg_stdio_src(&cinfo, file.f);
   jpeg_read_header(&cinfo, TRUE);
+  if (uint64_t(cinfo.image_width) * cinfo.image_height > MAX_PIXELS || !cinfo.image_width || !cinfo.image_height) {
+    uint64_t w = cinfo.image_width, h = cinfo.image_height;
+    jpeg_destroy_decompress(&cinfo);
+    check_pixels(path, w, h);
+  }
   cinfo.out_color_space = JCS_RGB;
   jpeg_start_decompress(&cinfo);
   Image img{int(cinfo.output_height), int(cinfo.output_width), 3, {}};
@@ -131,10 +169,11 @@ uint8_t grey_of(uint16_t r, uint16_t g, uint16_t b) {   // Pillow's RGB -> L (IT
 
 Image read_image(const std::string& path) {
   if (!is_png(path)) {
+    if (!is_jpeg(path)) throw std::runtime_error(path + ": neither a PNG nor a JPEG (this program reads those two)");
 #ifdef SVF_FSS_JPEG
     return read_jpeg(path);
 #else
-    throw std::runtime_error(path + ": not a PNG (this build reads PNG only: libjpeg was not found)");
+    throw std::runtime_error(path + ": a JPEG, and this build reads PNG only (libjpeg was not found)");
 #endif
   }
   Raw raw = read_png(path, false);
@@ -207,14 +246,27 @@ Image read_mask(const std::string& path, double threshold) {
 }
 
 void write_png(const std::string& path, const Image& image) {
-  File file(path, "wb");
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) throw std::runtime_error(path + ": cannot create (" + std::strerror(errno) + ")");
   png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
   png_infop info = png_create_info_struct(png);
   if (setjmp(png_jmpbuf(png))) {
     png_destroy_write_struct(&png, &info);
+    std::fclose(f);
     throw std::runtime_error(path + ": cannot write the PNG");
   }
-  png_init_io(png, file.f);
+  struct Closer {   // every byte reached the file, or an error naming why (a full disk among them)
+    FILE*& f;
+    const std::string& path;
+    void close() {
+      bool ok = std::fflush(f) == 0 && !std::ferror(f);
+      int saved = errno;
+      ok = std::fclose(f) == 0 && ok;
+      f = nullptr;
+      if (!ok) throw std::runtime_error(path + ": writing failed (" + std::strerror(saved ? saved : errno) + ")");
+    }
+  } closer{f, path};
+  png_init_io(png, f);
   int type = image.channels == 1 ? PNG_COLOR_TYPE_GRAY : image.channels == 3 ? PNG_COLOR_TYPE_RGB
                                                                               : PNG_COLOR_TYPE_RGBA;
   png_set_IHDR(png, info, image.width, image.height, 8, type, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
@@ -224,6 +276,7 @@ void write_png(const std::string& path, const Image& image) {
     png_write_row(png, const_cast<png_bytep>(image.pixels.data() + size_t(y) * image.width * image.channels));
   png_write_end(png, nullptr);
   png_destroy_write_struct(&png, &info);
+  closer.close();
 }
 
 }  // namespace svf_fss

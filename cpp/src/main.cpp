@@ -3,15 +3,22 @@
 //   svf_fss_predict --model models/fold0/1shot/model.pt2 --support s1.png --mask m1.png [--support ... --mask ...]
 //                   --query q1.png [q2.png ...] --out predictions/ [--backend aoti|tensorrt] [--size S]
 //                   [--mask-threshold 0.5] [--repeat N]
-// Writes <out>/<query name>.png (0 background, 255 object, at the query's resolution). --repeat N times
-// the model call N times per query after a warm-up and prints the median (ms per episode).
+// Writes <out>/<query name>.png (0 background, 255 object, at the query's resolution): every mask or none,
+// as serving.predict (all go to a temporary folder inside <out>, renamed into place once every query has
+// succeeded; any failed read or write exits 1 and leaves <out> as it was). --repeat N times the model call
+// N times per query after a warm-up and prints the median (ms per episode).
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
+#include <optional>
+#include <set>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include <torch/torch.h>
 
@@ -29,6 +36,34 @@ const char* USAGE =
 [[noreturn]] void fail(const std::string& msg) {
   std::cerr << "svf_fss_predict: " << msg << "\n" << USAGE;
   std::exit(2);
+}
+
+// The whole text as a number in [lo, hi], or a usage error naming the option.
+long long whole_number(const std::string& option, const std::string& text, long long lo, long long hi) {
+  size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || text.empty() || v < lo || v > hi)
+    fail(option + " needs a whole number from " + std::to_string(lo) + " to " + std::to_string(hi) + ", got " + text);
+  return v;
+}
+
+double fraction(const std::string& option, const std::string& text) {
+  size_t used = 0;
+  double v = NAN;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != text.size() || text.empty() || !(v > 0 && v < 1))
+    fail(option + " needs a number between 0 and 1 (the fraction of white from which a mask pixel is object), got " +
+         text);
+  return v;
 }
 
 double median_ms(std::vector<double> v) {
@@ -55,9 +90,9 @@ int main(int argc, char** argv) {
       else if (a == "--out") out = value();
       else if (a == "--support") supports.push_back(value());
       else if (a == "--mask") masks.push_back(value());
-      else if (a == "--mask-threshold") threshold = std::stod(value());
-      else if (a == "--size") size = std::stoi(value());
-      else if (a == "--repeat") repeat = std::stoi(value());
+      else if (a == "--mask-threshold") threshold = fraction(a, value());
+      else if (a == "--size") size = int(whole_number(a, value(), 1, 8192));
+      else if (a == "--repeat") repeat = int(whole_number(a, value(), 0, 1000000));
       else if (a == "--query") {
         queries.push_back(value());
         while (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) queries.push_back(argv[++i]);
@@ -79,6 +114,12 @@ int main(int argc, char** argv) {
                  "TensorRT engine (model.engine)");
   if (backend.empty()) backend = ext == ".engine" ? "tensorrt" : "aoti";
   if (!fs::exists(model)) fail(model + " does not exist; the export stage writes it (`dvc repro`)");
+  std::set<std::string> stems;
+  for (const auto& q : queries)
+    if (!stems.insert(fs::path(q).stem().string()).second)
+      fail("two queries are named " + fs::path(q).stem().string() + ": both masks would be " +
+           (fs::path(out) / fs::path(q).stem()).string() + ".png; rename one");
+  fs::path tmp;
   try {
     std::unique_ptr<svf_fss::Backend> net;
     if (backend == "aoti") net = svf_fss::load_aoti(model);
@@ -92,6 +133,10 @@ int main(int argc, char** argv) {
       smask.push_back(svf_fss::read_mask(masks[i], threshold));
     }
     fs::create_directories(out);
+    tmp = fs::path(out) / (".svf_fss_predict." + std::to_string(getpid()) + ".tmp");
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    std::vector<std::pair<fs::path, fs::path>> written;   // (temporary, final)
     std::vector<double> model_ms, total_ms;
     for (const auto& q : queries) {
       auto t0 = std::chrono::steady_clock::now();
@@ -102,7 +147,9 @@ int main(int argc, char** argv) {
       auto m = (mask * 255).contiguous();
       png.pixels.assign(m.data_ptr<uint8_t>(), m.data_ptr<uint8_t>() + m.numel());
       auto path = (fs::path(out) / fs::path(q).stem()).string() + ".png";
-      svf_fss::write_png(path, png);
+      auto part = tmp / (fs::path(q).stem().string() + ".png");
+      svf_fss::write_png(part.string(), png);
+      written.emplace_back(part, path);
       total_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
       std::cout << q << ": " << mask.sum().item<int64_t>() << " object pixels -> " << path << "\n";
       for (int r = 0; r < repeat + (repeat > 0); ++r) {   // one warm-up call, then the timed ones
@@ -111,16 +158,20 @@ int main(int argc, char** argv) {
         if (r > 0) model_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count());
       }
     }
+    for (const auto& [part, path] : written) fs::rename(part, path);   // every query succeeded: all at once
+    fs::remove_all(tmp);
     std::cout << queries.size() << " queries, " << supports.size() << " shots, backend " << net->name() << ", input "
               << net->size << "x" << net->size << "; end to end median " << median_ms(total_ms) << " ms per query";
     if (!model_ms.empty()) std::cout << "; model median " << median_ms(model_ms) << " ms per episode";
     std::cout << "\n";
+    return 0;
   } catch (const c10::Error& e) {
     std::cerr << "svf_fss_predict: " << e.msg() << "\n";
-    return 1;
   } catch (const std::exception& e) {
     std::cerr << "svf_fss_predict: " << e.what() << "\n";
-    return 1;
   }
-  return 0;
+  std::error_code ignored;
+  if (!tmp.empty()) fs::remove_all(tmp, ignored);
+  if (!tmp.empty()) std::cerr << "svf_fss_predict: nothing written to " << out << "\n";
+  return 1;
 }
