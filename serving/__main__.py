@@ -23,6 +23,8 @@ def main():
     ap.add_argument("--max-shots", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-json-mb", type=float, default=2, help="/v2: JSON parsed or written per request; beyond it "
+                    "tensors go binary (JSON work holds the interpreter: 19 MB stalled /healthz 526 ms)")
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
     ap.add_argument("--max-request-pixels", type=int, default=4 * 4096 * 4096, help="all images of one request")
     ap.add_argument("--max-inflight", type=int, default=64, help="/v1 requests at once; more answer 503")
@@ -48,7 +50,7 @@ def main():
     args = ap.parse_args()
     for name in ("max_upload_mb", "max_pixels", "max_shots", "timeout", "max_batch", "max_request_pixels",
                  "max_inflight", "body_timeout", "workers", "max_connections", "keep_alive", "header_timeout",
-                 "max_sets", "max_set_mb", "batch_window_ms"):
+                 "max_sets", "max_set_mb", "batch_window_ms", "max_json_mb"):
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name != "batch_window_ms")):
             ap.error(f"--{name.replace('_', '-')} {value:g}: must be "
@@ -75,7 +77,7 @@ def main():
                     max_request_pixels=args.max_request_pixels, max_inflight=args.max_inflight,
                     body_timeout_s=args.body_timeout,
                     max_shots=args.max_shots, timeout_s=args.timeout, max_batch=args.max_batch,
-                    batch_window_ms=args.batch_window_ms)
+                    batch_window_ms=args.batch_window_ms, max_json_bytes=int(args.max_json_mb * 1024 * 1024))
     app = create_app(args.model_dir, args.backend, limits, keys=keys, allowed_hosts=hosts,
                      cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()], workers=args.workers or DEFAULT_WORKERS,
                      store=None if args.store == "none" else args.store, max_sets=args.max_sets,

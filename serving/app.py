@@ -59,6 +59,7 @@ class Limits:
     timeout_s: float = 30.0
     max_batch: int = 8
     batch_window_ms: float = 5.0
+    max_json_bytes: int = 2 * 1024 * 1024        # /v2 JSON parsed or written (binary tensors beyond it; kserve.py)
 
 
 # image worker threads: the CPUs, at most 4 (README, "Figures": on 2 cores 2 served more than 4)
@@ -458,7 +459,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
             raise UserError(f"no support set named {name[:64]!r}", 404)
         return await run_query(query, feats, format, PixelBudget(limits.max_request_pixels))
 
-    add_open_inference_routes(app, state, off_loop, limits.timeout_s, limits.max_shots)
+    add_open_inference_routes(app, state, off_loop, limits.timeout_s, limits.max_shots, limits.max_json_bytes)
 
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware

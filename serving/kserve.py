@@ -35,8 +35,10 @@ VERSION = "1"
 class Protocol:
     """The three models over one backend: their signatures, validation, and inference."""
 
-    def __init__(self, backend, feature_shapes: list[tuple[str, list[int]]], max_shots: int):
+    def __init__(self, backend, feature_shapes: list[tuple[str, list[int]]], max_shots: int,
+                 max_json_bytes: int = 2 << 20):
         self.backend, self.max_shots = backend, max_shots
+        self.max_json_bytes, self.max_json_values = max_json_bytes, max_json_bytes // 8   # ~8 characters a float
         self.split = backend.features is not None
         self.signatures = signatures(backend.size, backend.shots or -1, feature_shapes)
 
@@ -113,6 +115,11 @@ class Protocol:
         if missing:
             raise UserError(f"model {name} needs input(s) {', '.join(missing)}")
         self.check_shapes(name, got, declared)
+        if name != ENCODER and not self.binary_output(request, "logits"):
+            values = 2 * next(iter(got.values())).shape[0] * self.backend.size ** 2
+            if values > self.max_json_values:
+                raise UserError(f"the logits of this request are {values} values, more than the {self.max_json_values} sent as "
+                                'JSON; ask for them in binary ("parameters": {"binary_data_output": true})')
         if "support_mask" in got:       # /v1's rules: 0/1 (255 ignore) or 0/255, an object in every support
             m = got["support_mask"]
             for b, k in np.ndindex(*m.shape[:2]):
@@ -165,6 +172,15 @@ class Protocol:
         return [("logits", b.decode(x["query"], b.encode(x["support"], x["support_mask"])))]
 
     @staticmethod
+    def binary_output(request: dict, output: str) -> bool:
+        """Whether the (checked) request asks for ``output`` in binary."""
+        all_binary = parameters(request, "the request").get("binary_data_output", False)
+        for o in request.get("outputs") or []:
+            if o["name"] == output:
+                return parameters(o, "").get("binary_data", all_binary)
+        return all_binary
+
+    @staticmethod
     def response(name: str, request: dict, outputs: list[tuple[str, np.ndarray]]) -> Response:
         """JSON data, or binary where the request asked for it (per output, or for all)."""
         wanted = request.get("outputs")           # checked by check_outputs before inference
@@ -191,14 +207,15 @@ class Protocol:
                         headers={HEADER: str(len(text))})
 
 
-def add_routes(app: FastAPI, state: dict, off_loop, timeout_s: float, max_shots: int) -> None:
+def add_routes(app: FastAPI, state: dict, off_loop, timeout_s: float, max_shots: int,
+               max_json_bytes: int = 2 << 20) -> None:
     """``state``: the app's (ready, backend); ``off_loop`` runs parsing and encoding in the worker pool."""
 
     def protocol() -> Protocol:
         if not state["ready"]:
             raise UserError("the model is still loading", 503)
         if "kserve" not in state:
-            state["kserve"] = Protocol(state["backend"], state["feature_shapes"], max_shots)
+            state["kserve"] = Protocol(state["backend"], state["feature_shapes"], max_shots, max_json_bytes)
         return state["kserve"]
 
     @app.get("/v2", tags=["Open Inference Protocol"])
@@ -234,7 +251,13 @@ def add_routes(app: FastAPI, state: dict, off_loop, timeout_s: float, max_shots:
             header = request.headers.get(HEADER)
             if header is not None and not (header.isascii() and header.isdigit()):
                 raise UserError(f"Inference-Header-Content-Length must be a byte count, got {header!r}")
-            x, req = await off_loop(p.parse, name, await request.body(), None if header is None else int(header))
+            content = await request.body()
+            json_bytes = len(content) if header is None else int(header)
+            if json_bytes > p.max_json_bytes:
+                raise UserError(f"the request's JSON is {json_bytes} bytes, more than the {p.max_json_bytes} this service "
+                                "parses; send the tensors in binary (each input's parameters.binary_data_size, the "
+                                "JSON's length in the Inference-Header-Content-Length header)", 413)
+            x, req = await off_loop(p.parse, name, content, None if header is None else int(header))
             try:
                 outputs = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, p.infer, name, x),
                                                  timeout_s)
@@ -244,6 +267,9 @@ def add_routes(app: FastAPI, state: dict, off_loop, timeout_s: float, max_shots:
 
 
 MAX_VALUES = 1 << 30        # values of one input tensor (4 GiB of FP32): beyond any request the limits let through
+# JSON is parsed and written holding the interpreter: beyond --max-json-mb (2 by default) a request would stall
+# /healthz and every other request (19 MB of JSON: /healthz 526 ms at worst; benchmarks/healthz_json.py), so it is
+# refused before any work, naming the binary extension, which has no such limit
 
 
 def parameters(obj: dict, what: str) -> dict:

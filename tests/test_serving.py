@@ -502,7 +502,8 @@ def keyed(model_dir, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text("# two clients\nalice-0123456789abcdef\nbob-0123456789abcdef0\n")
     s = Server(model_dir, "onnxruntime", "--api-keys", str(keys), "--max-upload-mb", "1", "--max-inflight", "1",
-               "--max-pixels", "40000", "--max-request-pixels", "9000", "--cors-origins", "http://app.example")
+               "--max-pixels", "40000", "--max-request-pixels", "9000", "--cors-origins", "http://app.example",
+               "--max-json-mb", "0.5")
     yield s
     s.stop()
 
@@ -850,6 +851,19 @@ def test_open_inference_protocol_with_tritonclient(keyed, model_dir, episode, tm
             headers, content = {"Inference-Header-Content-Length": str(len(content))}, content + raw
         r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=content, headers={**key, **(headers or {})})
         assert r.status_code == 400 and message in r.json()["error"], (message, r.status_code, r.text[:300])
+    # JSON beyond --max-json-mb (parsed or written holding the interpreter, it stalls the service) is refused
+    # before any work, naming the binary extension; the same tensors in binary pass
+    big = {"inputs": [as_json(np.concatenate([query] * 3), "query"), as_json(np.concatenate([support] * 3), "support"),
+                      as_json(np.concatenate([support_mask] * 3), "support_mask")]}     # 0.84 MB of JSON
+    r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=json.dumps(big).encode(), headers=dict(key))
+    assert r.status_code == 413 and "send the tensors in binary" in r.json()["error"], r.text[:300]
+    eight = [np.concatenate([a] * 15) for a in (query, support, support_mask)]     # 69,120 logits > 0.5 MB / 8
+    with pytest.raises(InferenceServerException, match="ask for them in binary"):
+        client.infer(triton.FULL, tensors(True, query=eight[0], support=eight[1], support_mask=eight[2]),
+                     outputs=[triton_http.InferRequestedOutput("logits", binary_data=False)], headers=dict(key))
+    r = client.infer(triton.FULL, tensors(True, query=eight[0], support=eight[1], support_mask=eight[2]),
+                     outputs=[triton_http.InferRequestedOutput("logits", binary_data=True)], headers=dict(key))
+    assert r.as_numpy("logits").shape == (15, 2, SIZE, SIZE)
     deep = b"[" * 100_000 + b"]" * 100_000
     r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=deep, headers=dict(key))
     assert r.status_code == 400 and "nested too deep" in r.json()["error"], r.text[:300]
