@@ -404,6 +404,12 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def one_query(request: Request) -> None:
+        """A form with two `query` parts would silently segment the last: refuse it (the form is parsed already)."""
+        n = len((await request.form()).getlist("query"))
+        if n > 1:
+            raise UserError(f"the form has {n} query parts; send one query per request (or a batch through /v2)")
+
     def owned(request: Request, name: str) -> tuple[str, str]:
         """Support sets belong to the API key that registered them: another key never sees them."""
         return request.scope.get("svf.owner", ""), name
@@ -414,11 +420,12 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
 
     @app.post("/v1/segment", summary="Segment a query given k support images and their masks",
               responses=SEGMENT_RESPONSES, response_model=None)
-    async def segment(query: UploadFile = File(..., description="the image to segment"),
+    async def segment(request: Request, query: UploadFile = File(..., description="the image to segment"),
                       supports: list[UploadFile] = File(default=[], description="k support images"),
                       masks: list[UploadFile] = File(default=[], description="their masks, in the same order"),
                       format: Format = Form("png", description=format_doc),
                       mask_threshold: Optional[float] = Form(None, gt=0, lt=1, description=threshold_doc)):
+        await one_query(request)
         budget = PixelBudget(limits.max_request_pixels)
         s, m, _ = await read_supports(supports, masks, budget, mask_threshold)
         feats = await asyncio.get_running_loop().run_in_executor(None, state["backend"].encode, s, m)
@@ -454,6 +461,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
     async def segment_named(request: Request, name: str, query: UploadFile = File(..., description="the image to segment"),
                             format: Format = Form("png", description=format_doc)):
         backend_or_503()
+        await one_query(request)
         feats = state["store"].get(*owned(request, name))
         if feats is None:
             raise UserError(f"no support set named {name[:64]!r}", 404)

@@ -57,6 +57,14 @@ async def _answer(send, status: int, message: str, headers: dict | None = None) 
     await send({"type": "http.response.body", "body": body})
 
 
+def _text(raw: bytes) -> str:
+    """A header's bytes as the client meant them: UTF-8 (a key file's non-ASCII keys), else Latin-1 (HTTP's default)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 class Guard:
     def __init__(self, app, keys=(), allowed_hosts=("*",), max_body: int = 20 << 20, max_inflight: int = 64,
                  body_timeout: float = 60.0, on_refusal=None):
@@ -77,9 +85,8 @@ class Guard:
         """The id of the presented key, '' when the service is open, None when the key is wrong."""
         if not self.keys:
             return ""
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else \
-            headers.get(b"x-api-key", b"").decode("latin-1").strip()
+        auth = _text(headers.get(b"authorization", b""))
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else _text(headers.get(b"x-api-key", b"")).strip()
         if not given:
             return None
         kid = key_id(given)
@@ -94,6 +101,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if sum(1 for k, _ in scope.get("headers") or [] if k == b"host") > 1:
+            return await self._refuse(scope, send, 400, "more than one Host header")
         if not self._host_ok(headers):
             return await self._refuse(scope, send, 400, "Host header not allowed")
         api = scope["path"].startswith(("/v1/", "/v2/models/"))

@@ -197,8 +197,12 @@ class Protocol:
             if binary_of.get(n, all_binary):
                 t["parameters"] = {"binary_data_size": arr.nbytes}
                 blobs.append(arr.tobytes())
-            else:
+            else:       # JSON has no NaN or infinity: null stands for them, counted in the output's parameters
                 t["data"] = arr.ravel().tolist()
+                bad = int(arr.size - np.isfinite(arr).sum())
+                if bad:
+                    t["data"] = [v if math.isfinite(v) else None for v in t["data"]]
+                    t["parameters"] = {"non_finite": bad}
             head["outputs"].append(t)
         text = json.dumps(head).encode()
         if not blobs:

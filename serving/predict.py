@@ -37,18 +37,26 @@ MAX_PIXELS = 8192 * 8192
 
 def list_queries(paths: list[str]) -> list[Path]:
     """The query files: files as given, folders' images (other files skipped with a warning naming them)."""
-    out, skipped = [], []
+    out, skipped, dangling = [], [], []
     for p in map(Path, paths):
         if p.is_dir():
             for f in sorted(p.iterdir()):
-                (out if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES else skipped).append(f)
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    skipped.append(f)
+                else:
+                    (out if f.is_file() else dangling).append(f)
         elif p.is_file():
             out.append(p)
         else:
             raise UserError(f"query {p} does not exist")
+
+    def names(files):
+        return ", ".join(f.name for f in files[:10]) + (" ..." if len(files) > 10 else "")
     if skipped:
-        log.warning("skipped %d file(s) that are not .jpg/.jpeg/.png: %s", len(skipped),
-                    ", ".join(f.name for f in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+        log.warning("skipped %d file(s) that are not .jpg/.jpeg/.png: %s", len(skipped), names(skipped))
+    if dangling:
+        log.warning("skipped %d image name(s) that lead to no file (a link to nothing, a link loop, a folder): %s",
+                    len(dangling), names(dangling))
     stems = {}
     for f in out:
         if f.stem in stems:

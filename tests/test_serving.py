@@ -500,7 +500,8 @@ def test_inputs_are_read_as_people_mean_them(server, episode, tmp_path):
 @pytest.fixture(scope="module")
 def keyed(model_dir, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
-    keys.write_text("# two clients\nalice-0123456789abcdef\nbob-0123456789abcdef0\n")
+    keys.write_text("# three clients\nalice-0123456789abcdef\nbob-0123456789abcdef0\nclé-0123456789abcdef\n",
+                    encoding="utf-8")
     s = Server(model_dir, "onnxruntime", "--api-keys", str(keys), "--max-upload-mb", "1", "--max-inflight", "1",
                "--max-pixels", "40000", "--max-request-pixels", "9000", "--cors-origins", "http://app.example",
                "--max-json-mb", "0.5")
@@ -537,8 +538,17 @@ def test_keys_hosts_and_limits_that_hold(keyed, episode, tmp_path):
     assert anon.status_code == wrong.status_code == 401 and "API key" in anon.json()["error"]
     assert anon.headers["www-authenticate"] == "Bearer"
     assert httpx.get(keyed.url + "/healthz").status_code == 200              # probes need no key
+    twice = httpx.post(keyed.url + "/v1/segment", headers={"X-API-Key": "alice-0123456789abcdef"},
+                       files=[("query", open(q, "rb")), ("query", open(q, "rb")), ("supports", open(episode[1][0], "rb")),
+                              ("masks", open(episode[1][1], "rb"))])
+    assert twice.status_code == 400 and "2 query parts" in twice.json()["error"], twice.text
     rebound = httpx.get(keyed.url + "/readyz", headers={"Host": "evil.example"})
     assert rebound.status_code == 400 and rebound.json() == {"error": "Host header not allowed"}
+    with socket.create_connection(("127.0.0.1", keyed.port)) as two:      # which Host would count? neither
+        two.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n")
+        assert b" 400 " in two.recv(4096).split(b"\r\n")[0]
+    utf8 = httpx.get(keyed.url + "/v1/support-sets", headers={"X-API-Key": "clé-0123456789abcdef".encode()})
+    assert utf8.status_code == 200, utf8.text                              # a key file's UTF-8 key, sent as UTF-8
     assert "access-control-allow-origin" not in httpx.options(
         keyed.url + "/v1/segment", headers={"Origin": "https://evil.example",
                                              "Access-Control-Request-Method": "POST"}).headers
@@ -864,6 +874,15 @@ def test_open_inference_protocol_with_tritonclient(keyed, model_dir, episode, tm
     r = client.infer(triton.FULL, tensors(True, query=eight[0], support=eight[1], support_mask=eight[2]),
                      outputs=[triton_http.InferRequestedOutput("logits", binary_data=True)], headers=dict(key))
     assert r.as_numpy("logits").shape == (15, 2, SIZE, SIZE)
+    # a NaN query gives NaN logits: the JSON answer stays JSON (null for them, counted)
+    nan_q = np.full_like(query, np.nan)
+    content, headers = json.dumps({"inputs": [{"name": "query", "shape": list(query.shape), "datatype": "FP32",
+                                                "parameters": {"binary_data_size": nan_q.nbytes}}, *inputs[1:]]}).encode(), {}
+    r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=content + nan_q.tobytes(),
+                   headers={**key, "Inference-Header-Content-Length": str(len(content))})
+    answer = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON answer"))
+    out = answer["outputs"][0]
+    assert r.status_code == 200 and out["parameters"]["non_finite"] == out["data"].count(None) > 0
     deep = b"[" * 100_000 + b"]" * 100_000
     r = httpx.post(keyed.url + f"/v2/models/{triton.FULL}/infer", content=deep, headers=dict(key))
     assert r.status_code == 400 and "nested too deep" in r.json()["error"], r.text[:300]
@@ -884,3 +903,17 @@ def test_an_unhandled_error_answers_500_json_and_is_counted():
             return await c.get("/anything")
     r = asyncio.run(get())
     assert r.status_code == 500 and r.json() == {"error": "internal error"} and seen == [500]
+
+
+def test_predict_names_why_it_skips_a_query_file(tmp_path, caplog):
+    """A folder of queries: a text file is not an image; a link to nothing and a link loop are named as such."""
+    from serving.predict import list_queries
+    d = tmp_path / "q"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
+    (d / "notes.txt").write_text("x")
+    (d / "gone.png").symlink_to(tmp_path / "nothing.png")
+    (d / "loop.jpg").symlink_to(d / "loop.jpg")
+    assert [f.name for f in list_queries([str(d)])] == ["a.png"]
+    assert "1 file(s) that are not .jpg/.jpeg/.png: notes.txt" in caplog.text
+    assert "2 image name(s) that lead to no file (a link to nothing, a link loop, a folder): gone.png, loop.jpg" in caplog.text
