@@ -238,6 +238,28 @@ def test_too_little_disk_is_named_before_anything_is_written(tmp_path):
     msg = str(e.value)
     assert "needs" in msg and "free" in msg and "data.keep_archives: false" in msg and str(tmp_path / "data") in msg
     assert not (tmp_path / "data/raw/coco/archives").exists()
+    # a small disk for real (a 64 KiB tmpfs; root only, elsewhere this part is left out): the server's
+    # Content-Length is checked before the first byte, and a verified file already there is kept
+    import subprocess
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
+        return
+    try:
+        files = tmp_path / "srv"
+        files.mkdir()
+        (files / "big.bin").write_bytes(np.random.default_rng(0).bytes(200_000))
+        (files / "tiny.txt").write_text("kept")
+        import hashlib
+        with ArchiveServer(files) as srv:
+            tiny = Resource(f"{srv.url}/tiny.txt", "tiny.txt", md5=hashlib.md5(b"kept").hexdigest())
+            download(tiny, small / "dl", progress=False)
+            big = Resource(f"{srv.url}/big.bin", "big.bin", md5=hashlib.md5((files / "big.bin").read_bytes()).hexdigest())
+            with pytest.raises(DiskSpaceError, match=r"big.bin needs 0.2 MB in .*small/dl, the disk has .* free: free"):
+                download(big, small / "dl", progress=False)
+        assert sorted(p.name for p in (small / "dl").iterdir()) == ["tiny.txt"]
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
 
 
 def test_a_damaged_archive_is_named_and_nothing_is_extracted(tmp_path):
