@@ -87,6 +87,7 @@ def episodes(tmp_path_factory):
         Image.fromarray(m).save(d / f"mask{i}.png")
         files.append((d / f"img{i}.png", d / f"mask{i}.png"))
     Image.open(files[3][0]).save(d / "img3.jpg", quality=90)
+    Image.open(files[2][0]).convert("CMYK").save(d / "cmyk.jpg", quality=90)     # Adobe's inverted CMYK, as Pillow writes
     return files, d / "img3.jpg"
 
 
@@ -101,7 +102,7 @@ def _run(program, model, supports, masks, queries, out, *extra):
 def test_cpp_masks_equal_python(program, model_dir, episodes, tmp_path):
     from serving.predict import predict
     files, jpeg = episodes
-    queries = [files[0][0], files[4][0], jpeg]
+    queries = [files[0][0], files[4][0], jpeg, jpeg.with_name("cmyk.jpg")]
     for shots in (1, 2):
         supports, masks = [f[0] for f in files[1:1 + shots]], [f[1] for f in files[1:1 + shots]]
         out = tmp_path / f"cpp{shots}"

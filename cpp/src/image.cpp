@@ -147,13 +147,28 @@ Image read_jpeg(const std::string& path) {
     jpeg_destroy_decompress(&cinfo);
     check_pixels(path, w, h);
   }
-  cinfo.out_color_space = JCS_RGB;
+  // CMYK (and YCCK) as Pillow reads them: Adobe's inverted CMYK un-inverted, then Pillow's CMYK -> RGB
+  bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
+  cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
   jpeg_start_decompress(&cinfo);
   Image img{int(cinfo.output_height), int(cinfo.output_width), 3, {}};
   img.pixels.resize(size_t(img.height) * img.width * 3);
+  std::vector<uint8_t> four(cmyk ? size_t(img.width) * 4 : 0);
   while (cinfo.output_scanline < cinfo.output_height) {
-    JSAMPROW row = img.pixels.data() + size_t(cinfo.output_scanline) * img.width * 3;
+    size_t y = cinfo.output_scanline;
+    JSAMPROW row = cmyk ? four.data() : img.pixels.data() + y * img.width * 3;
     jpeg_read_scanlines(&cinfo, &row, 1);
+    if (!cmyk) continue;
+    uint8_t* out = img.pixels.data() + y * img.width * 3;
+    for (int x = 0; x < img.width; ++x) {
+      int v[4];
+      for (int c = 0; c < 4; ++c) v[c] = cinfo.saw_Adobe_marker ? 255 - four[x * 4 + c] : four[x * 4 + c];
+      int nk = 255 - v[3];
+      for (int c = 0; c < 3; ++c) {
+        int t = v[c] * nk + 128;
+        out[x * 3 + c] = uint8_t(std::clamp(nk - (((t >> 8) + t) >> 8), 0, 255));
+      }
+    }
   }
   jpeg_finish_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);
