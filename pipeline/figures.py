@@ -31,15 +31,15 @@ def _save(fig, path) -> Path:
 FILL_RGB, FILL_ALPHA = (0, 255, 255), 0.45        # translucent cyan: a colour no synthetic object has
 
 
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image (uint8 HxWx3) with the mask (HxW, 1 object) filled translucent cyan and outlined in
-    solid cyan, at the image's resolution; numpy only, for the service and the command line."""
+def overlay(image: np.ndarray, mask: np.ndarray, color=FILL_RGB) -> np.ndarray:
+    """The image (uint8 HxWx3) with the mask (HxW, 1 object) filled translucent (cyan unless ``color``) and
+    outlined solid, at the image's resolution; numpy only, for the service and the command line."""
     m = mask == 1
     out = image.astype(np.float32)
-    out[m] = (1 - FILL_ALPHA) * out[m] + FILL_ALPHA * np.array(FILL_RGB, np.float32)
+    out[m] = (1 - FILL_ALPHA) * out[m] + FILL_ALPHA * np.array(color, np.float32)
     p = np.pad(m, 1, mode="edge")
     inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    out[m & ~inner] = FILL_RGB
+    out[m & ~inner] = color
     return out.round().astype(np.uint8)
 
 

@@ -97,7 +97,7 @@ def _mask_plane(im: Image.Image) -> np.ndarray:
 
 
 def read_mask(data: bytes, what: str, shape: tuple[int, int], max_pixels: int,
-              threshold: float | None = None) -> np.ndarray:
+              threshold: float | None = None, need_object: bool = True) -> np.ndarray:
     """A binary mask: values {0,1} (255 = ignore allowed) or {0,255}; with an alpha channel, the alpha.
     Any other values (a JPEG or anti-aliased mask) are refused, or with ``threshold`` (0 < t < 1)
     binarised: object where the value is at least t of white. Returns uint8 with 1 object,
@@ -109,11 +109,12 @@ def read_mask(data: bytes, what: str, shape: tuple[int, int], max_pixels: int,
         raise UserError(f"{what} must be a single-channel image")
     if m.shape != shape:
         raise UserError(f"{what} is {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]}")
-    return binary_mask(m, what, threshold)
+    return binary_mask(m, what, threshold, need_object=need_object)
 
 
 def binary_mask(m: np.ndarray, what: str, threshold: float | None = None,
-                hint: str = "mask_threshold (e.g. 0.5) to binarise a JPEG or anti-aliased mask") -> np.ndarray:
+                hint: str = "mask_threshold (e.g. 0.5) to binarise a JPEG or anti-aliased mask",
+                need_object: bool = True) -> np.ndarray:
     """The rules of a support mask, for a decoded image (/v1) or a tensor (/v2): values {0,1} (255 = ignore)
     or {0,255}; others refused (or, with ``threshold``, binarised); at least one object pixel. Returns uint8
     with 1 object, 0 background, 255 ignore."""
@@ -132,7 +133,7 @@ def binary_mask(m: np.ndarray, what: str, threshold: float | None = None,
         bad = sorted(values - {0, 1, 255}, key=str)[:5]
         raise UserError(f"{what} is not binary: it holds values {bad}; use 0/1 (255 = ignore) or 0/255"
                         + (f", or give {hint}" if hint else ""))
-    if not (out == 1).any():
+    if need_object and not (out == 1).any():
         raise UserError(f"{what} marks no object pixel (all background); a support must show its object")
     return out
 

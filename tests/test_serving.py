@@ -917,3 +917,39 @@ def test_predict_names_why_it_skips_a_query_file(tmp_path, caplog):
     assert [f.name for f in list_queries([str(d)])] == ["a.png"]
     assert "1 file(s) that are not .jpg/.jpeg/.png: notes.txt" in caplog.text
     assert "2 image name(s) that lead to no file (a link to nothing, a link loop, a folder): gone.png, loop.jpg" in caplog.text
+
+
+def test_predict_scores_against_your_labels(model_dir, episode, tmp_path, capsys):
+    """`serving.predict --gt`: the class's IoU and FB-IoU pooled as the benchmarks pool episodes, each query's IoU
+    (worst first), the figure; a query without its true mask, or one of another size, is named and nothing is written."""
+    from serving.predict import main
+    s, m = episode[1]
+    queries = [episode[i][0] for i in (0, 2, 3)]
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for i in (0, 2, 3):
+        (gt / f"img{i}.png").write_bytes(episode[i][1].read_bytes())
+    out = tmp_path / "out"
+    main(["--model-dir", str(model_dir), "--backend", "onnxruntime", "--support", str(s), "--mask", str(m),
+          "--query", *map(str, queries), "--out", str(out), "--gt", str(gt)])
+    val = json.loads((out / "val.json").read_text())
+    inter = union = 0
+    for r in val["per_query"]:                                # recomputed from the written masks
+        pred = np.array(Image.open(out / r["query"])) // 255
+        truth = np.array(Image.open(gt / r["query"]))
+        ok = truth != 255
+        i, u = int((pred[ok] & (truth[ok] == 1)).sum()), int((pred[ok] | (truth[ok] == 1)).sum())
+        assert (r["intersection"], r["union"]) == (i, u)
+        inter, union = inter + i, union + u
+    assert val["iou"] == round(100 * inter / union, 2) and val["queries"] == 3
+    assert [r["iou"] for r in val["per_query"]] == sorted(r["iou"] for r in val["per_query"])
+    assert (out / "val.png").stat().st_size > 5_000 and f"val: IoU {val['iou']:.2f}" in capsys.readouterr().out
+    (gt / "img3.png").unlink()
+    with pytest.raises(SystemExit, match="no mask for 1 query: img3.png"):
+        main(["--model-dir", str(model_dir), "--support", str(s), "--mask", str(m), "--query", *map(str, queries),
+              "--out", str(tmp_path / "out2"), "--gt", str(gt)])
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(gt / "img3.png")
+    with pytest.raises(SystemExit, match="the true mask of img3.png .* is 10x10 but its image is 60x60"):
+        main(["--model-dir", str(model_dir), "--backend", "onnxruntime", "--support", str(s), "--mask", str(m),
+              "--query", *map(str, queries), "--out", str(tmp_path / "out2"), "--gt", str(gt)])
+    assert not (tmp_path / "out2").exists()
