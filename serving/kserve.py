@@ -183,18 +183,16 @@ class Protocol:
     @staticmethod
     def response(name: str, request: dict, outputs: list[tuple[str, np.ndarray]]) -> Response:
         """JSON data, or binary where the request asked for it (per output, or for all)."""
-        wanted = request.get("outputs")           # checked by check_outputs before inference
-        all_binary = parameters(request, "the request").get("binary_data_output", False)
-        binary_of = {o["name"]: parameters(o, "").get("binary_data", all_binary) for o in wanted or []}
+        wanted = {o["name"] for o in request.get("outputs") or []}    # checked by check_outputs before inference
         head, blobs = {"model_name": name, "model_version": VERSION, "outputs": []}, []
         if "id" in request:
             head["id"] = request["id"]
         for n, arr in outputs:
-            if wanted and n not in binary_of:
+            if wanted and n not in wanted:
                 continue
             arr = np.ascontiguousarray(arr, "<f4")
             t = {"name": n, "datatype": "FP32", "shape": list(arr.shape)}
-            if binary_of.get(n, all_binary):
+            if Protocol.binary_output(request, n):
                 t["parameters"] = {"binary_data_size": arr.nbytes}
                 blobs.append(arr.tobytes())
             else:       # JSON has no NaN or infinity: null stands for them, counted in the output's parameters

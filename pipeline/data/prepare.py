@@ -61,10 +61,7 @@ def _polygon_mask(polys, h: int, w: int) -> tuple[int, int, np.ndarray]:
     # (an axis not shifted keeps its coordinates: they may be negative, where that rounding is not a floor)
     shift = np.tile(np.array([x0, y0], np.float64), len(pts) // 2)
     moved = np.where(shift > 0, (np.trunc(5.0 * pts + 0.5) - 5.0 * shift) / 5.0, pts)
-    shifted, at = [], 0
-    for p in polys:
-        shifted.append(moved[at:at + len(p)])
-        at += len(p)
+    shifted = np.split(moved, np.cumsum([len(p) for p in polys])[:-1])
     box = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(shifted, y1 - y0, x1 - x0)))
     if int(box.sum()) != int(mask_utils.area(whole)):
         return 0, 0, mask_utils.decode(whole)
