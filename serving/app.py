@@ -3,6 +3,7 @@
 POST /v1/segment                      query + k supports + k masks (multipart) -> PNG mask, overlay PNG or JSON (COCO RLE)
 PUT  /v1/support-sets/{name}          register a support set: its features are computed once and cached
 POST /v1/support-sets/{name}/segment  segment a query against a registered set
+POST /v1/label-map                    one query against several classes (registered sets and/or inline) -> label map
 DELETE /v1/support-sets/{name}
 GET  /healthz (liveness)  /readyz (model loaded and warmed up)  /metrics (Prometheus)
 /v2/...                               the Open Inference Protocol (KServe v2 / Triton HTTP): serving/kserve.py
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import re
@@ -41,6 +43,7 @@ from pipeline.figures import overlay
 from .backends import Backend, load_backend
 from .guard import Guard
 from .kserve import add_routes as add_open_inference_routes
+from .labelmap import check_background_threshold, check_classes, label_json, label_map, label_overlay, label_png
 from .inputs import (PixelBudget, UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask,
                      rle, support_tensors)
 from .store import QuotaError, SupportStore, fingerprint
@@ -86,6 +89,22 @@ class ErrorBody(BaseModel):
     error: str
 
 
+class LabelClass(BaseModel):
+    id: int
+    name: str
+    area: int
+    rle: RLE
+
+
+class LabelMapJSON(BaseModel):
+    """format=json of /v1/label-map: one COCO RLE mask per class (serving/labelmap.py)."""
+    height: int
+    width: int
+    background_threshold: float
+    classes: list[LabelClass]
+    backend: str
+
+
 SEGMENT_RESPONSES = {
     200: {"description": "format=png (default): the mask as a PNG at the query's resolution, 0 background and 255 "
                          "object, its area in the X-Foreground-Area header; format=overlay: the query as a PNG with the "
@@ -99,6 +118,14 @@ SEGMENT_RESPONSES = {
         (422, "a field missing or of the wrong type (format outside png/json/overlay, mask_threshold outside (0, 1))"),
         (503, "model loading, or too many requests in progress (Retry-After)"), (504, "inference timed out"))},
 }
+LABEL_MAP_RESPONSES = {
+    200: {"description": "format=png (default): the label map as a palette PNG at the query's resolution, pixel value = "
+                         "class id (1 = the first class given, 0 background), the class names in order in the X-Classes "
+                         "header (JSON); format=overlay: the query with each class filled in its colour; format=json: "
+                         "one COCO RLE mask per class.",
+          "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": LabelMapJSON.model_json_schema()}}},
+    **{k: v for k, v in SEGMENT_RESPONSES.items() if k != 200}}
 
 
 # ------------------------------------------------------------------ batching
@@ -234,6 +261,19 @@ def answer(logits, valid, image_or_hw, fmt: str, backend_name: str):
     return {"height": hw[0], "width": hw[1], "area": area, "rle": rle(mask), "backend": backend_name}
 
 
+def answer_labels(logits, valid, image_or_hw, fmt: str, names: list[str], threshold: float, backend_name: str):
+    """The response of a label-map request (serving/labelmap.py)."""
+    hw = image_or_hw.shape[:2] if fmt == "overlay" else image_or_hw
+    labels = label_map(logits, valid, hw, threshold)
+    header = {"X-Classes": json.dumps(names, ensure_ascii=True)}
+    if fmt == "png":
+        return Response(label_png(labels, len(names)), media_type="image/png", headers=header)
+    if fmt == "overlay":
+        return Response(png_bytes(label_overlay(image_or_hw, labels, len(names))), media_type="image/png",
+                        headers=header)
+    return {**label_json(labels, names, threshold), "backend": backend_name}
+
+
 def share_cpu(backend: Backend) -> None:
     """How the process divides the CPU between the model and the image work, set once at start-up."""
     if backend.kind in ("onnxruntime", "tensorrt") or getattr(getattr(backend, "device", None), "type", "") == "cuda":
@@ -352,7 +392,16 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         return state["backend"]
 
     async def read_supports(supports: list[UploadFile], masks: list[UploadFile], budget: PixelBudget,
-                            threshold: float | None = None):
+                            threshold: float | None = None, what: str = ""):
+        """(support, masks, metadata) of one class; ``what`` prefixes every error (which class)."""
+        try:
+            return await _read_supports(supports, masks, budget, threshold)
+        except UserError as e:
+            if not what:
+                raise
+            raise UserError(what + str(e), e.status) from e
+
+    async def _read_supports(supports, masks, budget, threshold):
         b = backend_or_503()
         check_threshold(threshold)
         if not supports:
@@ -466,6 +515,57 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         if feats is None:
             raise UserError(f"no support set named {name[:64]!r}", 404)
         return await run_query(query, feats, format, PixelBudget(limits.max_request_pixels))
+
+    @app.post("/v1/label-map", summary="Segment a query against several classes: one label map",
+              responses=LABEL_MAP_RESPONSES, response_model=None)
+    async def segment_classes(request: Request, query: UploadFile = File(..., description="the image to segment"),
+                              sets: list[str] = Form(default=[], description="registered support sets, one class each "
+                                                     "(class i = the i-th set, named after it)"),
+                              supports: list[UploadFile] = File(default=[], description="inline classes: their support "
+                                                                "images"),
+                              masks: list[UploadFile] = File(default=[], description="their masks, in the same order"),
+                              classes: list[str] = Form(default=[], description="the class of each inline support, same "
+                                                        "order; a class's supports are its shots"),
+                              background_threshold: float = Form(0.5, gt=0, lt=1, description="a pixel is background "
+                                                                 "unless some class's foreground probability is above "
+                                                                 "this; 0.5 is the single-class rule"),
+                              format: Format = Form("png", description="png: the label map (palette PNG, value = class "
+                                                    "id, 0 background); overlay: the query with each class in its "
+                                                    "colour; json: one COCO RLE per class"),
+                              mask_threshold: Optional[float] = Form(None, gt=0, lt=1, description=threshold_doc)):
+        b = backend_or_503()
+        await one_query(request)
+        check_background_threshold(background_threshold)
+        if len(classes) != len(supports):
+            raise UserError(f"{len(supports)} inline support image(s) but {len(classes)} class name(s): give one "
+                            "`classes` field per support, in the same order")
+        if len(masks) != len(supports):
+            raise UserError(f"{len(supports)} inline support image(s) but {len(masks)} mask(s); give one mask per "
+                            "support")
+        inline = list(dict.fromkeys(classes))
+        names = check_classes(list(sets) + inline)
+        feats = []
+        for name in sets:
+            check_name(name)
+            f = state["store"].get(*owned(request, name))
+            if f is None:
+                raise UserError(f"no support set named {name[:64]!r}: register it first (PUT /v1/support-sets/{name})",
+                                404)
+            feats.append(f)
+        budget = PixelBudget(limits.max_request_pixels)
+        for name in inline:
+            pick = [i for i, c in enumerate(classes) if c == name]
+            s, m, _ = await read_supports([supports[i] for i in pick], [masks[i] for i in pick], budget,
+                                          mask_threshold, what=f"class {name!r}: ")
+            feats.append(await asyncio.get_running_loop().run_in_executor(None, b.encode, s, m))
+        x, valid, kept = await off_loop(prepare_query, await query.read(), f"query ({query.filename})", b.size,
+                                        limits.max_pixels, budget, format)
+        try:     # one decode per class, queued together: classes with the same shot count share a backend call
+            logits = await asyncio.gather(*(state["batcher"].decode(x, f) for f in feats))
+        except asyncio.TimeoutError:
+            raise UserError(f"inference took longer than {limits.timeout_s} s", 504)
+        return await off_loop(answer_labels, [l[0] for l in logits], valid, kept, format, names, background_threshold,
+                              b.name)
 
     add_open_inference_routes(app, state, off_loop, limits.timeout_s, limits.max_shots, limits.max_json_bytes)
 

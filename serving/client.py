@@ -65,6 +65,21 @@ class Client:
                                        data=self._form(fmt)))
         return r.json() if fmt == "json" else r.content
 
+    def label_map(self, query, sets=(), classes: dict | None = None, fmt: str = "png",
+                  background_threshold: float | None = None, mask_threshold: float | None = None):
+        """One query against several classes: ``sets`` names registered support sets, ``classes`` maps a class
+        name to its (supports, masks) inline. The label map as a palette PNG (value = class id, 1 = the first
+        set, then the inline classes in order; 0 background), an overlay PNG, or the JSON answer."""
+        files, names = self._files(query), []
+        for name, (supports, masks) in (classes or {}).items():
+            files += self._files(None, supports, masks)
+            names += [name] * len(supports)
+        data = {"sets": list(sets), "classes": names, **self._form(fmt, mask_threshold)}
+        if background_threshold is not None:
+            data["background_threshold"] = str(background_threshold)
+        r = self._check(self.http.post("/v1/label-map", files=files, data=data))
+        return r.json() if fmt == "json" else r.content
+
     def ready(self) -> dict:
         return self._check(self.http.get("/readyz")).json()
 

@@ -15,6 +15,11 @@ With --gt, a folder of the queries' true masks (<name>.png, 0/1 with 255 ignore 
 mask, but it may be empty), the predictions are scored as the benchmarks score episodes: the class's IoU
 (intersections and unions summed over the queries), FB-IoU, each query's IoU; <out>/val.json holds them
 with the worst queries first, and <out>/val.png shows the worst four (truth and prediction).
+
+Many classes at once: ``--class cat --support c1.jpg --mask c1.png --class dog --support d1.jpg --mask d1.png``
+(each --class's supports are its shots). Every query then gets one label map, <out>/<name>.png as a palette
+PNG (0 background, i the i-th class; serving/labelmap.py), <out>/classes.json names the ids; with --gt the
+true masks are label maps with the same ids (255 ignore) and val.json has each class's IoU and their mean.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ from pipeline.data.folder import IMAGE_SUFFIXES
 from pipeline.figures import overlay
 
 from .backends import load_backend
+from .labelmap import (check_background_threshold, check_classes, color, label_json, label_map, label_overlay,
+                       label_png, read_label_map, score_labels)
 from .model_files import BACKENDS, missing_model
 from .inputs import UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask, rle, \
     support_tensors
@@ -74,35 +81,35 @@ def list_queries(paths: list[str]) -> list[Path]:
     return out
 
 
-def score(pred, truth) -> dict:
-    """Intersection and union of a 0/1 prediction against a 0/1/255 truth (255 ignored), object and background."""
-    ok = truth != 255
-    p, t = pred.astype(bool)[ok], truth[ok] == 1
-    return {"intersection": int((p & t).sum()), "union": int((p | t).sum()), "bg_intersection": int((~p & ~t).sum()),
-            "bg_union": int((~p | ~t).sum()), "truth_pixels": int(t.sum()), "predicted_pixels": int(p.sum())}
+def val_summary(rows: list[dict], names: list[str] | None = None) -> dict:
+    """Each class's IoU and FB-IoU pooled over the queries (the protocol's way), their mean (mIoU), the mean
+    of the per-query IoU, and every query from the worst. One class: ``iou`` is its IoU."""
+    def pooled(i, u):
+        return 100 * i / u if u else 100.0
+    inter, union = (sum(np.atleast_1d(r[k]) for r in rows) for k in ("intersection", "union"))
+    per_class = [pooled(i, u) for i, u in zip(inter.tolist(), union.tolist())]
+    n = len(per_class)
+    fg = pooled(sum(r["fg_intersection"] for r in rows), sum(r["fg_union"] for r in rows))
+    bg = pooled(sum(r["bg_intersection"] for r in rows), sum(r["bg_union"] for r in rows))
+    out = {"queries": len(rows), "iou": round(sum(per_class) / n, 2), "fbiou": round((fg + bg) / 2, 2),
+           "mean_query_iou": round(100 * sum(r["iou"] for r in rows) / len(rows), 2)}
+    if names:
+        out = {**out, "miou": out["iou"], "per_class": {c: round(v, 2) for c, v in zip(names, per_class)}}
+    return {**out, "per_query": sorted(rows, key=lambda r: (r["iou"], r["query"]))}
 
 
-def val_summary(rows: list[dict]) -> dict:
-    """The class's IoU and FB-IoU pooled over the queries (the protocol's way), the mean of the per-query IoU,
-    and every query from the worst."""
-    total = {k: sum(r[k] for r in rows) for k in ("intersection", "union", "bg_intersection", "bg_union")}
-    iou = total["intersection"] / total["union"] if total["union"] else 1.0
-    bg = total["bg_intersection"] / total["bg_union"] if total["bg_union"] else 1.0
-    return {"queries": len(rows), "iou": round(100 * iou, 2), "fbiou": round(100 * (iou + bg) / 2, 2),
-            "mean_query_iou": round(100 * sum(r["iou"] for r in rows) / len(rows), 2),
-            "per_query": sorted(rows, key=lambda r: (r["iou"], r["query"]))}
-
-
-def val_figure(path: Path, worst: list[tuple]) -> None:
-    """The worst queries: truth (green) and prediction (cyan) side by side, with their IoU."""
+def val_figure(path: Path, worst: list[tuple], n: int = 1) -> None:
+    """The worst queries: truth (green; classes in their colours) and prediction (cyan) side by side, with their
+    IoU."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(worst), 2, figsize=(6, 3 * len(worst)), squeeze=False)
     for (name, iou, img, mask, truth), (a, b) in zip(worst, axes):
-        a.imshow(overlay(img, (truth == 1).astype(np.uint8), color=(0, 200, 0)))
+        a.imshow(overlay(img, (truth == 1).astype(np.uint8), color=(0, 200, 0)) if n == 1 else
+                 label_overlay(img, np.where(truth == 255, 0, truth), n))
         a.set_title(f"{name}: truth", fontsize=9)
-        b.imshow(overlay(img, mask))
+        b.imshow(overlay(img, mask) if n == 1 else label_overlay(img, mask, n))
         b.set_title(f"prediction, IoU {100 * iou:.1f}", fontsize=9)
         for ax in (a, b):
             ax.axis("off")
@@ -113,13 +120,21 @@ def val_figure(path: Path, worst: list[tuple]) -> None:
 
 def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt: str = "png",
             overlays: bool = True, mask_threshold: float | None = None, progress: bool = True,
-            gt: str | Path | None = None) -> dict:
+            gt: str | Path | None = None, classes: list[str] | None = None, background_threshold: float = 0.5) -> dict:
     """Segment every query against the support set; returns {query name: foreground area}. With ``gt`` (a
-    folder of the queries' true masks), also scores them into <out>/val.json and <out>/val.png."""
+    folder of the queries' true masks), also scores them into <out>/val.json and <out>/val.png. With
+    ``classes`` (the class of each support, same order), every query gets one label map of those classes
+    (serving/labelmap.py) instead of a mask."""
     if len(supports) != len(masks) or not supports:
         raise UserError(f"{len(supports)} support image(s) and {len(masks)} mask(s): give one mask per support, "
                         "at least one")
     check_threshold(mask_threshold)
+    names = None
+    if classes is not None:
+        if len(classes) != len(supports):
+            raise UserError(f"{len(supports)} supports but {len(classes)} class names")
+        names = check_classes(list(dict.fromkeys(classes)))
+        check_background_threshold(background_threshold)
     problem = missing_model(Path(model_dir), backend)
     if problem:
         raise UserError(problem)
@@ -133,15 +148,21 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
             raise UserError(f"--gt {gt} has no mask for {len(missing)} quer{'y' if len(missing) == 1 else 'ies'}: "
                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (expected <query name>.png)")
     b = load_backend(model_dir, backend)
-    if b.shots and len(supports) != b.shots:
-        raise UserError(f"{len(supports)} shots given; this model (BAM trained with {b.shots} shots) takes exactly "
-                        f"{b.shots}")
-    images, ms = [], []
-    for i, (s, m) in enumerate(zip(supports, masks)):
-        img = read_image(Path(s).read_bytes(), f"support {i + 1} ({s})", MAX_PIXELS)
-        images.append(img)
-        ms.append(read_mask(Path(m).read_bytes(), f"mask {i + 1} ({m})", img.shape[:2], MAX_PIXELS, mask_threshold))
-    feats = b.encode(*support_tensors(images, ms, b.size))
+    groups = [[i for i, c in enumerate(classes) if c == n] for n in names] if names else [list(range(len(supports)))]
+    feats = []
+    for g, pick in enumerate(groups):
+        if b.shots and len(pick) != b.shots:
+            raise UserError(f"{len(pick)} shots given{f' for class {names[g]!r}' if names else ''}; this model (BAM "
+                            f"trained with {b.shots} shots) takes exactly {b.shots}")
+        images, ms = [], []
+        for i in pick:
+            s, m = supports[i], masks[i]
+            img = read_image(Path(s).read_bytes(), f"support {i + 1} ({s})", MAX_PIXELS)
+            images.append(img)
+            ms.append(read_mask(Path(m).read_bytes(), f"mask {i + 1} ({m})", img.shape[:2], MAX_PIXELS,
+                                mask_threshold))
+        feats.append(b.encode(*support_tensors(images, ms, b.size)))
+    n = len(feats)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -150,29 +171,40 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
         for q in tqdm(queries, desc=f"segment ({b.name})", unit="img", disable=not progress):
             img = read_image(q.read_bytes(), f"query {q}", MAX_PIXELS)
             x, valid = query_tensor(img, b.size)
-            mask = mask_of(b.decode(x, feats)[0], valid, img.shape[:2])
-            areas[q.stem] = int(mask.sum())
+            logits = [b.decode(x, f)[0] for f in feats]
+            mask = (label_map(logits, valid, img.shape[:2], background_threshold) if names
+                    else mask_of(logits[0], valid, img.shape[:2]))
+            areas[q.stem] = int((mask > 0).sum())
             if gt is not None:
                 f = gt / f"{q.stem}.png"
-                truth = read_mask(f.read_bytes(), f"the true mask of {q.name} ({f})", img.shape[:2], MAX_PIXELS,
-                                  mask_threshold, need_object=False)
-                r = score(mask, truth)
-                r = {"query": q.name, "iou": r["intersection"] / r["union"] if r["union"] else 1.0, **r}
+                what = f"the true {'label map' if names else 'mask'} of {q.name} ({f})"
+                truth = (read_label_map(f.read_bytes(), what, img.shape[:2], n, MAX_PIXELS) if names else
+                         read_mask(f.read_bytes(), what, img.shape[:2], MAX_PIXELS, mask_threshold, need_object=False))
+                r = score_labels(mask, truth, n)
+                ious = [i / u for i, u in zip(*(np.atleast_1d(r[k]) for k in ("intersection", "union"))) if u]
+                r = {"query": q.name, "iou": sum(ious) / len(ious) if ious else 1.0, **r}
                 rows.append(r)
                 worst = sorted(worst + [(q.name, r["iou"], img, mask, truth)], key=lambda w: (w[1], w[0]))[:4]
             if fmt == "png":
-                (tmp / f"{q.stem}.png").write_bytes(png_bytes(mask * 255))
+                (tmp / f"{q.stem}.png").write_bytes(label_png(mask, n) if names else png_bytes(mask * 255))
+            elif names:
+                rles.append({"file": q.name, **label_json(mask, names, background_threshold)})
             else:
                 rles.append({"file": q.name, "height": img.shape[0], "width": img.shape[1], "area": areas[q.stem],
                              "rle": rle(mask)})
             if overlays:
-                (tmp / f"{q.stem}_overlay.png").write_bytes(png_bytes(overlay(img, mask)))
+                (tmp / f"{q.stem}_overlay.png").write_bytes(png_bytes(label_overlay(img, mask, n) if names
+                                                                      else overlay(img, mask)))
         if fmt == "rle":
             (tmp / "masks.json").write_text(json.dumps({"backend": b.name, "masks": rles}, indent=1))
+        if names:
+            (tmp / "classes.json").write_text(json.dumps({"classes": [{"id": i, "name": c, "color": color(i)}
+                                                                      for i, c in enumerate(names, 1)],
+                                                          "background_threshold": background_threshold}, indent=1))
         if gt is not None:
             (tmp / "val.json").write_text(json.dumps({"backend": b.name, "supports": [str(s) for s in supports],
-                                                      **val_summary(rows)}, indent=1))
-            val_figure(tmp / "val.png", worst)
+                                                      **val_summary(rows, names)}, indent=1))
+            val_figure(tmp / "val.png", worst, n)
         out.mkdir(exist_ok=True)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
@@ -181,14 +213,34 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
     return areas
 
 
+class ClassAction(argparse.Action):
+    """--support / --mask after a --class NAME belong to that class (the order of the command line)."""
+
+    def __call__(self, parser, ns, value, option_string=None):
+        if self.dest == "klass":
+            if value in ns.support_class:
+                parser.exit(2, f"error: two classes are named {value!r}: give each class one --class and its shots "
+                               "after it\n")
+            ns.klass = value
+            return
+        getattr(ns, self.dest).append(value)
+        if self.dest == "support":
+            ns.support_class.append(ns.klass)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m serving.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default="models/fold0/1shot", help="folder with *.onnx / merged.pt / model.engine")
     ap.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
                     help="auto: TensorRT, else ONNX Runtime, else PyTorch (as the service)")
-    ap.add_argument("--support", action="append", required=True, help="a support image (repeat for k shots)")
-    ap.add_argument("--mask", action="append", required=True, help="its mask (repeat, same order)")
+    ap.add_argument("--class", dest="klass", action=ClassAction, default=None, metavar="NAME",
+                    help="the --support/--mask that follow belong to class NAME; with --class the outputs are label "
+                    "maps (0 background, i the i-th class, classes.json names them)")
+    ap.add_argument("--support", action=ClassAction, default=[], help="a support image (repeat for k shots)")
+    ap.add_argument("--mask", action=ClassAction, default=[], help="its mask (repeat, same order)")
+    ap.add_argument("--background-threshold", type=float, default=0.5, help="with --class: a pixel is background "
+                    "unless some class's foreground probability is above this (default 0.5)")
     ap.add_argument("--query", nargs="+", required=True, help="query images and/or folders of them")
     ap.add_argument("--out", required=True, help="output folder (created)")
     ap.add_argument("--format", choices=("png", "rle"), default="png", help="masks as PNGs or one COCO RLE JSON")
@@ -197,11 +249,21 @@ def main(argv=None):
                     help="binarise JPEG or anti-aliased masks: object at this fraction of white (0 < t < 1)")
     ap.add_argument("--gt", default=None, help="folder of the queries' true masks (<query name>.png): score the "
                     "predictions (IoU, FB-IoU, the worst queries) into <out>/val.json and val.png")
+    ap.set_defaults(support_class=[])
     args = ap.parse_args(argv)
+    if not args.support:
+        ap.error("give at least one --support image with its --mask")
+    classes = None
+    if any(c is not None for c in args.support_class):
+        if args.support_class[0] is None:
+            sys.exit("error: with --class, every --support follows a --class NAME (the first one comes before any "
+                     "--class)")
+        classes = args.support_class
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         areas = predict(args.model_dir, args.support, args.mask, args.query, args.out, args.backend, args.format,
-                        not args.no_overlay, args.mask_threshold, gt=args.gt)
+                        not args.no_overlay, args.mask_threshold, gt=args.gt, classes=classes,
+                        background_threshold=args.background_threshold)
     except (UserError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     empty = [k for k, v in areas.items() if not v]
@@ -210,7 +272,8 @@ def main(argv=None):
     if args.gt:
         v = json.loads((Path(args.out) / "val.json").read_text())
         worst = ", ".join(f"{r['query']} ({100 * r['iou']:.1f})" for r in v["per_query"][:3])
-        print(f"val: IoU {v['iou']:.2f}, FB-IoU {v['fbiou']:.2f}, mean per query {v['mean_query_iou']:.2f} over "
+        per = "".join(f", {c} {x:.2f}" for c, x in v.get("per_class", {}).items())
+        print(f"val: {'mIoU' if 'miou' in v else 'IoU'} {v['iou']:.2f}{per}, FB-IoU {v['fbiou']:.2f}, mean per query {v['mean_query_iou']:.2f} over "
               f"{v['queries']} queries; worst: {worst} -> {Path(args.out) / 'val.json'}, {Path(args.out) / 'val.png'}")
 
 

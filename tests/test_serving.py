@@ -953,3 +953,119 @@ def test_predict_scores_against_your_labels(model_dir, episode, tmp_path, capsys
         main(["--model-dir", str(model_dir), "--backend", "onnxruntime", "--support", str(s), "--mask", str(m),
               "--query", *map(str, queries), "--out", str(tmp_path / "out2"), "--gt", str(gt)])
     assert not (tmp_path / "out2").exists()
+
+
+def _class_probabilities(model_dir, query: Path, classes) -> np.ndarray:
+    """[N, H, W] each class's foreground probability (softmax of its two logits at the query's resolution), in
+    process: the label map's definition written out plainly."""
+    import torch.nn.functional as F
+    from pipeline import adapter as adapter_io
+    from pipeline.data.episodes import eval_transform
+    model, _ = adapter_io.load_merged(model_dir / "merged.pt")
+
+    def tensor(p):
+        return torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+    q = tensor(query)
+    h, w = q.shape[1:]
+    xq, _, valid = eval_transform(q, torch.zeros(h, w, dtype=torch.uint8), SIZE)
+    probs = []
+    for supports, masks in classes:
+        xs, ms = zip(*((x, (mm == 1).float()) for x, mm, _ in (
+            eval_transform(tensor(s), torch.from_numpy(np.array(Image.open(m))), SIZE) for s, m in zip(supports, masks))))
+        with torch.no_grad():
+            logits = model(xq[None], torch.stack(xs)[None], torch.stack(ms)[None])[0, :, :valid[0], :valid[1]]
+        up = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=True)[0]
+        probs.append(up.softmax(0)[1].numpy())
+    return np.stack(probs)
+
+
+def test_many_classes_in_one_call_give_one_label_map(server, model_dir, episode, tmp_path):
+    """/v1/label-map: registered sets and inline classes together; each pixel the most probable class above the
+    background threshold; one class at 0.5 is exactly /v1/segment's mask; bad class lists are 4xx, nothing stored."""
+    from pycocotools import mask as mask_utils
+    from serving.client import Client, ServiceError
+    c = Client(server.url)
+    q = episode[0][0]
+    a, b = ([episode[1][0]], [episode[1][1]]), ([episode[2][0], episode[3][0]], [episode[2][1], episode[3][1]])
+    c.register("lm-a", *a)
+    png = Image.open(io.BytesIO(c.label_map(q, sets=["lm-a"], classes={"b": b})))
+    assert png.mode == "P" and png.getpalette()[3:6] == [0, 200, 255]
+    got = np.array(png)
+    p = _class_probabilities(model_dir, q, [a, b])
+    want = np.where(p.max(0) > 0.5, p.argmax(0) + 1, 0)
+    close = np.abs(p - 0.5).min(0) < 1e-4                 # a float32 rounding away from a tie: either answer
+    assert got.shape == (60, 60) and np.array_equal(got[~close], want[~close]) and close.mean() < 0.01
+    assert set(np.unique(got)) <= {0, 1, 2}
+    js = c.label_map(q, sets=["lm-a"], classes={"b": b}, fmt="json", background_threshold=0.8)
+    assert [(k["id"], k["name"]) for k in js["classes"]] == [(1, "lm-a"), (2, "b")]
+    strict = np.zeros((60, 60), np.uint8)
+    for k in js["classes"]:
+        m = mask_utils.decode({"size": k["rle"]["size"], "counts": k["rle"]["counts"].encode()})
+        assert k["area"] == m.sum() and not (strict & m).any()
+        strict[m == 1] = k["id"]
+    assert np.array_equal(strict[~close], np.where(p.max(0) > 0.8, p.argmax(0) + 1, 0)[~close])
+    # one class at 0.5: the single-class mask exactly
+    one = np.array(Image.open(io.BytesIO(c.label_map(q, sets=["lm-a"]))))
+    assert np.array_equal(one, np.array(Image.open(io.BytesIO(c.segment_with("lm-a", q)))) // 255)
+    over = np.array(Image.open(io.BytesIO(c.label_map(q, sets=["lm-a"], classes={"b": b}, fmt="overlay"))))
+    assert over.shape == (60, 60, 3)
+    for kw, status, msg in (
+            (dict(sets=["lm-a"], classes={"lm-a": b}), 400, "two classes are named 'lm-a'"),
+            (dict(sets=["lm-a", "nope"]), 404, "no support set named 'nope'"),
+            (dict(), 400, "no class given"),
+            (dict(sets=["lm-a"], background_threshold=1.5), 422, "background_threshold"),
+            (dict(classes={"b": ([episode[2][0]], [])}), 400, "1 inline support image.s. but 0 mask")):
+        with pytest.raises(ServiceError, match=f"HTTP {status}: .*{msg}"):
+            c.label_map(q, **kw)
+    with pytest.raises(ServiceError, match="HTTP 400: class 'b': mask 1 .* is 10x10 but its image is 60x60"):
+        c.label_map(q, classes={"b": ([episode[2][0]], [_png(np.ones((10, 10), np.uint8), tmp_path / "m.png")])})
+    assert c.ready()["status"] == "ready"
+
+
+def test_predict_many_classes_and_scores_each(model_dir, episode, tmp_path, capsys):
+    """`serving.predict --class A ... --class B ...`: label maps, classes.json, and with --gt label maps of the same
+    ids: each class's IoU pooled over the queries, their mean, recomputed here from the written maps."""
+    from serving.predict import main
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    truth_of = {}
+    for i in (0, 2, 3):
+        img, lab = generate_image(i, "val", 60, 7)
+        ca = int(next(c for c in np.unique(generate_image(1, "val", 60, 7)[1]) if c not in (0, 255)))
+        cb = int(next(c for c in np.unique(generate_image(2, "val", 60, 7)[1]) if c not in (0, 255)))
+        t = np.where(lab == ca, 1, np.where(lab == cb, 2, 0)).astype(np.uint8)
+        t[lab == 255] = 255
+        Image.fromarray(t).save(gt / f"img{i}.png")
+        truth_of[f"img{i}.png"] = t
+    out = tmp_path / "out"
+    main(["--model-dir", str(model_dir), "--backend", "onnxruntime", "--class", "A", "--support", str(episode[1][0]),
+          "--mask", str(episode[1][1]), "--class", "B", "--support", str(episode[2][0]), "--mask", str(episode[2][1]),
+          "--query", *(str(episode[i][0]) for i in (0, 2, 3)), "--out", str(out), "--gt", str(gt)])
+    assert json.loads((out / "classes.json").read_text())["classes"][1]["name"] == "B"
+    val = json.loads((out / "val.json").read_text())
+    inter, union = np.zeros(2), np.zeros(2)
+    for name, t in truth_of.items():
+        pred = np.array(Image.open(out / name))
+        ok = t != 255
+        for k in (1, 2):
+            inter[k - 1] += ((pred == k) & (t == k))[ok].sum()
+            union[k - 1] += ((pred == k) | (t == k))[ok].sum()
+    per = [round(100 * i / u, 2) if u else 100.0 for i, u in zip(inter, union)]
+    assert list(val["per_class"].values()) == per and val["miou"] == round(sum(100 * i / u if u else 100.0 for i, u
+                                                                              in zip(inter, union)) / 2, 2)
+    assert "val: mIoU" in capsys.readouterr().out
+    Image.fromarray(np.full((60, 60), 3, np.uint8)).save(gt / "img3.png")
+    with pytest.raises(SystemExit, match=r"holds the value\(s\) \[3\]"):
+        main(["--model-dir", str(model_dir), "--backend", "onnxruntime", "--class", "A", "--support",
+              str(episode[1][0]), "--mask", str(episode[1][1]), "--class", "B", "--support", str(episode[2][0]),
+              "--mask", str(episode[2][1]), "--query", str(episode[3][0]), "--out", str(tmp_path / "o2"), "--gt", str(gt)])
+    with pytest.raises(SystemExit, match="every --support follows a --class"):
+        main(["--model-dir", str(model_dir), "--support", str(episode[1][0]), "--mask", str(episode[1][1]),
+              "--class", "A", "--support", str(episode[2][0]), "--mask", str(episode[2][1]),
+              "--query", str(episode[3][0]), "--out", str(tmp_path / "o3")])
+    with pytest.raises(SystemExit):
+        main(["--model-dir", str(model_dir), "--class", "A", "--support", str(episode[1][0]), "--mask",
+              str(episode[1][1]), "--class", "A", "--support", str(episode[2][0]), "--mask", str(episode[2][1]),
+              "--query", str(episode[3][0]), "--out", str(tmp_path / "o3")])
+    assert "two classes are named 'A'" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
