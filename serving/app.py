@@ -46,7 +46,8 @@ from .kserve import add_routes as add_open_inference_routes
 from .labelmap import check_background_threshold, check_classes, label_json, label_map, label_overlay, label_png
 from .inputs import (PixelBudget, UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask,
                      rle, support_tensors)
-from .store import QuotaError, SupportStore, fingerprint
+from .threads import share_fairly
+from .store import QuotaError, SupportStore, feature_shapes, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ class Batcher:
     def _decode(self, queries: list, feats: list) -> np.ndarray:
         """One backend call for the batch; the stacking too runs off the event loop (at 473 px a batch of
         8 queries is 21 MB to copy)."""
+        if self.backend.cpu_torch:
+            share_fairly(torch)
         return self.backend.decode(np.concatenate(queries, 0), Backend.batch_features(feats))
 
     async def collect(self) -> list[Pending]:
@@ -327,10 +330,9 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         k = b.shots or 1
         feats = b.encode(np.zeros((1, k, 3, s, s), np.float32), np.ones((1, k, s, s), np.float32))
         b.decode(x, feats)    # warm-up
-        state["feature_shapes"] = [(n, [-1 if i in axes else d for i, d in enumerate(f.shape)])
-                                   for (n, axes), f in zip((b.features or {}).items(), feats)]
+        state["feature_shapes"] = feature_shapes(b) or []
         state["store"] = SupportStore(store, fingerprint(b.kind, b.files), max_sets, max_set_bytes,
-                                      state["feature_shapes"] if b.features else None)
+                                      state["feature_shapes"] or None)
         loaded, refused = state["store"].load()
         if store:
             log.info("support sets: %d reloaded from %s, %d refused", loaded, store, len(refused))

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class Backend:
     name = "base"
     kind = "base"     # the feature format: a support set encoded by one kind is not another's
+    cpu_torch = False  # runs on PyTorch's CPU threads: sized per call to the free cores (serving/threads.py)
     files: list = []  # the model files loaded (their sha256 is the model's fingerprint)
     size = 0          # the square input size the model was exported for
     shots = None      # the one shot count a fixed-shot model takes (BAM trained with K > 1), else None
@@ -67,6 +68,7 @@ class TorchBackend(Backend):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.model.to(self.device).eval()
+        self.cpu_torch = self.device.type == "cpu"
         self.size = self.cfg.eval.test_size
         from pipeline.models import fixed_shots
         self.shots = fixed_shots(self.model)
@@ -189,6 +191,7 @@ class AotiBackend(Backend):
         self.files = [path]
         self.size = int(meta[SIZE_KEY])
         self.name = f"aoti ({meta.get('AOTI_DEVICE_KEY', 'cpu')})"
+        self.cpu_torch = meta.get("AOTI_DEVICE_KEY", "cpu") == "cpu"
 
     def encode(self, support, mask):
         return support, mask

@@ -33,12 +33,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline.data.folder import IMAGE_SUFFIXES
 from pipeline.figures import overlay
 
 from .backends import load_backend
+from .threads import share_fairly
 from .labelmap import (check_background_threshold, check_classes, color, label_json, label_map, label_overlay,
                        label_png, read_label_map, score_labels)
 from .model_files import BACKENDS, missing_model
@@ -171,6 +173,8 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
         for q in tqdm(queries, desc=f"segment ({b.name})", unit="img", disable=not progress):
             img = read_image(q.read_bytes(), f"query {q}", MAX_PIXELS)
             x, valid = query_tensor(img, b.size)
+            if b.cpu_torch:
+                share_fairly(torch)
             logits = [b.decode(x, f)[0] for f in feats]
             mask = (label_map(logits, valid, img.shape[:2], background_threshold) if names
                     else mask_of(logits[0], valid, img.shape[:2]))

@@ -43,6 +43,17 @@ def fingerprint(kind: str, files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def feature_shapes(backend) -> list | None:
+    """[(name, shape with -1 for a free axis)] of the backend's support features, from encoding a blank support;
+    None when the backend does not name them (the store then checks dtype and finiteness only)."""
+    if not backend.features:
+        return None
+    k, s = backend.shots or 1, backend.size
+    feats = backend.encode(np.zeros((1, k, 3, s, s), np.float32), np.ones((1, k, s, s), np.float32))
+    return [(n, [-1 if i in axes else d for i, d in enumerate(f.shape)])
+            for (n, axes), f in zip(backend.features.items(), feats)]
+
+
 class SupportStore:
     def __init__(self, root: str | Path | None, model_fingerprint: str, max_sets: int = 100,
                  max_bytes: int = 256 << 20, feature_shapes: list | None = None):

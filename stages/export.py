@@ -20,11 +20,13 @@ log = logging.getLogger("export")
 
 
 def pip_requirements() -> list[str]:
-    """What the logged ONNX model needs, pinned to this environment. Stated, not inferred: MLflow's inference
-    re-imports the model in a subprocess, 9.8 of the stage's 28 s on the 2-core CPU, for the same list."""
+    """What the logged pyfunc needs (serving/mlflow_model.py: its code imports these), pinned to this environment.
+    Stated, not inferred: MLflow's inference re-imports the model in a subprocess, 9.8 of the stage's 28 s on
+    the 2-core CPU."""
     from importlib import metadata
     found = []
-    for dist in ("numpy", "onnx", "onnxruntime-gpu", "onnxruntime"):
+    for dist in ("mlflow", "numpy", "pandas", "pillow", "torch", "torchvision", "opencv-python-headless", "tqdm",
+                 "onnx", "onnxruntime-gpu", "onnxruntime"):
         try:
             found.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -35,21 +37,15 @@ def pip_requirements() -> list[str]:
 def log_to_mlflow(cfg, out: Path, onnx_path: Path, example, engine: Path | None, report: dict, fold: int,
                   shots: int):
     import mlflow
-    import onnx
-    from mlflow.models import infer_signature
+
+    from serving.mlflow_model import log_pyfunc
     lat = report["latency"]
     with tracking.resume_run(cfg, out, "export") as t:
         t.metrics({"onnx_max_rel": report["onnx"]["parity"]["max_rel"],
                    "onnx_latency_ms": lat["onnxruntime"]["median_ms"], "torch_latency_ms": lat["torch"]["median_ms"]})
         t.tags({"latency_busy": lat["onnxruntime"]["busy"] or lat["torch"]["busy"]})
-        inputs = {"query": example[0].numpy(), "support": example[1].numpy(), "support_mask": example[2].numpy()}
-        sess = onnx_export.session(onnx_path, prefer_cuda=False)
-        outputs = sess.run(None, inputs)[0]
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx_model",
-                                     signature=infer_signature(inputs, outputs), input_example=inputs,
-                                     registered_model_name=cfg.tracking.registered_model,
-                                     pip_requirements=pip_requirements(),
-                                     onnx_execution_providers=onnx_export.providers())
+        # registered: images in, masks out (serving/mlflow_model.py; `mlflow models serve` serves it)
+        info = log_pyfunc(out, cfg.tracking.registered_model, pip_requirements(), int(example[0].shape[-1]))
         version = getattr(info, "registered_model_version", None)
         if version is not None:
             alias = tracking.model_alias(cfg, fold, shots)

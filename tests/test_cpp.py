@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,7 @@ def test_cpp_writes_every_mask_or_none_and_refuses_hostile_files(program, model_
         assert r.returncode == code and message in r.stderr, (message, r.returncode, r.stderr)
         assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())     # nothing half-done
     for flag, value in (("--repeat", "99999999999"), ("--mask-threshold", "1e999"), ("--mask-threshold", "0.5abc"),
-                        ("--mask-threshold", "-1"), ("--size", "12x")):
+                        ("--mask-threshold", "-1"), ("--size", "12x"), ("--threads", "0"), ("--threads", "two")):
         r = _run(program, model, [s], [m], [q], out, flag, value)
         assert r.returncode == 2 and f"{flag} needs a" in r.stderr and "terminate" not in r.stderr, (flag, r.stderr)
     # a full disk: a 16 KiB tmpfs (root only; elsewhere this part is left out)
@@ -203,3 +204,24 @@ def test_cpp_writes_every_mask_or_none_and_refuses_hostile_files(program, model_
             assert not list((small / "out").glob("*.png")) and not list((small / "out").glob(".*")), r.stderr
         finally:
             sp.run(["umount", str(small)], capture_output=True)
+
+
+def test_cpp_uses_the_cores_others_leave_free(program, model_dir, episodes, tmp_path):
+    """--threads auto (the default): with every core kept busy by other processes the program runs on one
+    thread (LibTorch's default of one busy-waiting thread per core collapsed there, benchmarks/contention.py);
+    --threads N is obeyed as given."""
+    s, m = episodes[0]
+    queries = [episodes[i][0] for i in (1, 2, 3)]
+    cores = len(os.sched_getaffinity(0))
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 120: pass\n"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cores + 1)]
+    try:
+        time.sleep(0.5)
+        r = _run(program, model_dir / "aoti" / "model.pt2", [s], [m], queries, tmp_path / "busy")
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("threads auto 1"), r.stdout + r.stderr
+    r = _run(program, model_dir / "aoti" / "model.pt2", [s], [m], queries, tmp_path / "fixed", "--threads", "2")
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("threads 2"), r.stdout + r.stderr

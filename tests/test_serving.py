@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -1069,3 +1070,75 @@ def test_predict_many_classes_and_scores_each(model_dir, episode, tmp_path, caps
               "--query", str(episode[3][0]), "--out", str(tmp_path / "o3")])
     assert "two classes are named 'A'" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_the_registered_pyfunc_serves_masks_with_mlflow_models_serve(model_dir, episode, tmp_path):
+    """`mlflow models serve -m models:/<name>@<alias> --env-manager local`: base64 images and masks in (or a support
+    set the service registered), the masks of the in-process model out; a bad row is a 400 that names it."""
+    import base64
+    import httpx
+    import mlflow
+    from serving.backends import OnnxBackend
+    from serving.inputs import read_image, read_mask, support_tensors
+    from serving.mlflow_model import log_pyfunc
+    from serving.store import SupportStore, feature_shapes, fingerprint
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("pyfunc")
+    t0 = time.perf_counter()
+    with mlflow.start_run():
+        info = log_pyfunc(model_dir, "fss-test", ["mlflow"], SIZE)
+    print(f"logged in {time.perf_counter() - t0:.1f} s")
+    mlflow.MlflowClient().set_registered_model_alias("fss-test", "fold0-1shot", info.registered_model_version)
+    # a support set registered by the service (same ONNX graphs, so the same fingerprint)
+    b = OnnxBackend(model_dir)
+    store = tmp_path / "sets"
+    (s1, m1), (s2, m2) = episode[1], episode[2]
+    img = read_image(s1.read_bytes(), "s", 1 << 24)
+    feats = b.encode(*support_tensors([img], [read_mask(m1.read_bytes(), "m", img.shape[:2], 1 << 24)], b.size))
+    SupportStore(store, fingerprint(b.kind, b.files), feature_shapes=feature_shapes(b)).put("", "cls", feats, {})
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, SVF_FSS_STORE=str(store), OMP_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")   # its uvicorn
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                             "models:/fss-test@fold0-1shot", "--env-manager", "local", "-h", "127.0.0.1", "-p",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                if httpx.get(url + "/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "mlflow models serve did not answer /ping"
+            time.sleep(0.3)
+        print(f"served after {time.perf_counter() - t0:.1f} s")
+
+        def b64(p):
+            return base64.b64encode(Path(p).read_bytes()).decode()
+        q = episode[0][0]
+        t = time.perf_counter()
+        rows = []
+        for record in ({"query": b64(q), "supports": [b64(s1), b64(s2)], "masks": [b64(m1), b64(m2)]},
+                       {"query": b64(q), "support_set": "cls"}):
+            r = httpx.post(url + "/invocations", json={"dataframe_records": [record]}, timeout=60)
+            assert r.status_code == 200, r.text
+            rows += r.json()["predictions"]
+        took = (time.perf_counter() - t) / 2
+        for row, (sup, msk) in zip(rows, (([s1, s2], [m1, m2]), ([s1], [m1]))):
+            mask = np.array(Image.open(io.BytesIO(base64.b64decode(row["mask"]))))
+            want = expected_mask(model_dir, q, sup, msk)
+            assert np.array_equal(mask // 255, want) and row["area"] == want.sum() and (row["height"], row["width"]) == (60, 60)
+        for record, msg in (({"query": "not base64!", "support_set": "cls"}, "row 0 query is not valid base64"),
+                            ({"query": b64(q), "support_set": "nope"}, "row 0: no support set named 'nope'"),
+                            ({"query": b64(q), "supports": [b64(s1)], "masks": []}, "1 support image.s. and 0 mask"),
+                            ({"query": b64(q), "supports": [b64(s1)], "masks": [b64(q)]}, "row 0 mask 1")):
+            r = httpx.post(url + "/invocations", json={"dataframe_records": [record]}, timeout=60)
+            assert r.status_code == 400 and re.search(msg, r.json()["message"]), r.text
+        print(f"mlflow models serve: {took:.2f} s a request")
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -2,11 +2,12 @@
 //
 //   svf_fss_predict --model models/fold0/1shot/model.pt2 --support s1.png --mask m1.png [--support ... --mask ...]
 //                   --query q1.png [q2.png ...] --out predictions/ [--backend aoti|tensorrt] [--size S]
-//                   [--mask-threshold 0.5] [--repeat N]
+//                   [--mask-threshold 0.5] [--repeat N] [--threads auto|N]
 // Writes <out>/<query name>.png (0 background, 255 object, at the query's resolution): every mask or none,
 // as serving.predict (all go to a temporary folder inside <out>, renamed into place once every query has
 // succeeded; any failed read or write exits 1 and leaves <out> as it was). --repeat N times the model call
-// N times per query after a warm-up and prints the median (ms per episode).
+// N times per query after a warm-up and prints the median (ms per episode). --threads auto (the default)
+// sizes LibTorch's threads before each query to the cores other processes leave free (cpp/src/threads.cpp).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -31,7 +32,7 @@ namespace {
 const char* USAGE =
     "usage: svf_fss_predict --model <model.pt2|model.engine> --support <image> --mask <mask> [--support .. --mask ..]\n"
     "                       --query <image> [<image> ...] --out <folder> [--backend aoti|tensorrt] [--size S]\n"
-    "                       [--mask-threshold t] [--repeat N]\n";
+    "                       [--mask-threshold t] [--repeat N] [--threads auto|N]\n";
 
 [[noreturn]] void fail(const std::string& msg) {
   std::cerr << "svf_fss_predict: " << msg << "\n" << USAGE;
@@ -77,7 +78,7 @@ int main(int argc, char** argv) {
   std::string model, backend, out;
   std::vector<std::string> supports, masks, queries;
   double threshold = -1;
-  int size = 0, repeat = 0;
+  int size = 0, repeat = 0, threads = 0;   // 0: auto
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -93,6 +94,10 @@ int main(int argc, char** argv) {
       else if (a == "--mask-threshold") threshold = fraction(a, value());
       else if (a == "--size") size = int(whole_number(a, value(), 1, 8192));
       else if (a == "--repeat") repeat = int(whole_number(a, value(), 0, 1000000));
+      else if (a == "--threads") {
+        auto v = value();
+        threads = v == "auto" ? 0 : int(whole_number(a, v, 1, 1024));
+      }
       else if (a == "--query") {
         queries.push_back(value());
         while (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) queries.push_back(argv[++i]);
@@ -138,8 +143,15 @@ int main(int argc, char** argv) {
     fs::create_directories(tmp);
     std::vector<std::pair<fs::path, fs::path>> written;   // (temporary, final)
     std::vector<double> model_ms, total_ms;
+    std::set<int> used;   // the thread counts the queries ran with
+    if (threads > 0) at::set_num_threads(threads);
     for (const auto& q : queries) {
       auto t0 = std::chrono::steady_clock::now();
+      if (threads == 0) {
+        int n = svf_fss::fair_threads();
+        if (n != at::get_num_threads()) at::set_num_threads(n);
+      }
+      used.insert(at::get_num_threads());
       auto episode = svf_fss::make_episode(svf_fss::read_image(q), simg, smask, net->size);
       auto logits = net->run(episode.query, episode.support, episode.support_mask);
       auto mask = svf_fss::mask_of(logits[0], episode);
@@ -163,6 +175,8 @@ int main(int argc, char** argv) {
     std::cout << queries.size() << " queries, " << supports.size() << " shots, backend " << net->name() << ", input "
               << net->size << "x" << net->size << "; end to end median " << median_ms(total_ms) << " ms per query";
     if (!model_ms.empty()) std::cout << "; model median " << median_ms(model_ms) << " ms per episode";
+    std::cout << "; threads " << (threads ? "" : "auto ") << *used.begin();
+    if (used.size() > 1) std::cout << "-" << *used.rbegin();
     std::cout << "\n";
     return 0;
   } catch (const c10::Error& e) {

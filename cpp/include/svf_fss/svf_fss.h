@@ -59,4 +59,8 @@ std::unique_ptr<Backend> load_aoti(const std::string& package);
 std::unique_ptr<Backend> load_tensorrt(const std::string& engine, int size);
 bool has_tensorrt();
 
+// The threads a model call may use now: the cores this process may run on less those other processes keep
+// busy (cpp/src/threads.cpp), at least 1. LibTorch's default (every core) collapses on a busy machine.
+int fair_threads();
+
 }  // namespace svf_fss
