@@ -5,6 +5,7 @@ PUT  /v1/support-sets/{name}          register a support set: its features are c
 POST /v1/support-sets/{name}/segment  segment a query against a registered set
 POST /v1/label-map                    one query against several classes (registered sets and/or inline) -> label map
 DELETE /v1/support-sets/{name}
+GET  /ui                               a page to segment in the browser (serving/ui.html)
 GET  /healthz (liveness)  /readyz (model loaded and warmed up)  /metrics (Prometheus)
 /v2/...                               the Open Inference Protocol (KServe v2 / Triton HTTP): serving/kserve.py
 
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi_offline import FastAPIOffline
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.routing import Match
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -43,7 +44,7 @@ from pipeline.figures import overlay
 from .backends import Backend, load_backend
 from .guard import Guard
 from .kserve import add_routes as add_open_inference_routes
-from .labelmap import check_background_threshold, check_classes, label_json, label_map, label_overlay, label_png
+from .labelmap import check_background_threshold, check_classes, color, label_json, label_map, label_overlay, label_png
 from .inputs import (PixelBudget, UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask,
                      rle, support_tensors)
 from .threads import share_fairly
@@ -517,6 +518,20 @@ def create_app(model_dir: str | Path, backend: str = "auto", limits: Limits | No
         if feats is None:
             raise UserError(f"no support set named {name[:64]!r}", 404)
         return await run_query(query, feats, format, PixelBudget(limits.max_request_pixels))
+
+    ui_page = (Path(__file__).parent / "ui.html").read_text()
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui():
+        """The page (serving/ui.html): everything inline, requests only to this service (its CSP says so)."""
+        b = state["backend"] if state["ready"] else None
+        limits_js = json.dumps({"max_pixels": limits.max_pixels, "max_shots": b.shots or limits.max_shots if b else
+                                limits.max_shots, "max_upload_bytes": limits.max_upload_bytes,
+                                "input_size": b.size if b else None, "palette": [color(i) for i in range(33)]})
+        return HTMLResponse(ui_page.replace("__LIMITS__", limits_js.replace("</", "<\\/")), headers={
+            "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                       "img-src 'self' blob: data:; connect-src 'self'; form-action 'none'; "
+                                       "base-uri 'none'; frame-ancestors 'none'", "Cache-Control": "no-store"})
 
     @app.post("/v1/label-map", summary="Segment a query against several classes: one label map",
               responses=LABEL_MAP_RESPONSES, response_model=None)

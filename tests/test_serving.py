@@ -1142,3 +1142,76 @@ def test_the_registered_pyfunc_serves_masks_with_mlflow_models_serve(model_dir, 
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def _chromium():
+    import shutil
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="the browser test needs Chromium (Debian: apt install chromium)")
+def test_the_page_segments_in_a_real_browser(server, model_dir, episode, tmp_path):
+    """/ui in Chromium (Playwright): paint and undo, an empty mask refused, masks uploaded, two classes, two queries at
+    once; the downloaded label map equals the service's answer for the same files, the JSON decodes to it; a photo
+    over the pixel limit and two classes of one name are refused on the page; no request leaves the origin."""
+    from playwright.sync_api import expect, sync_playwright
+    from pycocotools import mask as mask_utils
+    from serving.client import Client
+    big = _png(np.zeros((300, 300, 3), np.uint8), tmp_path / "photo.png")        # over the server's 40,000 pixels
+    shots = os.environ.get("SVF_FSS_SCREENSHOTS")
+    requests = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(accept_downloads=True, viewport={"width": 1280, "height": 820})
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(server.url + "/ui")
+        msg = page.locator("#message")
+        first = page.locator(".class").nth(0)
+        first.locator(".support-files").set_input_files(str(episode[1][0]))
+        canvas = first.locator("canvas.paint").first
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + 10, box["y"] + 10)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] - 10, box["y"] + box["height"] - 10, steps=5)
+        page.mouse.up()
+        painted = canvas.evaluate("c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((v, i) => i % 4 == 3 && v).length")
+        page.click("#undo")
+        undone = canvas.evaluate("c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((v, i) => i % 4 == 3 && v).length")
+        assert painted > 100 and undone == 0
+        page.locator("#query-files").set_input_files([str(episode[0][0]), str(episode[3][0]), str(big)])
+        expect(msg).to_contain_text("photo.png is 300x300 (90000 pixels): the service takes at most 40000 pixels")
+        page.click("#segment")
+        expect(msg).to_contain_text("support 1 (img1.png): its mask is empty")
+        first.locator(".mask-file").set_input_files(str(episode[1][1]))
+        page.click("#add-class")
+        second = page.locator(".class").nth(1)
+        second.locator(".name").fill("object")
+        second.locator(".support-files").set_input_files(str(episode[2][0]))
+        second.locator(".mask-file").set_input_files(str(episode[2][1]))
+        page.click("#segment")
+        expect(msg).to_contain_text('two classes are named "object"')
+        second.locator(".name").fill("second")
+        page.click("#segment")
+        page.wait_for_selector(".result >> nth=1", timeout=30_000)
+        expect(msg).to_contain_text("2 queries segmented")
+        if shots:
+            page.screenshot(path=f"{shots}/ui.png", full_page=True)
+        result = page.locator(".result").nth(0)
+        with page.expect_download() as d:
+            result.locator("button.png").click()
+        d.value.save_as(tmp_path / "page.png")
+        with page.expect_download() as d:
+            result.locator("button.json").click()
+        d.value.save_as(tmp_path / "page.json")
+        browser.close()
+    got = np.array(Image.open(tmp_path / "page.png"))
+    want = np.array(Image.open(io.BytesIO(Client(server.url).label_map(
+        episode[0][0], classes={"object": ([episode[1][0]], [episode[1][1]]), "second": ([episode[2][0]], [episode[2][1]])}))))
+    assert got.shape == (60, 60) and np.array_equal(got, want) and (got > 0).any()
+    js = json.loads((tmp_path / "page.json").read_text())
+    assert js["file"] == "img0.png" and [c["name"] for c in js["classes"]] == ["object", "second"]
+    for c in js["classes"]:
+        assert np.array_equal(mask_utils.decode({"size": c["rle"]["size"], "counts": c["rle"]["counts"].encode()}),
+                              (got == c["id"]).astype(np.uint8))
+    outside = [u for u in requests if not u.startswith((server.url + "/", "blob:", "data:"))]
+    assert not outside and any(u.endswith("/v1/label-map") for u in requests), outside
