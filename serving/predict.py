@@ -16,6 +16,10 @@ mask, but it may be empty), the predictions are scored as the benchmarks score e
 (intersections and unions summed over the queries), FB-IoU, each query's IoU; <out>/val.json holds them
 with the worst queries first, and <out>/val.png shows the worst four (truth and prediction).
 
+With --format labelstudio, <out>/labelstudio.json holds one Label Studio task per query, its image at
+--image-url + the query's path, and the prediction as brush regions (one per class; the class is --class's
+name, "object" without): import it into a project whose config has <BrushLabels name="tag" toName="image">.
+
 Many classes at once: ``--class cat --support c1.jpg --mask c1.png --class dog --support d1.jpg --mask d1.png``
 (each --class's supports are its shots). Every query then gets one label map, <out>/<name>.png as a palette
 PNG (0 background, i the i-th class; serving/labelmap.py), <out>/classes.json names the ids; with --gt the
@@ -41,6 +45,7 @@ from pipeline.figures import overlay
 
 from .backends import load_backend
 from .threads import share_fairly
+from .labelstudio import brush_results
 from .labelmap import (check_background_threshold, check_classes, color, label_json, label_map, label_overlay,
                        label_png, read_label_map, score_labels)
 from .model_files import BACKENDS, missing_model
@@ -122,7 +127,8 @@ def val_figure(path: Path, worst: list[tuple], n: int = 1) -> None:
 
 def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt: str = "png",
             overlays: bool = True, mask_threshold: float | None = None, progress: bool = True,
-            gt: str | Path | None = None, classes: list[str] | None = None, background_threshold: float = 0.5) -> dict:
+            gt: str | Path | None = None, classes: list[str] | None = None, background_threshold: float = 0.5,
+            image_url: str = "/data/local-files/?d=", ls_names: tuple[str, str] = ("tag", "image")) -> dict:
     """Segment every query against the support set; returns {query name: foreground area}. With ``gt`` (a
     folder of the queries' true masks), also scores them into <out>/val.json and <out>/val.png. With
     ``classes`` (the class of each support, same order), every query gets one label map of those classes
@@ -191,6 +197,10 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
                 worst = sorted(worst + [(q.name, r["iou"], img, mask, truth)], key=lambda w: (w[1], w[0]))[:4]
             if fmt == "png":
                 (tmp / f"{q.stem}.png").write_bytes(label_png(mask, n) if names else png_bytes(mask * 255))
+            elif fmt == "labelstudio":
+                rles.append({"data": {ls_names[1]: image_url + q.as_posix()}, "predictions": [
+                    {"model_version": f"svf-fss ({b.name})", "result": brush_results(mask, names or ["object"],
+                                                                                     *ls_names)}]})
             elif names:
                 rles.append({"file": q.name, **label_json(mask, names, background_threshold)})
             else:
@@ -201,6 +211,8 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
                                                                       else overlay(img, mask)))
         if fmt == "rle":
             (tmp / "masks.json").write_text(json.dumps({"backend": b.name, "masks": rles}, indent=1))
+        if fmt == "labelstudio":
+            (tmp / "labelstudio.json").write_text(json.dumps(rles))
         if names:
             (tmp / "classes.json").write_text(json.dumps({"classes": [{"id": i, "name": c, "color": color(i)}
                                                                       for i, c in enumerate(names, 1)],
@@ -247,7 +259,13 @@ def main(argv=None):
                     "unless some class's foreground probability is above this (default 0.5)")
     ap.add_argument("--query", nargs="+", required=True, help="query images and/or folders of them")
     ap.add_argument("--out", required=True, help="output folder (created)")
-    ap.add_argument("--format", choices=("png", "rle"), default="png", help="masks as PNGs or one COCO RLE JSON")
+    ap.add_argument("--format", choices=("png", "rle", "labelstudio"), default="png",
+                    help="masks as PNGs, one COCO RLE JSON, or labelstudio.json: tasks with brush pre-annotations "
+                    "that Label Studio imports")
+    ap.add_argument("--image-url", default="/data/local-files/?d=", help="with --format labelstudio: each task's "
+                    "image is this prefix + the query's path as given (default: Label Studio's local files)")
+    ap.add_argument("--ls-names", default="tag,image", help="with --format labelstudio: the BrushLabels and Image "
+                    "names of the labelling config (default tag,image, Label Studio's template)")
     ap.add_argument("--no-overlay", action="store_true", help="do not write <name>_overlay.png")
     ap.add_argument("--mask-threshold", type=float, default=None,
                     help="binarise JPEG or anti-aliased masks: object at this fraction of white (0 < t < 1)")
@@ -255,6 +273,8 @@ def main(argv=None):
                     "predictions (IoU, FB-IoU, the worst queries) into <out>/val.json and val.png")
     ap.set_defaults(support_class=[])
     args = ap.parse_args(argv)
+    if len(args.ls_names.split(",")) != 2 or not all(args.ls_names.split(",")):
+        sys.exit(f"error: --ls-names {args.ls_names!r}: give the BrushLabels and the Image names, e.g. tag,image")
     if not args.support:
         ap.error("give at least one --support image with its --mask")
     classes = None
@@ -267,7 +287,8 @@ def main(argv=None):
     try:
         areas = predict(args.model_dir, args.support, args.mask, args.query, args.out, args.backend, args.format,
                         not args.no_overlay, args.mask_threshold, gt=args.gt, classes=classes,
-                        background_threshold=args.background_threshold)
+                        background_threshold=args.background_threshold, image_url=args.image_url,
+                        ls_names=tuple(args.ls_names.split(",")))
     except (UserError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     empty = [k for k, v in areas.items() if not v]

@@ -1215,3 +1215,138 @@ def test_the_page_segments_in_a_real_browser(server, model_dir, episode, tmp_pat
                               (got == c["id"]).astype(np.uint8))
     outside = [u for u in requests if not u.startswith((server.url + "/", "blob:", "data:"))]
     assert not outside and any(u.endswith("/v1/label-map") for u in requests), outside
+
+
+LS_VENV = ROOT / ".venv-labelstudio"
+LS_TOKEN = "svf-fss-tests-token"       # the Makefile's `label-studio init`
+
+
+def _wait_http(url: str, proc, what: str, seconds: float = 90, headers=None):
+    import httpx
+    deadline = time.time() + seconds
+    while True:
+        assert proc.poll() is None, f"{what} exited: " + (proc.stderr.read().decode()[-3000:] if proc.stderr else "")
+        try:
+            if httpx.get(url, timeout=1, headers=headers).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, f"{what} did not answer {url}"
+        time.sleep(0.25)
+
+
+@pytest.mark.skipif(not (LS_VENV / ".installed").exists(),
+                    reason="Label Studio's environment is missing: `make test` makes it (.venv-labelstudio)")
+def test_label_studio_round_trip_with_the_ml_backend(model_dir, episode, tmp_path, monkeypatch):
+    """A real Label Studio on 127.0.0.1: a BrushLabels project, the ML backend connected, one brush annotation per
+    class submitted through the API become the support sets, the other tasks pre-annotated; decoded, the regions are
+    the label maps serving.predict makes from the same examples. `serving.predict --format labelstudio` imports as
+    pre-annotations. Bad input: an annotation without a brush region, an unreadable image URL: named, nothing
+    stored, the backend keeps answering."""
+    import shutil
+    import httpx
+    from serving.labelstudio import brush_mask, rle_encode
+    from serving.predict import predict
+    web = tmp_path / "web"
+    web.mkdir()
+    for i in range(4):
+        shutil.copy(episode[i][0], web / f"img{i}.png")
+    procs = []
+
+    def start(cmd, env=None, cwd=None):
+        procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        return procs[-1]
+    try:
+        files_port, backend_port, ls_port = _free_port(), _free_port(), _free_port()
+        files = f"http://127.0.0.1:{files_port}"
+        p = start([sys.executable, "-m", "http.server", str(files_port), "--bind", "127.0.0.1", "-d", str(web)])
+        _wait_http(files + "/img0.png", p, "the image server")
+        p = start([sys.executable, "-m", "serving.labelstudio", "--model-dir", str(model_dir), "--backend", "onnxruntime",
+                   "--port", str(backend_port), "--store", str(tmp_path / "sets"), "--shots", "1"],
+                  env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), cwd=ROOT)
+        backend = f"http://127.0.0.1:{backend_port}"
+        _wait_http(backend + "/health", p, "the ML backend")
+        data = tmp_path / "ls"
+        shutil.copytree(LS_VENV / "template", data)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "DJANGO"))}
+        env.update(LABEL_STUDIO_BASE_DATA_DIR=str(data), DJANGO_DB="sqlite", SENTRY_DSN="", FRONTEND_SENTRY_DSN="",
+                   COLLECT_ANALYTICS="false", LATEST_VERSION_CHECK="false", ML_BLOCK_LOCAL_IP="false",
+                   SSRF_PROTECTION_ENABLED="false")
+        p = start([str(LS_VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host", "127.0.0.1",
+                   "--port", str(ls_port)], env=env, cwd=tmp_path)
+        ls = f"http://127.0.0.1:{ls_port}"
+        _wait_http(ls + "/version", p, "Label Studio", 120)
+        api = httpx.Client(base_url=ls, headers={"Authorization": f"Token {LS_TOKEN}"}, timeout=60)
+        config = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                  '<Label value="A"/><Label value="B"/></BrushLabels></View>')
+        pid = api.post("/api/projects", json={"title": "few-shot", "label_config": config}).raise_for_status().json()["id"]
+        r = api.post("/api/ml", json={"url": backend, "project": pid, "title": "svf-fss"})
+        assert r.status_code == 201, r.text
+        tasks = [{"image": f"{files}/img{i}.png"} for i in range(4)] + [{"image": f"{files}/missing.png"}]
+        api.post(f"/api/projects/{pid}/import", json=tasks).raise_for_status()
+        ids = {t["data"]["image"].rsplit("/", 1)[1]: t["id"] for t in
+               api.get("/api/tasks", params={"project": pid, "page_size": 100}).raise_for_status().json()["tasks"]}
+
+        def region(label, mask_file):
+            m = np.array(Image.open(mask_file)) == 1
+            return {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": m.shape[1],
+                    "original_height": m.shape[0], "image_rotation": 0,
+                    "value": {"format": "rle", "rle": rle_encode(np.repeat(m.ravel() * np.uint8(255), 4)),
+                              "brushlabels": [label]}}
+        # an annotation without a brush region: answered, nothing stored
+        api.post(f"/api/tasks/{ids['img3.png']}/annotations", json={"result": []}).raise_for_status()
+        assert not list((tmp_path / "sets").glob("**/*.npz"))
+        for name, i in (("A", 1), ("B", 2)):
+            api.post(f"/api/tasks/{ids[f'img{i}.png']}/annotations",
+                     json={"result": [region(name, episode[i][1])]}).raise_for_status()
+        assert len(list((tmp_path / "sets").glob("*/*/*.npz"))) == 2
+        wanted = [ids["img0.png"], ids["img3.png"], ids["missing.png"]]
+        r = api.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                     json={"selectedItems": {"all": False, "included": wanted}})
+        assert r.status_code == 200, r.text
+        out = tmp_path / "direct"
+        predict(model_dir, [str(episode[1][0]), str(episode[2][0])], [str(episode[1][1]), str(episode[2][1])],
+                [str(web / "img0.png"), str(web / "img3.png")], out, "onnxruntime", overlays=False, progress=False,
+                classes=["A", "B"])
+        ca, cb = (int(next(c for c in np.unique(generate_image(i, "val", 60, 7)[1]) if c not in (0, 255))) for i in (1, 2))
+        inter, union = np.zeros(2), np.zeros(2)
+        for name in ("img0.png", "img3.png"):
+            preds = api.get("/api/predictions", params={"task": ids[name]}).raise_for_status().json()
+            assert len(preds) == 1, preds
+            got = np.zeros((60, 60), np.uint8)
+            for reg in preds[0]["result"]:
+                got[brush_mask(reg) == 1] = {"A": 1, "B": 2}[reg["value"]["brushlabels"][0]]
+            want = np.array(Image.open(out / name))
+            assert np.array_equal(got, want), (name, (got != want).sum())
+            lab = generate_image(int(name[3]), "val", 60, 7)[1]
+            for k, c in enumerate((ca, cb)):        # scored against the truth: the same as serving.predict's, pixel for pixel
+                inter[k] += ((got == k + 1) & (lab == c)).sum()
+                union[k] += ((got == k + 1) | (lab == c)).sum()
+        iou = inter / np.maximum(union, 1)
+        print(f"Label Studio round trip: IoU of A, B on the two pre-annotated tasks {np.round(100 * iou, 1).tolist()}")
+        assert union.all() and np.isfinite(iou).all()
+        assert not api.get("/api/predictions", params={"task": ids["missing.png"]}).json() or \
+            all(not p["result"] for p in api.get("/api/predictions", params={"task": ids["missing.png"]}).json())
+        assert httpx.get(backend + "/health").json()["status"] == "UP"
+        # the offline path: serving.predict's task file imported as pre-annotations
+        monkeypatch.chdir(web)
+        predict(model_dir, [str(episode[1][0])], [str(episode[1][1])], ["img0.png"], tmp_path / "lsfile", "onnxruntime",
+                fmt="labelstudio", overlays=False, progress=False, classes=["A"], image_url=files + "/")
+        payload = json.loads((tmp_path / "lsfile" / "labelstudio.json").read_text())
+        pid2 = api.post("/api/projects", json={"title": "offline", "label_config": config}).json()["id"]
+        r = api.post(f"/api/projects/{pid2}/import", json=payload).raise_for_status().json()
+        assert r["task_count"] == 1 and r["prediction_count"] == 1
+        task = api.get("/api/tasks", params={"project": pid2}).json()["tasks"][0]
+        assert task["data"]["image"] == files + "/img0.png"
+        reg = api.get("/api/predictions", params={"task": task["id"]}).json()[0]["result"][0]
+        predict(model_dir, [str(episode[1][0])], [str(episode[1][1])], ["img0.png"], tmp_path / "png", "onnxruntime",
+                overlays=False, progress=False, classes=["A"])
+        assert np.array_equal(brush_mask(reg), np.array(Image.open(tmp_path / "png" / "img0.png")))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
