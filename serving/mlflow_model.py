@@ -1,6 +1,6 @@
 """The registered model as an MLflow pyfunc: images in, masks out, so that
 
-    mlflow models serve -m "models:/svf-fss-pfenet@fold0-1shot" --env-manager local -p 5001
+    mlflow models serve -m "models:/svf-fss-pfenet@synthetic-fold0-1shot-pfenet-svf" --env-manager local -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d @request.json
 
 answers like the service's /v1/segment. One row per query: ``query`` (the image's bytes, base64: PNG, JPEG,

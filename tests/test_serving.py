@@ -23,6 +23,8 @@ SIZE = 48
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    if os.environ.get("SVF_FSS_MODEL_DIR"):   # a trained model instead, for docs/annotate.md's figures (only the
+        return Path(os.environ["SVF_FSS_MODEL_DIR"])   # page, Label Studio and MLflow tests are size-free)
     from export.onnx_export import export_split
     from conftest import small_merged_model
     from pipeline import adapter as adapter_io
@@ -1237,7 +1239,7 @@ def _wait_http(url: str, proc, what: str, seconds: float = 90, headers=None):
 
 @pytest.mark.skipif(not (LS_VENV / ".installed").exists(),
                     reason="Label Studio's environment is missing: `make test` makes it (.venv-labelstudio)")
-def test_label_studio_round_trip_with_the_ml_backend(model_dir, episode, tmp_path, monkeypatch):
+def test_label_studio_round_trip_with_the_ml_backend(model_dir, tmp_path, monkeypatch):
     """A real Label Studio on 127.0.0.1: a BrushLabels project, the ML backend connected, one brush annotation per
     class submitted through the API become the support sets, the other tasks pre-annotated; decoded, the regions are
     the label maps serving.predict makes from the same examples. `serving.predict --format labelstudio` imports as
@@ -1249,8 +1251,18 @@ def test_label_studio_round_trip_with_the_ml_backend(model_dir, episode, tmp_pat
     from serving.predict import predict
     web = tmp_path / "web"
     web.mkdir()
-    for i in range(4):
-        shutil.copy(episode[i][0], web / f"img{i}.png")
+    A, B = 4, 13          # two classes of the generated val images: annotated on img3 and img7, predicted on the others
+    truth, masks = {}, {}
+    for i in (0, 3, 4, 7, 8, 10):
+        img, lab = generate_image(i, "val", 60, 7)
+        Image.fromarray(img).save(web / f"img{i}.png")
+        truth[f"img{i}.png"] = np.where(lab == A, 1, np.where(lab == B, 2, 0))
+        for c in (A, B):
+            m = np.where(lab == c, 1, 0).astype(np.uint8)
+            m[lab == 255] = 255
+            Image.fromarray(m).save(tmp_path / f"img{i}_{c}.png")
+    supports = [(web / "img3.png", tmp_path / f"img3_{A}.png"), (web / "img7.png", tmp_path / f"img7_{B}.png")]
+    queries = ["img0.png", "img4.png", "img8.png", "img10.png"]
     procs = []
 
     def start(cmd, env=None, cwd=None):
@@ -1282,7 +1294,7 @@ def test_label_studio_round_trip_with_the_ml_backend(model_dir, episode, tmp_pat
         pid = api.post("/api/projects", json={"title": "few-shot", "label_config": config}).raise_for_status().json()["id"]
         r = api.post("/api/ml", json={"url": backend, "project": pid, "title": "svf-fss"})
         assert r.status_code == 201, r.text
-        tasks = [{"image": f"{files}/img{i}.png"} for i in range(4)] + [{"image": f"{files}/missing.png"}]
+        tasks = [{"image": f"{files}/{n}"} for n in sorted(truth)] + [{"image": f"{files}/missing.png"}]
         api.post(f"/api/projects/{pid}/import", json=tasks).raise_for_status()
         ids = {t["data"]["image"].rsplit("/", 1)[1]: t["id"] for t in
                api.get("/api/tasks", params={"project": pid, "page_size": 100}).raise_for_status().json()["tasks"]}
@@ -1296,21 +1308,18 @@ def test_label_studio_round_trip_with_the_ml_backend(model_dir, episode, tmp_pat
         # an annotation without a brush region: answered, nothing stored
         api.post(f"/api/tasks/{ids['img3.png']}/annotations", json={"result": []}).raise_for_status()
         assert not list((tmp_path / "sets").glob("**/*.npz"))
-        for name, i in (("A", 1), ("B", 2)):
-            api.post(f"/api/tasks/{ids[f'img{i}.png']}/annotations",
-                     json={"result": [region(name, episode[i][1])]}).raise_for_status()
+        for name, (image, mask) in zip("AB", supports):
+            api.post(f"/api/tasks/{ids[image.name]}/annotations", json={"result": [region(name, mask)]}).raise_for_status()
         assert len(list((tmp_path / "sets").glob("*/*/*.npz"))) == 2
-        wanted = [ids["img0.png"], ids["img3.png"], ids["missing.png"]]
+        wanted = [ids[q] for q in queries] + [ids["missing.png"]]
         r = api.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
                      json={"selectedItems": {"all": False, "included": wanted}})
         assert r.status_code == 200, r.text
         out = tmp_path / "direct"
-        predict(model_dir, [str(episode[1][0]), str(episode[2][0])], [str(episode[1][1]), str(episode[2][1])],
-                [str(web / "img0.png"), str(web / "img3.png")], out, "onnxruntime", overlays=False, progress=False,
-                classes=["A", "B"])
-        ca, cb = (int(next(c for c in np.unique(generate_image(i, "val", 60, 7)[1]) if c not in (0, 255))) for i in (1, 2))
+        predict(model_dir, [str(s) for s, _ in supports], [str(m) for _, m in supports], [str(web / q) for q in queries],
+                out, "onnxruntime", overlays=False, progress=False, classes=["A", "B"])
         inter, union = np.zeros(2), np.zeros(2)
-        for name in ("img0.png", "img3.png"):
+        for name in queries:
             preds = api.get("/api/predictions", params={"task": ids[name]}).raise_for_status().json()
             assert len(preds) == 1, preds
             got = np.zeros((60, 60), np.uint8)
@@ -1318,19 +1327,19 @@ def test_label_studio_round_trip_with_the_ml_backend(model_dir, episode, tmp_pat
                 got[brush_mask(reg) == 1] = {"A": 1, "B": 2}[reg["value"]["brushlabels"][0]]
             want = np.array(Image.open(out / name))
             assert np.array_equal(got, want), (name, (got != want).sum())
-            lab = generate_image(int(name[3]), "val", 60, 7)[1]
-            for k, c in enumerate((ca, cb)):        # scored against the truth: the same as serving.predict's, pixel for pixel
-                inter[k] += ((got == k + 1) & (lab == c)).sum()
-                union[k] += ((got == k + 1) | (lab == c)).sum()
+            for k in (1, 2):        # scored against the truth: the same as serving.predict's, pixel for pixel
+                inter[k - 1] += ((got == k) & (truth[name] == k)).sum()
+                union[k - 1] += ((got == k) | (truth[name] == k)).sum()
         iou = inter / np.maximum(union, 1)
-        print(f"Label Studio round trip: IoU of A, B on the two pre-annotated tasks {np.round(100 * iou, 1).tolist()}")
+        print(f"Label Studio round trip: IoU of A, B over the {len(queries)} pre-annotated tasks "
+              f"{np.round(100 * iou, 1).tolist()}")
         assert union.all() and np.isfinite(iou).all()
         assert not api.get("/api/predictions", params={"task": ids["missing.png"]}).json() or \
             all(not p["result"] for p in api.get("/api/predictions", params={"task": ids["missing.png"]}).json())
         assert httpx.get(backend + "/health").json()["status"] == "UP"
         # the offline path: serving.predict's task file imported as pre-annotations
         monkeypatch.chdir(web)
-        predict(model_dir, [str(episode[1][0])], [str(episode[1][1])], ["img0.png"], tmp_path / "lsfile", "onnxruntime",
+        predict(model_dir, [str(supports[0][0])], [str(supports[0][1])], ["img0.png"], tmp_path / "lsfile", "onnxruntime",
                 fmt="labelstudio", overlays=False, progress=False, classes=["A"], image_url=files + "/")
         payload = json.loads((tmp_path / "lsfile" / "labelstudio.json").read_text())
         pid2 = api.post("/api/projects", json={"title": "offline", "label_config": config}).json()["id"]
@@ -1339,7 +1348,7 @@ def test_label_studio_round_trip_with_the_ml_backend(model_dir, episode, tmp_pat
         task = api.get("/api/tasks", params={"project": pid2}).json()["tasks"][0]
         assert task["data"]["image"] == files + "/img0.png"
         reg = api.get("/api/predictions", params={"task": task["id"]}).json()[0]["result"][0]
-        predict(model_dir, [str(episode[1][0])], [str(episode[1][1])], ["img0.png"], tmp_path / "png", "onnxruntime",
+        predict(model_dir, [str(supports[0][0])], [str(supports[0][1])], ["img0.png"], tmp_path / "png", "onnxruntime",
                 overlays=False, progress=False, classes=["A"])
         assert np.array_equal(brush_mask(reg), np.array(Image.open(tmp_path / "png" / "img0.png")))
     finally:
