@@ -82,6 +82,7 @@ def main():
                      cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()], workers=args.workers or DEFAULT_WORKERS,
                      store=None if args.store == "none" else args.store, max_sets=args.max_sets,
                      max_set_bytes=int(args.max_set_mb * 1024 * 1024))
+    log.info("the page: http://%s:%d/ui", args.host if ":" not in args.host else f"[{args.host}]", args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
                 timeout_keep_alive=args.keep_alive, limit_concurrency=args.max_connections,
                 http=guarded_protocol(args.max_connections, args.header_timeout))

@@ -12,8 +12,10 @@ answer row: ``mask`` (a base64 PNG, 0 background / 255 object at the query's res
 is a 400 naming the row and what is wrong.
 
 The model's files are the export's two ONNX graphs (support encoder, query decoder) run by ONNX Runtime;
-the code travels with the model (serving/, pipeline/, export/), so any environment with the project's
-requirements serves it.
+the serving code it runs travels with the model (``SERVING_FILES``); its preprocessing (pipeline/) and the
+ONNX session (export/) come from the svf-fss package of the environment that serves it (`--env-manager
+local` in the project's .venv). Carrying those too re-imported them when MLflow checked the input example
+at logging: 9.2 instead of 4.4 s per export on 2 cores.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 4096 * 4096
+# the part of serving/ the model runs (the export stage depends on exactly these, dvc.yaml)
+SERVING_FILES = ("__init__.py", "mlflow_model.py", "backends.py", "inputs.py", "model_files.py", "store.py")
 
 
 def _b64(text, what: str) -> bytes:
@@ -132,12 +136,15 @@ def log_pyfunc(model_dir: Path, registered_name: str | None, pip_requirements: l
     import pandas as pd
     stage = Path(tempfile.mkdtemp(prefix="svf-pyfunc-"))
     try:
+        (stage / "model").mkdir()
+        (stage / "serving").mkdir()
         for f in ("support_encoder.onnx", "query_decoder.onnx"):
-            shutil.copy2(model_dir / f, stage / f)
+            shutil.copy2(model_dir / f, stage / "model" / f)
+        for f in SERVING_FILES:
+            shutil.copy2(ROOT / "serving" / f, stage / "serving" / f)
         return mlflow.pyfunc.log_model(
-            name="model", python_model=FewShotSegmenter(), artifacts={"model_dir": str(stage)},
-            code_paths=[str(ROOT / "serving"), str(ROOT / "pipeline"), str(ROOT / "export")],
-            signature=signature(), input_example=pd.DataFrame(example(2 * size)),
+            name="model", python_model=FewShotSegmenter(), artifacts={"model_dir": str(stage / "model")},
+            code_paths=[str(stage / "serving")], signature=signature(), input_example=pd.DataFrame(example(2 * size)),
             pip_requirements=pip_requirements, registered_model_name=registered_name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -37,6 +37,7 @@ def pytest_configure(config):
                                        "(left out by `make test-fast`)")
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the groups (its worker plugin registers after this file)
 def pytest_collection_modifyitems(config, items):
     """Mark the slow tier; keep the tests that share one of their module's fixtures on one xdist worker (the
     fixture is built once); start with the modules whose tests take longest. Order inside a module is kept."""
@@ -49,6 +50,11 @@ def pytest_collection_modifyitems(config, items):
                   if d and d[-1].scope == "module" and d[-1].baseid.endswith(f"{module}.py")]
         if shared and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(module))
+            if getattr(config.option, "loadgroup", False) and "@" not in item.nodeid:
+                # pytest 9.2 reads a node's id from _id, where xdist 3.8 still writes _nodeid: name the group
+                # in the id as xdist means to, or the module's tests (and their fixture) spread over workers
+                from _pytest.nodeid import NodeId
+                item._id = NodeId.parse(f"{item.nodeid}@{module}")
     rank = {m: i for i, m in enumerate(FIRST)}
     items.sort(key=lambda it: (rank.get(it.module.__name__, len(FIRST)), it.originalname not in LONGEST))
 

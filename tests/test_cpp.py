@@ -210,8 +210,9 @@ def test_cpp_uses_the_cores_others_leave_free(program, model_dir, episodes, tmp_
     """--threads auto (the default): with every core kept busy by other processes the program runs on one
     thread (LibTorch's default of one busy-waiting thread per core collapsed there, benchmarks/contention.py);
     --threads N is obeyed as given."""
-    s, m = episodes[0]
-    queries = [episodes[i][0] for i in (1, 2, 3)]
+    files, _ = episodes
+    s, m = files[0]
+    queries = [files[i][0] for i in (1, 2, 3)]
     cores = len(os.sched_getaffinity(0))
     spin = "import time\nt = time.time()\nwhile time.time() - t < 120: pass\n"
     busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cores + 1)]
