@@ -212,10 +212,22 @@ class Batcher:
                         if not p.future.done():
                             p.future.set_result(out[i:i + 1])
                 except Exception as e:    # a backend failure answers those requests, the loop goes on
-                    log.exception("batch failed")
+                    if len(live) == 1:
+                        log.exception("batch failed")
+                        if not live[0].future.done():
+                            live[0].future.set_exception(e)
+                        continue
+                    # one request's set may be what failed: each alone, so that only its own request fails
+                    log.warning("a batch of %d failed (%s); running its requests one by one", len(live), e)
                     for p in live:
-                        if not p.future.done():
-                            p.future.set_exception(e)
+                        try:
+                            out = await loop.run_in_executor(None, self._decode, [p.query], [p.feats])
+                            if not p.future.done():
+                                p.future.set_result(out)
+                        except Exception as one:
+                            log.exception("request failed")
+                            if not p.future.done():
+                                p.future.set_exception(one)
 
 
 class Measured:

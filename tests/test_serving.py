@@ -167,6 +167,33 @@ def test_the_batcher_sends_waiting_queries_at_once_and_holds_only_a_fresh_one():
     assert 0.28 < t_rest < 2 and 0.28 < t_lone < 2, (t_rest, t_lone)
 
 
+def test_a_request_that_breaks_its_batch_fails_alone(model_dir):
+    """A set whose features the backend refuses (float64 here) co-batched with healthy ones: the batch fails, its
+    requests rerun one by one, the healthy ones answer as if alone and only the bad one fails."""
+    import asyncio
+    from prometheus_client import Histogram, CollectorRegistry
+    from serving.app import Batcher, Limits
+    from serving.backends import load_backend
+    b = load_backend(model_dir, "onnxruntime")
+    g = np.random.default_rng(1)
+    good = b.encode(g.standard_normal((1, 1, 3, SIZE, SIZE)).astype(np.float32), np.ones((1, 1, SIZE, SIZE), np.float32))
+    bad = tuple(f.astype(np.float64) for f in good)
+    q = g.standard_normal((3, 1, 3, SIZE, SIZE)).astype(np.float32)
+
+    async def run():
+        bt = Batcher(b, Limits(batch_window_ms=50), Histogram("h", "h", registry=CollectorRegistry()))
+        bt.start()
+        try:
+            return await asyncio.gather(bt.decode(q[0], good), bt.decode(q[1], bad), bt.decode(q[2], good),
+                                        return_exceptions=True)
+        finally:
+            await bt.stop()
+    first, broken, third = asyncio.run(run())
+    assert isinstance(broken, Exception) and not isinstance(first, Exception) and not isinstance(third, Exception)
+    np.testing.assert_allclose(first, b.decode(q[0], good), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(third, b.decode(q[2], good), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["torch", "onnxruntime"])
 def test_a_set_shared_by_a_batch_decodes_as_if_stacked(model_dir, name):
     """The batcher passes a registered set's features once for all its queries; decode broadcasts them."""
