@@ -281,6 +281,15 @@ def create_app(model_dir: str | Path, backend: str = "auto", store: str | Path |
             raise UserError(f"cannot read image {url[:200]}: {e}") from e
         return read_image(data, f"image {url[:200]}", MAX_PIXELS)
 
+    async def body_of(request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise UserError(f"the request body is not JSON ({e})") from e
+        if not isinstance(body, dict):
+            raise UserError("the request body is not a JSON object")
+        return body
+
     @app.exception_handler(UserError)
     async def _user_error(_request, exc: UserError):
         log.warning("%s", exc)
@@ -293,7 +302,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", store: str | Path |
 
     @app.post("/setup")
     async def setup(request: Request):
-        body = await request.json()
+        body = await body_of(request)
         project = project_id(body.get("project", ""))
         hosts[project] = (body.get("hostname"), body.get("access_token"))
         Config(body.get("schema", ""))     # refuse a config this backend cannot serve, with its reason
@@ -301,7 +310,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", store: str | Path |
 
     @app.post("/webhook")
     async def webhook(request: Request):
-        body = await request.json()
+        body = await body_of(request)
         action = body.get("action")
         if action not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"):
             return {"status": "ignored", "reason": f"event {action} does not change a support set"}
@@ -337,7 +346,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", store: str | Path |
 
     @app.post("/predict")
     async def predict(request: Request):
-        body = await request.json()
+        body = await body_of(request)
         pid = project_id(body.get("project", ""))
         cfg = Config(body.get("label_config", ""))
         names, why = examples.ready(pid, cfg.labels)

@@ -1,8 +1,9 @@
 // The AOTInductor package (model.pt2) of the export stage, through LibTorch's package loader.
 #include <stdexcept>
 
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
-#include <torch/torch.h>
 
 #include "svf_fss/svf_fss.h"
 
@@ -18,20 +19,20 @@ class AotiBackend : public Backend {
       throw std::runtime_error(package + " carries no svf_fss.input_size: it was not written by the export stage");
     size = std::stoi(it->second);
     auto dev = meta.find("AOTI_DEVICE_KEY");
-    device_ = dev != meta.end() && dev->second == "cuda" ? torch::kCUDA : torch::kCPU;
+    device_ = dev != meta.end() && dev->second == "cuda" ? at::kCUDA : at::kCPU;
   }
   at::Tensor run(const at::Tensor& query, const at::Tensor& support, const at::Tensor& support_mask) override {
     c10::InferenceMode guard;
     // the compiled code reads its inputs as contiguous whatever their strides (export/aoti.py)
     auto out = loader_.run({query.to(device_).contiguous(), support.to(device_).contiguous(),
                             support_mask.to(device_).contiguous()});
-    return out.at(0).to(torch::kCPU);
+    return out.at(0).to(at::kCPU);
   }
-  std::string name() const override { return device_ == torch::kCUDA ? "aoti (cuda)" : "aoti (cpu)"; }
+  std::string name() const override { return device_ == at::kCUDA ? "aoti (cuda)" : "aoti (cpu)"; }
 
  private:
   torch::inductor::AOTIModelPackageLoader loader_;
-  torch::DeviceType device_;
+  at::DeviceType device_;
 };
 
 }  // namespace

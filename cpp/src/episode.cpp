@@ -2,23 +2,20 @@
 #include <cmath>
 #include <stdexcept>
 
+#include <ATen/ATen.h>
 #include <ATen/Version.h>
-#include <torch/nn/functional/vision.h>
-#include <torch/torch.h>
 
 #include "svf_fss/svf_fss.h"
 
 namespace svf_fss {
 namespace {
 
-namespace F = torch::nn::functional;
 const double MEAN[3] = {0.485, 0.456, 0.406}, STD[3] = {0.229, 0.224, 0.225};
 constexpr int IGNORE = 255;
 
 // [1,C,h,w] uint8 with the strides torchvision sees: a numpy HWC array permuted to CHW (channels last)
 at::Tensor planar(const Image& img) {
-  auto hwc = torch::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, img.channels},
-                              torch::kUInt8);
+  auto hwc = at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, img.channels}, at::kByte);
   return hwc.permute({2, 0, 1}).unsqueeze(0);
 }
 
@@ -28,15 +25,15 @@ at::Tensor resize_image(at::Tensor x, int nh, int nw) {
   if (x.size(2) == nh && x.size(3) == nw) return x;
   auto cap = at::get_cpu_capability();
   bool native = cap == "AVX2" || cap == "AVX512";
-  auto opts = F::InterpolateFuncOptions().size(std::vector<int64_t>{nh, nw}).mode(torch::kBilinear)
-                  .align_corners(false).antialias(true);
-  if (native) return F::interpolate(x, opts);
-  return F::interpolate(x.to(torch::kFloat32), opts).round_().to(torch::kUInt8);
+  // F.interpolate(mode="bilinear", antialias=True, align_corners=False) with a size is this kernel; ATen's
+  // operators directly, not LibTorch's C++ frontend (whose headers tripled this file's compile time)
+  if (native) return at::_upsample_bilinear2d_aa(x, {nh, nw}, false);
+  return at::_upsample_bilinear2d_aa(x.to(at::kFloat), {nh, nw}, false).round_().to(at::kByte);
 }
 
 at::Tensor resize_mask(at::Tensor m, int nh, int nw) {
   if (m.size(2) == nh && m.size(3) == nw) return m;
-  return F::interpolate(m, F::InterpolateFuncOptions().size(std::vector<int64_t>{nh, nw}).mode(torch::kNearest));
+  return at::upsample_nearest2d(m, {nh, nw});
 }
 
 struct Transformed {
@@ -49,16 +46,16 @@ Transformed eval_transform(const Image& img, const Image* mask, int size) {
   double s = double(size) / std::max(img.height, img.width);
   int nh = std::max<int>(1, int(std::nearbyint(img.height * s))), nw = std::max<int>(1, int(std::nearbyint(img.width * s)));
   auto x = resize_image(planar(img), nh, nw)[0];
-  auto padded = torch::empty({3, size, size}, torch::kUInt8);
+  auto padded = at::empty({3, size, size}, at::kByte);
   for (int c = 0; c < 3; ++c) padded[c].fill_(int(std::nearbyint(MEAN[c] * 255)));
   padded.slice(1, 0, nh).slice(2, 0, nw).copy_(x);
-  auto mean = torch::tensor({MEAN[0], MEAN[1], MEAN[2]}, torch::kFloat32).view({3, 1, 1});
-  auto std = torch::tensor({STD[0], STD[1], STD[2]}, torch::kFloat32).view({3, 1, 1});
-  auto image = (padded.to(torch::kFloat32) / 255.0).sub_(mean).div_(std);
+  auto mean = at::tensor(std::vector<float>{float(MEAN[0]), float(MEAN[1]), float(MEAN[2])}).view({3, 1, 1});
+  auto std = at::tensor(std::vector<float>{float(STD[0]), float(STD[1]), float(STD[2])}).view({3, 1, 1});
+  auto image = (padded.to(at::kFloat) / 255.0).sub_(mean).div_(std);
   at::Tensor m;
   if (mask) {
     auto small = resize_mask(planar(*mask), nh, nw)[0][0];
-    m = torch::full({size, size}, IGNORE, torch::kUInt8);
+    m = at::full({size, size}, IGNORE, at::kByte);
     m.slice(0, 0, nh).slice(1, 0, nw).copy_(small);
   }
   return {image, m, nh, nw};
@@ -80,23 +77,22 @@ Episode make_episode(const Image& query, const std::vector<Image>& supports, con
                                std::to_string(supports[i].width) + "x" + std::to_string(supports[i].height));
     auto t = eval_transform(supports[i], &masks[i], size);
     xs.push_back(t.image);
-    ms.push_back((t.mask == 1).to(torch::kFloat32));
+    ms.push_back((t.mask == 1).to(at::kFloat));
   }
   auto q = eval_transform(query, nullptr, size);
   Episode e;
   e.query = q.image.unsqueeze(0).contiguous();
-  e.support = torch::stack(xs).unsqueeze(0).contiguous();
-  e.support_mask = torch::stack(ms).unsqueeze(0).contiguous();
+  e.support = at::stack(xs).unsqueeze(0).contiguous();
+  e.support_mask = at::stack(ms).unsqueeze(0).contiguous();
   e.valid_h = q.nh, e.valid_w = q.nw, e.height = query.height, e.width = query.width;
   return e;
 }
 
 // pipeline/evaluate.py predict_original
 at::Tensor mask_of(const at::Tensor& logits, const Episode& e) {
-  auto crop = logits.slice(1, 0, e.valid_h).slice(2, 0, e.valid_w).unsqueeze(0).to(torch::kFloat32);
-  auto up = F::interpolate(crop, F::InterpolateFuncOptions().size(std::vector<int64_t>{e.height, e.width})
-                                     .mode(torch::kBilinear).align_corners(true));
-  return (up[0][1] > up[0][0]).to(torch::kUInt8).contiguous();   // argmax of 2 channels, ties to 0
+  auto crop = logits.slice(1, 0, e.valid_h).slice(2, 0, e.valid_w).unsqueeze(0).to(at::kFloat);
+  auto up = at::upsample_bilinear2d(crop, {e.height, e.width}, true);
+  return (up[0][1] > up[0][0]).to(at::kByte).contiguous();   // argmax of 2 channels, ties to 0
 }
 
 }  // namespace svf_fss

@@ -13,7 +13,7 @@
 #include <jpeglib.h>
 #endif
 
-#include "svf_fss/svf_fss.h"
+#include "svf_fss/image.h"
 
 namespace svf_fss {
 namespace {

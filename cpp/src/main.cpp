@@ -21,7 +21,9 @@
 
 #include <unistd.h>
 
-#include <torch/torch.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include "svf_fss/svf_fss.h"
 

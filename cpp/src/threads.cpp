@@ -14,7 +14,7 @@
 #include <sstream>
 #include <string>
 
-#include "svf_fss/svf_fss.h"
+#include "svf_fss/threads.h"
 
 namespace svf_fss {
 namespace {

@@ -15,22 +15,10 @@
 
 #include <ATen/ATen.h>
 
+#include "svf_fss/image.h"
+#include "svf_fss/threads.h"
+
 namespace svf_fss {
-
-// An 8-bit image, rows of w * channels bytes.
-struct Image {
-  int height = 0, width = 0, channels = 0;
-  std::vector<uint8_t> pixels;
-};
-
-// RGB from a PNG (8/16-bit, grey, palette, with or without alpha) or, where built with libjpeg, a JPEG.
-// Unlike Python (Pillow) it applies no EXIF orientation.
-Image read_image(const std::string& path);
-// A support mask as Python reads it (serving/inputs.py read_mask): 1 object, 0 background, 255 ignore,
-// from 0/1(/255) or 0/255 values, the alpha channel where it is not fully opaque; other values are
-// refused unless threshold (0 < t < 1) binarises them. Throws std::runtime_error naming the file.
-Image read_mask(const std::string& path, double threshold = -1);
-void write_png(const std::string& path, const Image& image);
 
 struct Episode {
   at::Tensor query;         // [1,3,S,S] float32
@@ -59,8 +47,5 @@ std::unique_ptr<Backend> load_aoti(const std::string& package);
 std::unique_ptr<Backend> load_tensorrt(const std::string& engine, int size);
 bool has_tensorrt();
 
-// The threads a model call may use now: the cores this process may run on less those other processes keep
-// busy (cpp/src/threads.cpp), at least 1. LibTorch's default (every core) collapses on a busy machine.
-int fair_threads();
 
 }  // namespace svf_fss
