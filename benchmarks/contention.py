@@ -13,7 +13,7 @@ small convolutions on all cores with its own OpenMP threads ("torch"), twice as 
   passive   OMP_WAIT_POLICY=PASSIVE (threads sleep at once at a barrier)
   spin10k   GOMP_SPINCOUNT=10000 (spin about 10 us at a barrier, then sleep); spin100k likewise
 The package is models/<...>/aoti/model.pt2 when `make cpp` made one, else a random model of params.yaml's
-defaults exported once into /tmp/svf-contention (timing does not depend on the weights). Prints seconds per
+defaults exported once into svf-contention/ in the temporary folder (timing does not depend on the weights). Prints seconds per
 run and each setting's ratio to its idle time.
 """
 from __future__ import annotations

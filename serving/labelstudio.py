@@ -18,8 +18,8 @@ labelstudio`` writes the same regions into a task file Label Studio imports as p
 """
 
 import argparse
+import asyncio
 import hashlib
-import io
 import json
 import logging
 import os
@@ -118,7 +118,7 @@ def brush_results(labels: np.ndarray, names: list[str], from_name: str, to_name:
     for i, name in enumerate(names, 1):
         m = labels == i
         if m.any():
-            out.append({"id": hashlib.sha1(f"{name}".encode()).hexdigest()[:10], "from_name": from_name,
+            out.append({"id": hashlib.sha1(name.encode()).hexdigest()[:10], "from_name": from_name,
                         "to_name": to_name, "type": "brushlabels", "original_width": w, "original_height": h,
                         "image_rotation": 0, "value": {"format": "rle", "brushlabels": [name],
                                                        "rle": rle_encode(np.repeat(m.ravel() * np.uint8(255), 4))}})
@@ -375,7 +375,6 @@ def create_app(model_dir: str | Path, backend: str = "auto", store: str | Path |
         return label_map(logits, valid, img.shape[:2], threshold)
 
     async def _off(fn, *args):
-        import asyncio
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     app.state.examples = examples

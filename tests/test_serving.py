@@ -1134,16 +1134,7 @@ def test_the_registered_pyfunc_serves_masks_with_mlflow_models_serve(model_dir, 
                              str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            try:
-                if httpx.get(url + "/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "mlflow models serve did not answer /ping"
-            time.sleep(0.3)
+        _wait_http(url + "/ping", proc, "mlflow models serve", 120)
         print(f"served after {time.perf_counter() - t0:.1f} s")
 
         def b64(p):
