@@ -20,7 +20,7 @@ logging.getLogger("pipeline.models.backbone").setLevel(logging.ERROR)
 # The suite's two tiers. `make test` runs everything on every core (pytest-xdist); `make test-fast` leaves
 # out the tests marked slow: those that run DVC, start a server, build the C++ program, train, or export
 # through the dynamo exporter (the inner loop's unit tier, about a minute).
-SLOW_MODULES = {"test_pipeline", "test_cpp", "test_serving", "test_cuda"}
+SLOW_MODULES = {"test_pipeline", "test_cpp", "test_serving", "test_labelstudio", "test_cuda"}
 SLOW_TESTS = {"test_presets.py::test_every_preset_parses_and_dvc_repro_dry_lists_every_stage",
               "test_presets.py::test_a_bad_preset_is_named_and_params_yaml_is_kept",
               "test_presets.py::test_a_preset_runs_end_to_end_on_a_miniature",
@@ -28,7 +28,7 @@ SLOW_TESTS = {"test_presets.py::test_every_preset_parses_and_dvc_repro_dry_lists
               "test_bam.py::test_merge_and_onnx_parity",
               "test_export.py::test_onnx_parity_one_and_five_shots_and_metadata"}
 # Modules first that hold the longest tests, so that no worker starts one of them last.
-FIRST = ("test_pipeline", "test_presets", "test_cpp", "test_bam", "test_export", "test_serving")
+FIRST = ("test_pipeline", "test_presets", "test_cpp", "test_bam", "test_export", "test_serving", "test_labelstudio")
 LONGEST = ("test_dvc_repro_end_to_end_with_mlflow", "test_a_preset_runs_end_to_end_on_a_miniature")
 
 

@@ -1,0 +1,262 @@
+"""The ML backend's HTTP API, as Label Studio calls it: /health, /setup, /predict, /webhook.
+
+Each body is checked against the form Label Studio sends (``Setup``, ``Predict``, ``Webhook``: integer
+project and annotation ids, string labels, brush regions with their RLE); anything else is a 400 naming the
+field, never a 500. JSON is parsed, configs read, regions decoded and images fetched off the event loop
+(fetches in a pool of their own, so a slow image server cannot hold up the model), and /health answers
+while they run. Who may call: ``serving/guard.py`` in front (Host allow-list, body limit, body deadline),
+optional basic auth as Label Studio's connection form sends it, and ``application/json`` bodies only (a
+web page cannot send one to another origin without a CORS preflight, which this backend never grants).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError
+
+from ..inputs import UserError, query_tensor, support_tensors
+from ..labelmap import MAX_CLASSES, label_map
+from .brush import brush_mask, brush_results
+from .examples import Examples
+from .images import ImageSource
+
+log = logging.getLogger("serving.labelstudio")
+MAX_LABEL = 256                                  # characters of a label's name
+Id = Annotated[StrictInt, Field(ge=0, le=2**53)]
+Label = Annotated[StrictStr, Field(min_length=1, max_length=MAX_LABEL)]
+PROJECT = re.compile(r"(\d{1,15})(\.\d{1,20})?")   # /setup and /predict: "<id>.<created at>" or the id
+
+
+# ------------------------------------------------------------------ what Label Studio sends
+class Task(BaseModel):
+    id: Id | None = None
+    data: dict[str, Any] = {}
+
+
+class Setup(BaseModel):
+    project: StrictStr | StrictInt
+    schema_: StrictStr = Field("", alias="schema")
+    hostname: StrictStr | None = None
+    access_token: StrictStr | None = None
+
+
+class Predict(BaseModel):
+    project: StrictStr | StrictInt = ""
+    label_config: StrictStr
+    tasks: list[Task] = Field(default=[], max_length=1000)
+
+
+class BrushValue(BaseModel):
+    format: StrictStr
+    rle: list[StrictInt]
+    brushlabels: list[Label] = Field(min_length=1, max_length=MAX_CLASSES)
+
+
+class BrushRegion(BaseModel):
+    original_width: Annotated[StrictInt, Field(gt=0)]
+    original_height: Annotated[StrictInt, Field(gt=0)]
+    value: BrushValue
+
+
+class WebhookProject(BaseModel):
+    id: Id
+    label_config: StrictStr = ""
+
+
+class Annotation(BaseModel):
+    id: Id
+    result: list[dict[str, Any]] = []
+
+
+class Webhook(BaseModel):
+    action: StrictStr
+    project: WebhookProject
+    annotation: Annotation
+    task: Task | None = None
+
+
+def parsed(model: type[BaseModel], body: Any, what: str):
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        fields = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+        raise UserError(f"{what} is not what Label Studio sends ({fields})") from None
+
+
+def project_id(p: str | int) -> int:
+    m = PROJECT.fullmatch(str(p))
+    if not m:
+        raise UserError(f"project {str(p)[:40]!r} is not a Label Studio project id")
+    return int(m.group(1))
+
+
+# ------------------------------------------------------------------ the labelling config
+class Config:
+    """What the backend needs of a project's labelling config: the BrushLabels control, its image and labels."""
+
+    def __init__(self, xml: str):
+        try:
+            root = ET.fromstring(xml or "")
+        except ET.ParseError as e:
+            raise UserError(f"the labelling config is not XML ({e})") from e
+        brush = next((t for t in root.iter() if t.tag == "BrushLabels"), None)
+        if brush is None:
+            raise UserError("the labelling config has no <BrushLabels>: this backend paints brush regions")
+        self.from_name, self.to_name = brush.get("name"), brush.get("toName")
+        image = next((t for t in root.iter() if t.tag == "Image" and t.get("name") == self.to_name), None)
+        if image is None or not (image.get("value") or "").startswith("$"):
+            raise UserError(f"the labelling config has no <Image name={self.to_name!r} value=\"$...\">")
+        self.data_key = image.get("value")[1:]
+        self.labels = [t.get("value") or "" for t in brush if t.tag == "Label"]
+        bad = [n for n in self.labels if not 0 < len(n) <= MAX_LABEL]
+        if bad:
+            raise UserError(f"the labelling config has a label of {len(bad[0])} characters; 1 to {MAX_LABEL} are taken")
+        dup = sorted(n for n, c in Counter(self.labels).items() if c > 1)
+        if dup:
+            raise UserError(f"the labelling config names the label(s) {dup[:10]} twice")
+
+
+# ------------------------------------------------------------------ the routes
+class Backend:
+    """The state the routes share: the model, the examples, where images come from, the pools."""
+
+    def __init__(self, model, examples: Examples, images: ImageSource, threshold: float):
+        self.model, self.examples, self.images, self.threshold = model, examples, images, threshold
+        self.work = ThreadPoolExecutor(2, thread_name_prefix="ls-work")       # configs, regions, the model
+        self.fetch = ThreadPoolExecutor(8, thread_name_prefix="ls-fetch")     # image reads (network-bound)
+
+    async def run(self, fn, *args, pool=None):
+        return await asyncio.get_running_loop().run_in_executor(pool or self.work, fn, *args)
+
+    def segment(self, img: np.ndarray, feats: list) -> np.ndarray:
+        x, valid = query_tensor(img, self.model.size)
+        return label_map([self.model.decode(x, f)[0] for f in feats], valid, img.shape[:2], self.threshold)
+
+    def store(self, pid: int, aid: int, regions: list[BrushRegion], img: np.ndarray) -> list[str]:
+        """Decode an annotation's regions against its image and store one example per label."""
+        masks: dict[str, np.ndarray] = {}
+        for r in regions:
+            m = brush_mask(r.model_dump(), img.shape[:2])
+            for name in r.value.brushlabels:
+                masks[name] = masks[name] | m if name in masks else m
+        for name, m in masks.items():
+            if not m.any():
+                raise UserError(f"annotation {aid}: the {name!r} region paints nothing")
+        self.examples.drop(pid, aid)          # an update replaces the annotation's examples
+        for name, m in masks.items():
+            s, mm = support_tensors([img], [m], self.model.size)
+            self.examples.put(pid, name, aid, s[0, 0], mm[0, 0].astype(np.uint8))
+        return sorted(masks)
+
+
+async def json_body(request: Request, b: Backend) -> Any:
+    """The body parsed off the event loop; not JSON, or nested past Python's limit, is a 400."""
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "application/json":
+        raise UserError(f"the body must be application/json (got {ctype[:60] or 'no content type'})", 415)
+    raw = await request.body()
+
+    def load():
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"the request body is not JSON ({type(e).__name__})") from None
+    return await b.run(load)
+
+
+def basic_auth(user: str | None, password: str | None):
+    """A dependency that requires HTTP basic auth with these credentials (none: open)."""
+    want = f"{user}:{password}".encode() if user else None
+
+    def check(request: Request):
+        if want is None:
+            return
+        auth = request.headers.get("authorization", "")
+        try:
+            given = base64.b64decode(auth[6:], validate=True) if auth[:6].lower() == "basic " else b""
+        except (binascii.Error, ValueError):
+            given = b""
+        if not hmac.compare_digest(given, want):
+            raise UserError("basic auth required: the user and password given to this backend (Label Studio: "
+                            "the model's connection settings, Basic Authentication)", 401)
+    return check
+
+
+def router(b: Backend, auth) -> APIRouter:
+    r = APIRouter(dependencies=[Depends(auth)])
+
+    @r.post("/setup")
+    async def setup(request: Request):
+        body = parsed(Setup, await json_body(request, b), "/setup's body")
+        pid = project_id(body.project)
+        await b.run(Config, body.schema_)        # a config this backend cannot serve is refused with its reason
+        b.images.setup(body.hostname, body.access_token)      # only after every check
+        return {"model_version": b.examples.version(pid)}
+
+    @r.post("/webhook")
+    async def webhook(request: Request):
+        raw = await json_body(request, b)
+        if not isinstance(raw, dict):
+            raise UserError("the event is not a JSON object")
+        action = raw.get("action")
+        if action not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"):
+            return {"status": "ignored", "reason": f"event {str(action)[:60]} does not change a support set"}
+        body = parsed(Webhook, raw, f"the {action} event")
+        pid, aid = body.project.id, body.annotation.id
+        if action == "ANNOTATION_DELETED":
+            return {"status": "ok", "removed": await b.run(b.examples.drop, pid, aid)}
+        cfg = await b.run(Config, body.project.label_config)
+        regions = [parsed(BrushRegion, x, f"annotation {aid}'s brush region") for x in body.annotation.result
+                   if x.get("type") == "brushlabels" and x.get("from_name") == cfg.from_name]
+        unknown = sorted({n for x in regions for n in x.value.brushlabels} - set(cfg.labels))
+        if unknown:
+            raise UserError(f"annotation {aid} paints label(s) {unknown[:5]} that the project's config does not name")
+        if not regions:
+            return {"status": "ignored", "reason": f"annotation {aid} has no brush region of {cfg.from_name!r}: "
+                                                   "nothing stored"}
+        url = (body.task.data if body.task else {}).get(cfg.data_key)
+        img = await b.run(b.images.read, url, f"annotation {aid}'s image", pool=b.fetch)
+        labels = await b.run(b.store, pid, aid, regions, img)
+        log.info("project %s: annotation %s -> examples of %s", pid, aid, ", ".join(labels))
+        return {"status": "ok", "labels": labels}
+
+    @r.post("/predict")
+    async def predict(request: Request):
+        body = parsed(Predict, await json_body(request, b), "/predict's body")
+        pid = project_id(body.project)
+        cfg = await b.run(Config, body.label_config)
+        names, why = b.examples.ready(pid, cfg.labels)
+        if why:
+            log.info("project %s: no support set for %s", pid, "; ".join(f"{k}: {v}" for k, v in list(why.items())[:20]))
+        if len(names) > MAX_CLASSES:
+            raise UserError(f"{len(names)} labels have support sets; one prediction takes at most {MAX_CLASSES}")
+        version = b.examples.version(pid)
+        names, feats = await b.run(b.examples.snapshot, pid, names)   # a deletion meanwhile changes nothing here
+        results = []
+        for task in body.tasks:
+            if not names:
+                results.append({"result": [], "model_version": version})
+                continue
+            try:
+                img = await b.run(b.images.read, task.data.get(cfg.data_key), f"task {task.id}", pool=b.fetch)
+            except UserError as e:       # that task gets no regions; the others go on
+                results.append({"result": [], "model_version": version, "error": str(e)})
+                continue
+            labels = await b.run(b.segment, img, feats)
+            results.append({"result": brush_results(labels, names, cfg.from_name, cfg.to_name),
+                            "model_version": version})
+        return {"results": results, "model_version": version}
+
+    return r
