@@ -1,5 +1,6 @@
 """What a request's bytes mean: images and masks decoded as people mean them, and the tensors the model
-takes. Shared by the service (serving/app.py) and the command line (serving/predict.py).
+takes, and the limits of one request. Shared by the service (serving/app.py), the command line
+(serving/predict.py) and the MLflow pyfunc (serving/mlflow_model.py).
 
 Images are EXIF-transposed, 16-bit and float greys scaled, masks read from their alpha when they have
 one; a mask that is not binary is refused unless a ``threshold`` binarises it (JPEG or anti-aliased
@@ -8,6 +9,8 @@ masks from real tools); a mask without any object pixel is refused.
 from __future__ import annotations
 
 import io
+import re
+import zlib
 
 import numpy as np
 import torch
@@ -39,6 +42,47 @@ class PixelBudget:
         self.left -= n
 
 
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def check_png(data: bytes, what: str) -> None:
+    """A PNG's integrity as svf_fss_predict has libpng check it (cpp/src/image.cpp): the CRC of every chunk up to the
+    end of the image data (Pillow checks the chunks before the image data, not the image data's own), and the image
+    data's zlib stream, Adler-32 checksum included (Pillow stops once it has the rows). Inflated no further than the
+    rows the header declares: data beyond them are ignored, as both libraries ignore them."""
+    v, pos, idat = memoryview(data), 8, []
+    while pos + 12 <= len(v):
+        tag, end = bytes(v[pos + 4:pos + 8]), pos + 12 + int.from_bytes(v[pos:pos + 4], "big")
+        if end > len(v):
+            break                                   # truncated: Pillow says so
+        if zlib.crc32(v[pos + 4:end - 4]) != int.from_bytes(v[end - 4:end], "big"):
+            raise UserError(f"{what} is a damaged PNG: the CRC of its {tag.decode('latin-1')!r} chunk is wrong")
+        if tag == b"IDAT":
+            idat.append(v[pos + 8:end - 4])
+        elif idat:
+            break
+        pos = end
+    if not idat or v[12:16] != b"IHDR":
+        return
+    w, h, depth, ctype, interlace = (int.from_bytes(v[16:20], "big"), int.from_bytes(v[20:24], "big"), *v[24:26], v[28])
+    bits = depth * {2: 3, 4: 2, 6: 4}.get(ctype, 1)
+    left = 1        # the declared rows' bytes (each pass's, interlaced), and one to tell extra data
+    for x, y, dx, dy in ADAM7 if interlace else ((0, 0, 1, 1),):
+        cols, rows = max(0, (w - x + dx - 1) // dx), max(0, (h - y + dy - 1) // dy)
+        left += rows * (1 + (cols * bits + 7) // 8) if cols else 0
+    z, rest = zlib.decompressobj(), b"".join(idat)
+    try:
+        while left > 0 and not z.eof:
+            out = z.decompress(rest, min(left, 1 << 20))
+            if not out and not rest:
+                break
+            left, rest = left - len(out), z.unconsumed_tail
+    except zlib.error as e:
+        raise UserError(f"{what} is a damaged PNG: its image data do not inflate ({e})") from e
+    if left > 0 and not z.eof:
+        raise UserError(f"{what} is a damaged PNG: its image data end early (no zlib checksum)")
+
+
 def _open(data: bytes, what: str, max_pixels: int, kind: str = "image", budget: PixelBudget | None = None) -> Image.Image:
     """The decoded image, EXIF orientation applied, its pixel count checked before decoding (a
     decompression bomb is a 413 like any image over the limit)."""
@@ -51,6 +95,8 @@ def _open(data: bytes, what: str, max_pixels: int, kind: str = "image", budget: 
                             413)
         if budget is not None:
             budget.take(im.width * im.height, what)
+        if im.format == "PNG":
+            check_png(data, what)
         im.load()
         return ImageOps.exif_transpose(im)
     except UserError:
@@ -143,6 +189,80 @@ def check_threshold(threshold: float | None) -> float | None:
         raise UserError(f"mask_threshold {threshold} is outside (0, 1): it is the fraction of white from which a "
                         "mask pixel is object, e.g. 0.5")
     return threshold
+
+
+# ------------------------------------------------------------------ one request's rules, for every entry point
+# the service's defaults (serving/app.py's Limits); the MLflow pyfunc applies them as they are
+MAX_SHOTS = 10
+MAX_PIXELS = 4096 * 4096                  # per image
+MAX_REQUEST_PIXELS = 4 * MAX_PIXELS       # all images of one request together
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_set_name(name: str) -> str:
+    """A support set's name: 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names
+    the set's file in the store, serving/store.py)."""
+    if not isinstance(name, str) or not SET_NAME.fullmatch(name):
+        name = str(name)
+        raise UserError(f"support-set name {name[:64]!r}{'...' if len(name) > 64 else ''} is not allowed: 1 to 64 "
+                        "letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def check_shots(supports: int, masks: int, max_shots: int = MAX_SHOTS, model_shots: int | None = None) -> None:
+    """One class's shots: at least one, at most ``max_shots``, one mask per support image, and exactly
+    ``model_shots`` for a model that takes one shot count (BAM trained with K > 1)."""
+    if not supports:
+        raise UserError("at least one support image is needed (zero shots given)")
+    if supports > max_shots:
+        raise UserError(f"{supports} shots given; at most {max_shots} are accepted")
+    if masks != supports:
+        raise UserError(f"{supports} support image(s) and {masks} mask(s); give one mask per support")
+    if model_shots and supports != model_shots:
+        raise UserError(f"{supports} shots given; this model (BAM trained with {model_shots} shots) takes exactly "
+                        f"{model_shots}")
+
+
+def prepare_supports(blobs, size: int, max_pixels: int, budget: PixelBudget, threshold: float | None):
+    """(support [1,K,3,S,S], masks [1,K,S,S], the masks' metadata) from [(what, image bytes, mask what, mask
+    bytes)]: every image within ``max_pixels`` and counted in the request's ``budget``, every mask by
+    ``read_mask``'s rules."""
+    images, masks, meta = [], [], []
+    for what, data, mwhat, mdata in blobs:
+        img = read_image(data, what, max_pixels, budget)
+        m = read_mask(mdata, mwhat, img.shape[:2], max_pixels, threshold)
+        images.append(img)
+        masks.append(m)
+        meta.append({"file": what, "height": int(m.shape[0]), "width": int(m.shape[1]),
+                     "object_pixels": int((m == 1).sum()), "ignore_pixels": int((m == 255).sum())})
+    return (*support_tensors(images, masks, size), meta)
+
+
+def mask_rule(m: np.ndarray, threshold: float | None = None) -> str:
+    """Which of ``binary_mask``'s rules reads the plane ``m``, in words (to tell people how their masks were
+    taken)."""
+    values = set(np.unique(m).tolist())
+    if values == {0}:
+        return "all background"
+    if values <= {0, 255}:
+        return "0/255: 255 object"
+    if values <= {0, 1, 255}:
+        return "0/1: 255 ignore"
+    return f"binarised at {threshold} of white"
+
+
+def read_truth_mask(data: bytes, what: str, shape: tuple[int, int], max_pixels: int, threshold: float | None = None,
+                    hint: str = "") -> tuple[np.ndarray, str]:
+    """A true mask by a support mask's rules (``binary_mask``: 0/1 with 255 ignore, or 0/255 with 255 object;
+    others only with ``threshold``), but it may be empty; returns (uint8 1 object, 0 background, 255 ignore;
+    the rule that read it, ``mask_rule``)."""
+    with _open(data, what, max_pixels, "mask image") as im:
+        m = _mask_plane(im)
+    if m.ndim != 2:
+        raise UserError(f"{what} must be a single-channel image")
+    if m.shape != tuple(shape):
+        raise UserError(f"{what} is {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    return binary_mask(m, what, threshold, hint=hint, need_object=False), mask_rule(m, threshold)
 
 
 def rle(mask: np.ndarray) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import unicodedata
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from pipeline.figures import overlay
 from .inputs import UserError, rle
 
 MAX_CLASSES = 32
+MAX_NAME = 100                    # characters of a class name (it travels in the X-Classes header)
 # id 0 black, then well-separated hues (the first six also tell apart for the commonest colour blindness)
 PALETTE = [(0, 0, 0), (0, 200, 255), (255, 140, 0), (60, 200, 60), (230, 40, 160), (255, 230, 0), (120, 90, 255),
            (0, 140, 120), (200, 60, 40), (150, 200, 255), (255, 170, 200), (140, 110, 60), (200, 255, 120)]
@@ -42,19 +44,29 @@ def color(i: int) -> tuple[int, int, int]:
     return int(255 * r), int(255 * g), int(255 * b)
 
 
+def same_name(name: str) -> str:
+    """What makes two class names one: Unicode's compatibility form, case and runs of white space ignored."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
 def check_classes(names: list[str]) -> list[str]:
-    """Class names as given, refused when empty, repeated or more than ``MAX_CLASSES``."""
+    """Class names as given, refused when empty, longer than ``MAX_NAME``, the same as another (``same_name``)
+    or more than ``MAX_CLASSES``."""
     if not names:
         raise UserError("no class given: name at least one support set or class")
     if len(names) > MAX_CLASSES:
         raise UserError(f"{len(names)} classes given; at most {MAX_CLASSES} in one call")
-    seen = set()
+    seen: dict[str, str] = {}
     for n in names:
         if not n or not n.strip():
             raise UserError("a class name is empty")
-        if n in seen:
-            raise UserError(f"two classes are named {n!r}: give each class one name (and all its shots under it)")
-        seen.add(n)
+        if len(n) > MAX_NAME:
+            raise UserError(f"a class name of {len(n)} characters ({n[:40]!r}...); at most {MAX_NAME}")
+        key = same_name(n)
+        if key in seen:
+            same = f"{n!r}" if seen[key] == n else f"{seen[key]!r} and {n!r} (the same up to case, spaces or Unicode form)"
+            raise UserError(f"two classes are named {same}: give each class one name (and all its shots under it)")
+        seen[key] = n
     return names
 
 

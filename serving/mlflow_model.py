@@ -8,8 +8,10 @@ answers like the service's /v1/segment. One row per query: ``query`` (the image'
 ``support_set`` (a set registered with the service, read from the folder in SVF_FSS_STORE: the service's
 --store). Parameter ``mask_threshold`` (0 = masks must be binary) binarises JPEG or anti-aliased masks. Each
 answer row: ``mask`` (a base64 PNG, 0 background / 255 object at the query's resolution), ``area``,
-``height``, ``width``. Images and masks are read as the service reads them (serving/inputs.py); a bad row
-is a 400 naming the row and what is wrong.
+``height``, ``width``. Images and masks are read, and each row is limited, as the service reads and limits
+one request (serving/inputs.py: its default shots and pixels); a set is read from the store when a row
+names it, so sets registered, replaced or deleted after the server started are served as they are now. A
+bad row is a 400 naming the row and what is wrong.
 
 The model's files are the export's two ONNX graphs (support encoder, query decoder) run by ONNX Runtime;
 the serving code it runs travels with the model (``SERVING_FILES``); its preprocessing (pipeline/) and the
@@ -33,18 +35,23 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_PIXELS = 4096 * 4096
 # the part of serving/ the model runs (the export stage depends on exactly these, dvc.yaml)
 SERVING_FILES = ("__init__.py", "mlflow_model.py", "backends.py", "inputs.py", "model_files.py", "store.py")
 
 
 def _b64(text, what: str) -> bytes:
+    from serving.inputs import UserError
     if not isinstance(text, str) or not text:
-        raise MlflowException(f"{what} is missing or not a base64 string", INVALID_PARAMETER_VALUE)
+        raise UserError(f"{what} is missing or not a base64 string")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise MlflowException(f"{what} is not valid base64 ({e})", INVALID_PARAMETER_VALUE) from e
+        raise UserError(f"{what} is not valid base64 ({e})") from e
+
+
+def _listed(v) -> list:
+    """A row's list column; absent (None, or the NaN pandas fills a missing value with) is empty."""
+    return [] if v is None or (isinstance(v, float) and v != v) else list(v)
 
 
 class FewShotSegmenter(mlflow.pyfunc.PythonModel):
@@ -56,49 +63,54 @@ class FewShotSegmenter(mlflow.pyfunc.PythonModel):
         if os.environ.get("SVF_FSS_STORE"):     # the sets the service registered with this model (same fingerprint)
             self.store = SupportStore(os.environ["SVF_FSS_STORE"], fingerprint(b.kind, b.files),
                                       feature_shapes=feature_shapes(b))
-            self.store.load()
 
-    def _features(self, row: dict, where: str, threshold):
-        from serving.inputs import read_image, read_mask, support_tensors
+    def _features(self, row: dict, where: str, threshold, budget):
+        from serving.inputs import MAX_PIXELS, MAX_SHOTS, UserError, check_set_name, check_shots, prepare_supports
         name = row.get("support_set")
-        if isinstance(name, str) and name:
+        if name is None or name == "" or (isinstance(name, float) and name != name):      # absent
+            name = None
+        supports, masks = _listed(row.get("supports")), _listed(row.get("masks"))
+        if name is not None:
+            if supports or masks:
+                raise UserError("give supports + masks or a support_set, not both")
+            check_set_name(name)
             if self.store is None:
-                raise MlflowException(f"{where}: support_set {name!r} given but this server has no store (start it "
-                                      "with SVF_FSS_STORE=<the service's --store folder>)", INVALID_PARAMETER_VALUE)
-            feats = self.store.get("", name)
+                raise UserError(f"support_set {name!r} given but this server has no store (start it with "
+                                "SVF_FSS_STORE=<the service's --store folder>)")
+            feats = self.store.current("", name)
             if feats is None:
-                raise MlflowException(f"{where}: no support set named {name!r} in {os.environ['SVF_FSS_STORE']}",
-                                      INVALID_PARAMETER_VALUE)
+                raise UserError(f"no support set named {name!r} in {os.environ['SVF_FSS_STORE']}")
             return feats
-        supports, masks = row.get("supports"), row.get("masks")
-        supports = [] if supports is None else list(supports)
-        masks = [] if masks is None else list(masks)
-        if not supports or len(supports) != len(masks):
-            raise MlflowException(f"{where}: {len(supports)} support image(s) and {len(masks)} mask(s); give one mask "
-                                  "per support, at least one (or a support_set)", INVALID_PARAMETER_VALUE)
-        images, ms = [], []
-        for i, (s, m) in enumerate(zip(supports, masks)):
-            img = read_image(_b64(s, f"{where} support {i + 1}"), f"{where} support {i + 1}", MAX_PIXELS)
-            images.append(img)
-            ms.append(read_mask(_b64(m, f"{where} mask {i + 1}"), f"{where} mask {i + 1}", img.shape[:2], MAX_PIXELS,
-                                threshold))
-        return self.backend.encode(*support_tensors(images, ms, self.backend.size))
+        if not supports and not masks:
+            raise UserError("no supports and no support_set: give supports + masks (k shots) or a registered set's "
+                            "name")
+        check_shots(len(supports), len(masks), MAX_SHOTS, self.backend.shots)
+        blobs = [(f"{where} support {i + 1}", _b64(s, f"{where} support {i + 1}"), f"{where} mask {i + 1}",
+                  _b64(m, f"{where} mask {i + 1}")) for i, (s, m) in enumerate(zip(supports, masks))]
+        s, m, _ = prepare_supports(blobs, self.backend.size, MAX_PIXELS, budget, threshold)
+        return self.backend.encode(s, m)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
-        from serving.inputs import UserError, mask_of, png_bytes, query_tensor, read_image
-        threshold = float((params or {}).get("mask_threshold") or 0) or None
+        from serving.inputs import (MAX_PIXELS, MAX_REQUEST_PIXELS, PixelBudget, UserError, check_threshold, mask_of,
+                                    png_bytes, query_tensor, read_image)
+        try:
+            threshold = check_threshold(float((params or {}).get("mask_threshold") or 0) or None)
+        except (UserError, TypeError, ValueError) as e:
+            raise MlflowException(str(e), INVALID_PARAMETER_VALUE) from e
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         out = []
         for r, row in enumerate(rows):
             where = f"row {r}"
             try:
-                feats = self._features(row, where, threshold)
-                img = read_image(_b64(row.get("query"), f"{where} query"), f"{where} query", MAX_PIXELS)
+                budget = PixelBudget(MAX_REQUEST_PIXELS)
+                feats = self._features(row, where, threshold, budget)
+                img = read_image(_b64(row.get("query"), f"{where} query"), f"{where} query", MAX_PIXELS, budget)
                 x, valid = query_tensor(img, self.backend.size)
                 mask = mask_of(self.backend.decode(x, feats)[0], valid, img.shape[:2])
             except UserError as e:
-                raise MlflowException(str(e), INVALID_PARAMETER_VALUE) from e
+                text = str(e) if str(e).startswith(f"{where} ") else f"{where}: {e}"     # every message names the row
+                raise MlflowException(text, INVALID_PARAMETER_VALUE) from e
             out.append({"mask": base64.b64encode(png_bytes(mask * 255)).decode("ascii"), "area": int(mask.sum()),
                         "height": int(mask.shape[0]), "width": int(mask.shape[1])})
         return pd.DataFrame(out, columns=["mask", "area", "height", "width"])

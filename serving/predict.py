@@ -11,19 +11,22 @@ with the mask filled translucent cyan and outlined). Images and masks are read a
 them (serving/inputs.py). Everything is written to a temporary folder first and moved into <out> at
 the end: a failure leaves <out> as it was.
 
-With --gt, a folder of the queries' true masks (<name>.png, 0/1 with 255 ignore or 0/255, as a support
-mask, but it may be empty), the predictions are scored as the benchmarks score episodes: the class's IoU
-(intersections and unions summed over the queries), FB-IoU, each query's IoU; <out>/val.json holds them
-with the worst queries first, and <out>/val.png shows the worst four (truth and prediction).
+With --gt, a folder of the queries' true masks (<name>.png, 0/1 with 255 ignore or 0/255 with 255 object,
+as a support mask, but it may be empty), the predictions are scored as the benchmarks score episodes: the
+class's IoU (intersections and unions summed over the queries), FB-IoU, each query's IoU; <out>/val.json
+holds them with the worst queries first and the rule each truth was read by (also printed), and
+<out>/val.png shows the worst four (truth and prediction).
 
 With --format labelstudio, <out>/labelstudio.json holds one Label Studio task per query, its image at
---image-url + the query's path, and the prediction as brush regions (one per class; the class is --class's
-name, "object" without): import it into a project whose config has <BrushLabels name="tag" toName="image">.
+--image-url + the query's path percent-encoded, and the prediction as brush regions (one per class; the
+class is --class's name, "object" without): import it into a project whose config has
+<BrushLabels name="tag" toName="image">.
 
 Many classes at once: ``--class cat --support c1.jpg --mask c1.png --class dog --support d1.jpg --mask d1.png``
 (each --class's supports are its shots). Every query then gets one label map, <out>/<name>.png as a palette
 PNG (0 background, i the i-th class; serving/labelmap.py), <out>/classes.json names the ids; with --gt the
-true masks are label maps with the same ids (255 ignore) and val.json has each class's IoU and their mean.
+true masks are label maps with the same ids (255 ignore) and val.json has each class's IoU and their mean
+(one --class: its truths are masks, read as without --class).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ import os
 import shutil
 import sys
 import tempfile
+import urllib.parse
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +52,10 @@ from .backends import load_backend
 from .threads import share_fairly
 from .labelstudio import brush_results
 from .labelmap import (check_background_threshold, check_classes, color, label_json, label_map, label_overlay,
-                       label_png, read_label_map, score_labels)
+                       label_png, read_label_map, same_name, score_labels)
 from .model_files import BACKENDS, missing_model
-from .inputs import UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask, rle, \
-    support_tensors
+from .inputs import UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask, \
+    read_truth_mask, rle, support_tensors
 
 log = logging.getLogger("serving.predict")
 MAX_PIXELS = 8192 * 8192
@@ -88,9 +93,37 @@ def list_queries(paths: list[str]) -> list[Path]:
     return out
 
 
+def read_truth(data: bytes, what: str, shape: tuple[int, int], n: int, threshold: float | None = None):
+    """A query's truth and the rule that read it. One class (with or without --class): a support mask's rules (0/1
+    with 255 ignore, or 0/255 with 255 object; --mask-threshold binarises others), but it may be empty. Several
+    classes: a label map (0 background, 1..n the classes, 255 ignore); one that holds only 255 is refused (nothing
+    to score), one of only 0 and 255 is read so (no class pixel: a query without the classes, or a 0/255 mask whose
+    object would be ignored) under a rule of its own, with a warning."""
+    if n == 1:
+        return read_truth_mask(data, what, shape, MAX_PIXELS, threshold,
+                               hint="--mask-threshold (e.g. 0.5) to binarise a JPEG or anti-aliased mask")
+    m = read_label_map(data, what, shape, n, MAX_PIXELS)
+    values = set(np.unique(m).tolist())
+    if values == {255}:
+        raise UserError(f"{what} holds only the value 255 (ignore): nothing in it can be scored")
+    if values == {0, 255}:
+        log.warning("%s holds only 0 and 255: read as a label map, 255 ignore, so no pixel of it is a class; if it is a "
+                    "0/255 mask, write its class id (1..%d, in the order of --class) instead of 255", what, n)
+        return m, "label map of 0 and 255 only: no class pixel, 255 ignore"
+    return m, f"label map: 0 background, 1..{n} the classes, 255 ignore"
+
+
+def task_url(prefix: str, path: Path) -> str:
+    """A Label Studio task's image: ``prefix`` + the path percent-encoded (all but '/'), so that a name with '#',
+    '&', '+', '%', '?' or a space still names its file: in the default prefix the path is the value of the
+    query parameter ``d``, in an http prefix part of the URL's path; the server decodes either back."""
+    return prefix + urllib.parse.quote(path.as_posix(), safe="/")
+
+
 def val_summary(rows: list[dict], names: list[str] | None = None) -> dict:
     """Each class's IoU and FB-IoU pooled over the queries (the protocol's way), their mean (mIoU), the mean
-    of the per-query IoU, and every query from the worst. One class: ``iou`` is its IoU."""
+    of the per-query IoU, how many truths each rule read, and every query from the worst. One class: ``iou``
+    is its IoU."""
     def pooled(i, u):
         return 100 * i / u if u else 100.0
     inter, union = (sum(np.atleast_1d(r[k]) for r in rows) for k in ("intersection", "union"))
@@ -99,7 +132,8 @@ def val_summary(rows: list[dict], names: list[str] | None = None) -> dict:
     fg = pooled(sum(r["fg_intersection"] for r in rows), sum(r["fg_union"] for r in rows))
     bg = pooled(sum(r["bg_intersection"] for r in rows), sum(r["bg_union"] for r in rows))
     out = {"queries": len(rows), "iou": round(sum(per_class) / n, 2), "fbiou": round((fg + bg) / 2, 2),
-           "mean_query_iou": round(100 * sum(r["iou"] for r in rows) / len(rows), 2)}
+           "mean_query_iou": round(100 * sum(r["iou"] for r in rows) / len(rows), 2),
+           "truth": dict(Counter(r["truth"] for r in rows))}
     if names:
         out = {**out, "miou": out["iou"], "per_class": {c: round(v, 2) for c, v in zip(names, per_class)}}
     return {**out, "per_query": sorted(rows, key=lambda r: (r["iou"], r["query"]))}
@@ -187,18 +221,17 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
             areas[q.stem] = int((mask > 0).sum())
             if gt is not None:
                 f = gt / f"{q.stem}.png"
-                what = f"the true {'label map' if names else 'mask'} of {q.name} ({f})"
-                truth = (read_label_map(f.read_bytes(), what, img.shape[:2], n, MAX_PIXELS) if names else
-                         read_mask(f.read_bytes(), what, img.shape[:2], MAX_PIXELS, mask_threshold, need_object=False))
+                what = f"the true {'label map' if n > 1 else 'mask'} of {q.name} ({f})"
+                truth, rule = read_truth(f.read_bytes(), what, img.shape[:2], n, mask_threshold)
                 r = score_labels(mask, truth, n)
                 ious = [i / u for i, u in zip(*(np.atleast_1d(r[k]) for k in ("intersection", "union"))) if u]
-                r = {"query": q.name, "iou": sum(ious) / len(ious) if ious else 1.0, **r}
+                r = {"query": q.name, "iou": sum(ious) / len(ious) if ious else 1.0, "truth": rule, **r}
                 rows.append(r)
                 worst = sorted(worst + [(q.name, r["iou"], img, mask, truth)], key=lambda w: (w[1], w[0]))[:4]
             if fmt == "png":
                 (tmp / f"{q.stem}.png").write_bytes(label_png(mask, n) if names else png_bytes(mask * 255))
             elif fmt == "labelstudio":
-                rles.append({"data": {ls_names[1]: image_url + q.as_posix()}, "predictions": [
+                rles.append({"data": {ls_names[1]: task_url(image_url, q)}, "predictions": [
                     {"model_version": f"svf-fss ({b.name})", "result": brush_results(mask, names or ["object"],
                                                                                      *ls_names)}]})
             elif names:
@@ -229,14 +262,23 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
     return areas
 
 
+def no_shots(name: str) -> str:
+    return (f"error: --class {name!r} has no --support after it: each class's supports and masks follow its "
+            "--class (--class NAME --support IMG --mask MASK ...)\n")
+
+
 class ClassAction(argparse.Action):
     """--support / --mask after a --class NAME belong to that class (the order of the command line)."""
 
     def __call__(self, parser, ns, value, option_string=None):
         if self.dest == "klass":
-            if value in ns.support_class:
-                parser.exit(2, f"error: two classes are named {value!r}: give each class one --class and its shots "
-                               "after it\n")
+            if ns.klass is not None and ns.klass not in ns.support_class:
+                parser.exit(2, no_shots(ns.klass))
+            same = [c for c in dict.fromkeys(ns.support_class) if c is not None and same_name(c) == same_name(value)]
+            if same:
+                parser.exit(2, f"error: two classes are named {value!r}" + (f" and {same[0]!r} (the same up to case, "
+                               "spaces or Unicode form)" if same[0] != value else "") + ": give each class one --class "
+                               "and its shots after it\n")
             ns.klass = value
             return
         getattr(ns, self.dest).append(value)
@@ -275,6 +317,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if len(args.ls_names.split(",")) != 2 or not all(args.ls_names.split(",")):
         sys.exit(f"error: --ls-names {args.ls_names!r}: give the BrushLabels and the Image names, e.g. tag,image")
+    if args.klass is not None and args.klass not in args.support_class:
+        sys.exit(no_shots(args.klass).rstrip())
     if not args.support:
         ap.error("give at least one --support image with its --mask")
     classes = None
@@ -298,6 +342,8 @@ def main(argv=None):
         v = json.loads((Path(args.out) / "val.json").read_text())
         worst = ", ".join(f"{r['query']} ({100 * r['iou']:.1f})" for r in v["per_query"][:3])
         per = "".join(f", {c} {x:.2f}" for c, x in v.get("per_class", {}).items())
+        print("truth read as " + ", ".join(f"{rule} ({k} quer{'y' if k == 1 else 'ies'})"
+                                           for rule, k in v["truth"].items()))
         print(f"val: {'mIoU' if 'miou' in v else 'IoU'} {v['iou']:.2f}{per}, FB-IoU {v['fbiou']:.2f}, mean per query {v['mean_query_iou']:.2f} over "
               f"{v['queries']} queries; worst: {worst} -> {Path(args.out) / 'val.json'}, {Path(args.out) / 'val.png'}")
 

@@ -9,7 +9,9 @@ warning and left on disk, never used: its images are not kept, so it cannot be r
 whose features are not what this model's encoder makes (their count, float32, the shapes, finite
 values), and a leftover temporary file (``.<name>.*.tmp.npz``, a write a crash cut short) is never
 loaded as a set: it is named at every start and left for its owner to delete. Writes of one store are
-serialised: concurrent PUTs of a name leave the last one, on disk as in memory.
+serialised: concurrent PUTs of a name leave the last one, on disk as in memory. Another process that serves
+the same folder (the MLflow pyfunc) reads a set's file when a request names it (``current``), so that it
+sees what the service registered, replaced or deleted since.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class SupportStore:
         self.fp, self.max_sets, self.max_bytes = model_fingerprint, max_sets, max_bytes
         self.shapes = feature_shapes          # [(name, shape with -1 for a free axis)] of the encoder's output
         self.sets: dict[tuple[str, str], tuple] = {}
+        self.seen: dict[tuple[str, str], tuple] = {}   # current(): (the file's stamp, its features or None)
         self.lock = threading.Lock()
         self.count = itertools.count()
 
@@ -85,6 +88,25 @@ class SupportStore:
     def _path(self, owner: str, name: str) -> Path:
         return self.root / self._dir(owner) / f"{name}.npz"
 
+    def _read(self, f: Path) -> tuple | None:
+        """The features stored in ``f`` when they are this model's, else None with a warning saying why."""
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                feats = tuple(z[f"f{i}"] for i in range(meta["features"]))
+        except Exception as e:     # unreadable: say so, keep serving the rest
+            log.warning("support set %s is unreadable (%s); skipped", f, e)
+            return None
+        if meta.get("model") != self.fp:
+            log.warning("support set %s was encoded by another model (fingerprint %s, this one %s); not used, "
+                        "register it again", f, str(meta.get("model"))[:12], self.fp[:12])
+            return None
+        why = self._check(feats)
+        if why:
+            log.warning("support set %s does not hold this model's features (%s); not used, register it again", f, why)
+            return None
+        return feats
+
     def load(self) -> tuple[int, list[str]]:
         """Reload every stored set of this model; returns (loaded, refused files)."""
         refused = []
@@ -96,27 +118,33 @@ class SupportStore:
                             "set, not loaded: delete it", f)
                 refused.append(str(f))
                 continue
-            try:
-                with np.load(f, allow_pickle=False) as z:
-                    meta = json.loads(str(z["meta"]))
-                    feats = tuple(z[f"f{i}"] for i in range(meta["features"]))
-            except Exception as e:     # unreadable: say so, keep serving the rest
-                log.warning("support set %s is unreadable (%s); skipped", f, e)
-                refused.append(str(f))
-                continue
-            if meta.get("model") != self.fp:
-                log.warning("support set %s was encoded by another model (fingerprint %s, this one %s); not used, "
-                            "register it again", f, str(meta.get("model"))[:12], self.fp[:12])
-                refused.append(str(f))
-                continue
-            why = self._check(feats)
-            if why:
-                log.warning("support set %s does not hold this model's features (%s); not used, register it again", f, why)
+            feats = self._read(f)
+            if feats is None:
                 refused.append(str(f))
                 continue
             owner = "" if f.parent.name == "_open" else f.parent.name
             self.sets[(owner, f.stem)] = feats
         return len(self.sets), refused
+
+    def current(self, owner: str, name: str):
+        """The set as its file holds it now, for a process that reads the folder another one writes (the MLflow
+        pyfunc beside the service): one stat a call; the file is read again when it changed (another file, size
+        or modification time: a write renames a new file in) and forgotten when it is gone. A file that ``load``
+        would refuse (unreadable, another model's) is no set. ``name`` must be a set's name (serving/inputs.py,
+        check_set_name)."""
+        key = (owner, name)
+        if self.root is None:
+            return self.get(owner, name)
+        try:
+            st = self._path(owner, name).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            self.seen.pop(key, None)
+            return None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        seen = self.seen.get(key)
+        if seen is None or seen[0] != stamp:
+            seen = self.seen[key] = (stamp, self._read(self._path(owner, name)))
+        return seen[1]
 
     def names(self, owner: str) -> list[str]:
         return sorted(n for o, n in self.sets if o == owner)

@@ -206,6 +206,82 @@ def test_cpp_writes_every_mask_or_none_and_refuses_hostile_files(program, model_
             sp.run(["umount", str(small)], capture_output=True)
 
 
+def test_cpp_keeps_every_earlier_mask_when_an_output_name_is_a_folder(program, model_dir, episodes, tmp_path):
+    """Every mask or none against the masks of an earlier run: a folder where one mask would go refuses the run,
+    naming the folder, before any earlier mask is replaced (and nothing temporary is left)."""
+    files, _ = episodes
+    model, out, queries = model_dir / "aoti" / "model.pt2", tmp_path / "out", [files[i][0] for i in (0, 1, 4)]
+    assert _run(program, model, [files[3][0]], [files[3][1]], queries, out).returncode == 0
+    folder = out / f"{queries[2].stem}.png"
+    folder.unlink()
+    folder.mkdir()
+    before = {f.name: f.read_bytes() for f in out.glob("*.png") if f.is_file()}
+    r = _run(program, model, [files[2][0]], [files[2][1]], queries, out)        # another support: other masks
+    assert r.returncode == 1 and f"{folder} is a folder" in r.stderr, r.stderr
+    assert {f.name: f.read_bytes() for f in out.glob("*.png") if f.is_file()} == before and folder.is_dir()
+    assert not list(out.glob(".*")), list(out.glob(".*"))
+
+
+def _png(path: Path, a: np.ndarray, depth: int, color: int, damage: str = "") -> Path:
+    """``a`` as a PNG of that bit depth and colour type, written chunk by chunk: a tEXt chunk, then the image data
+    with the zlib stream's 4-byte checksum in an IDAT chunk of its own (where an encoder that splits its data at a
+    fixed size may leave it; both libraries reach it after the last row). ``damage``: "crc" flips a bit of the
+    image data's CRC, "adler" of the zlib checksum, "text" of the tEXt chunk's CRC."""
+    import struct
+    import zlib
+
+    def chunk(tag, data, bad=False):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) ^ bad)
+    rows = a.astype(">u2" if depth == 16 else np.uint8).reshape(len(a), -1)
+    if depth < 8:                               # 8 // depth values a byte, the first in the high bits
+        rows = np.packbits(np.unpackbits(rows[..., None], axis=-1)[..., 8 - depth:].reshape(len(a), -1), axis=1)
+    z = zlib.compress(b"".join(b"\0" + r.tobytes() for r in rows))
+    z = z[:-1] + bytes([z[-1] ^ (damage == "adler")])
+    header = struct.pack(">IIBBBBB", a.shape[1], len(a), depth, color, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tEXt", b"Comment\0test", damage == "text")
+                     + chunk(b"IDAT", z[:-4], damage == "crc") + chunk(b"IDAT", z[-4:]) + chunk(b"IEND", b""))
+    return path
+
+
+def test_cpp_and_python_decide_alike_on_unusual_pngs(program, model_dir, episodes, tmp_path):
+    """The same files through serving.predict and svf_fss_predict: equal masks, or both refuse naming the file.
+    2- and 4-bit grey masks are read as Pillow reads them, scaled to 0..255 (0/3 is black and white, 0/255; 0/1 is
+    black and dark grey, 0/85, not binary); a 16-bit grey+alpha query by its high byte (Pillow's); a wrong CRC (of
+    the image data or of a chunk before it) or zlib checksum refuses the file."""
+    from serving.inputs import UserError
+    from serving.predict import predict
+    files, _ = episodes
+    (s, m), (q, _) = files[1], files[0]
+    obj, rgb = np.array(Image.open(m)) // 255, np.array(Image.open(q))
+    grey = np.array(Image.open(q).convert("L")).astype(np.uint16)
+    la16 = np.stack([grey * 256, np.full_like(grey, 65535)], -1)   # scaled by 65535, the greys over 128 lose one
+    cases = [(_png(tmp_path / "mask2bit.png", obj * 3, 2, 0), q, True),
+             (_png(tmp_path / "mask4bit.png", obj * 15, 4, 0), q, True),
+             (_png(tmp_path / "mask2bit01.png", obj, 2, 0), q, False),
+             (m, _png(tmp_path / "grey_alpha16.png", la16, 16, 4), True),
+             (m, _png(tmp_path / "bad_idat_crc.png", rgb, 8, 2, "crc"), False),
+             (_png(tmp_path / "mask_bad_adler.png", obj * 255, 8, 0, "adler"), q, False),
+             (m, _png(tmp_path / "bad_adler.png", rgb, 8, 2, "adler"), False),
+             (m, _png(tmp_path / "bad_text_crc.png", rgb, 8, 2, "text"), False)]
+    wrong = []
+    for i, (mask, query, accepted) in enumerate(cases):
+        named = query if mask == m else mask
+        r = _run(program, model_dir / "aoti" / "model.pt2", [s], [mask], [query], tmp_path / f"cpp{i}")
+        try:
+            predict(model_dir, [s], [mask], [query], tmp_path / f"py{i}", backend="aoti", overlays=False,
+                    progress=False)
+            py = np.array(Image.open(tmp_path / f"py{i}" / f"{query.stem}.png"))
+        except UserError as e:
+            py = str(e)
+        if accepted and (r.returncode or isinstance(py, str)):
+            wrong.append((named.name, "refused", r.stderr, py if isinstance(py, str) else "accepted"))
+        elif accepted and not np.array_equal(np.array(Image.open(tmp_path / f"cpp{i}" / f"{query.stem}.png")), py):
+            wrong.append((named.name, "masks differ"))
+        elif not accepted and not (r.returncode == 1 and str(named) in r.stderr and str(named) in str(py)):
+            wrong.append((named.name, "not refused by both", r.stderr, py if isinstance(py, str) else "accepted"))
+    assert not wrong, wrong
+
+
 def test_cpp_uses_the_cores_others_leave_free(program, model_dir, episodes, tmp_path):
     """--threads auto (the default): with every core kept busy by other processes the program runs on one
     thread (LibTorch's default of one busy-waiting thread per core collapsed there, benchmarks/contention.py);

@@ -1052,6 +1052,27 @@ def test_many_classes_in_one_call_give_one_label_map(server, model_dir, episode,
     assert c.ready()["status"] == "ready"
 
 
+def test_label_maps_count_in_the_pixel_budget_and_class_names_are_bounded(keyed, server, episode):
+    """Issue 35, item 6 and minor: a label map is one full-resolution plane per class, so its classes count in the
+    request's pixel budget (the keyed server's 9,000: a 60x60 query with one class fits, with two it does not); a
+    class name over 100 characters, or one equal to another up to case, spaces or Unicode form, is refused."""
+    from serving.client import Client, ServiceError
+    q, _ = episode[0]
+    alice = Client(keyed.url, api_key="alice-0123456789abcdef")
+    for name, i in (("lm-one", 1), ("lm-two", 2)):
+        alice.register(name, [episode[i][0]], [episode[i][1]])
+    assert np.array(Image.open(io.BytesIO(alice.label_map(q, sets=["lm-one"])))).shape == (60, 60)
+    with pytest.raises(ServiceError, match=r"HTTP 413: the label map \(2 classes at 60x60\) brings the request"):
+        alice.label_map(q, sets=["lm-one", "lm-two"])
+    c = Client(server.url)
+    b = ([episode[2][0]], [episode[2][1]])
+    for classes, msg in (({"x" * 101: b}, "a class name of 101 characters"),
+                         ({"Cat": b, " cat ": b}, "'Cat' and ' cat ' .the same up to case"),
+                         ({"ﬁsh": b, "fish": b}, "the same up to case, spaces or Unicode form")):
+        with pytest.raises(ServiceError, match=f"HTTP 400: .*{msg}"):
+            c.label_map(q, classes=classes)
+
+
 def test_predict_many_classes_and_scores_each(model_dir, episode, tmp_path, capsys):
     """`serving.predict --class A ... --class B ...`: label maps, classes.json, and with --gt label maps of the same
     ids: each class's IoU pooled over the queries, their mean, recomputed here from the written maps."""

@@ -55,17 +55,35 @@ bool is_jpeg(const std::string& path) {
   return std::fread(sig, 1, 3, file.f) == 3 && sig[0] == 0xFF && sig[1] == 0xD8 && sig[2] == 0xFF;
 }
 
+// libpng's errors end the read with their message; its warnings are dropped, except a damaged zlib stream
+// found after the last row (libpng checks the rest of the image data "benignly"): refused, as serving/inputs.py
+// check_png refuses it. Data beyond the declared rows are ignored, here and there.
+void on_png_error(png_structp png, png_const_charp msg) {
+  *static_cast<std::string*>(png_get_error_ptr(png)) = msg;
+  png_longjmp(png, 1);
+}
+
+void on_png_warning(png_structp png, png_const_charp msg) {
+  std::string m = msg;
+  if (m.rfind("IDAT: ", 0) == 0 && m != "IDAT: Extra compressed data" && m != "IDAT: Too much image data")
+    png_error(png, msg);
+}
+
 // mask=false: palette -> RGB(A); mask=true: palette indices kept, except that a palette with
 // transparency is expanded so that its alpha can be read (as Pillow converts it to RGBA).
+// Integrity as serving/inputs.py check_png: a wrong CRC in any chunk up to the image data (ancillary ones
+// too, as Pillow) or a damaged zlib stream (its Adler-32 checksum among others) refuses the file.
 Raw read_png(const std::string& path, bool mask) {
   File file(path, "rb");
-  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  std::string error;
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &error, on_png_error, on_png_warning);
   png_infop info = png_create_info_struct(png);
   Raw raw;
   if (setjmp(png_jmpbuf(png))) {
     png_destroy_read_struct(&png, &info, nullptr);
-    throw std::runtime_error(path + ": not a readable PNG");
+    throw std::runtime_error(path + ": not a readable PNG (" + error + "; a truncated or damaged file)");
   }
+  png_set_crc_action(png, PNG_CRC_DEFAULT, PNG_CRC_ERROR_QUIT);
   png_init_io(png, file.f);
   png_read_info(png, info);
   try {
@@ -106,7 +124,9 @@ Raw read_png(const std::string& path, bool mask) {
     for (size_t y = 0, i = 0; y < size_t(raw.height); ++y)
       for (size_t x = 0; x < size_t(raw.width) * raw.channels; ++x) raw.v[i++] = rows[y][x];
   }
-  if (raw.bit_depth < 8 && raw.color_type == PNG_COLOR_TYPE_GRAY && !mask) {   // Pillow's L: grey scaled to 0..255
+  // Pillow's L: 2- and 4-bit greys scaled to 0..255, for masks too (a 0/3 2-bit mask is black and white, 0/255,
+  // as a viewer shows it); a 1-bit mask stays 0/1 (Pillow's mode 1 reads as booleans).
+  if (raw.bit_depth < 8 && raw.color_type == PNG_COLOR_TYPE_GRAY && (!mask || raw.bit_depth > 1)) {
     int scale = 255 / ((1 << raw.bit_depth) - 1);
     for (auto& x : raw.v) x = uint16_t(x * scale);
   }
@@ -198,8 +218,8 @@ Image read_image(const std::string& path) {
   for (size_t p = 0, n = size_t(img.height) * img.width; p < n; ++p) {
     for (int c = 0; c < 3; ++c) {
       uint16_t v = raw.v[p * raw.channels + (grey ? 0 : c)];
-      if (raw.bit_depth == 16)   // grey: scaled by 65535 as serving/inputs.py to_rgb8; colour: Pillow keeps the high byte
-        v = grey ? uint16_t((v * 255u + 32767u) / 65535u) : uint16_t(v >> 8);
+      if (raw.bit_depth == 16)   // grey: scaled by 65535 as serving/inputs.py to_rgb8; colour and grey+alpha:
+        v = raw.channels == 1 ? uint16_t((v * 255u + 32767u) / 65535u) : uint16_t(v >> 8);   // Pillow's high byte
       img.pixels[p * 3 + c] = uint8_t(v);
     }
   }

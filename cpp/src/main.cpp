@@ -5,9 +5,10 @@
 //                   [--mask-threshold 0.5] [--repeat N] [--threads auto|N]
 // Writes <out>/<query name>.png (0 background, 255 object, at the query's resolution): every mask or none,
 // as serving.predict (all go to a temporary folder inside <out>, renamed into place once every query has
-// succeeded; any failed read or write exits 1 and leaves <out> as it was). --repeat N times the model call
-// N times per query after a warm-up and prints the median (ms per episode). --threads auto (the default)
-// sizes LibTorch's threads before each query to the cores other processes leave free (cpp/src/threads.cpp).
+// succeeded and every destination is free: one taken by a folder, or a file that is not writable, refuses the run
+// before any mask is replaced; any failed read or write exits 1 and leaves <out> as it was). --repeat N times the
+// model call N times per query after a warm-up and prints the median (ms per episode). --threads auto (the
+// default) sizes LibTorch's threads before each query to the cores other processes leave free (cpp/src/threads.cpp).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -127,6 +128,18 @@ int main(int argc, char** argv) {
       fail("two queries are named " + fs::path(q).stem().string() + ": both masks would be " +
            (fs::path(out) / fs::path(q).stem()).string() + ".png; rename one");
   fs::path tmp;
+  size_t replaced = 0;
+  // Every mask or none: a destination that rename() cannot take, or that is write-protected, is refused before
+  // any is replaced (checked before the queries run, and again just before the renames).
+  auto check_destinations = [&] {
+    for (const auto& q : queries) {
+      auto path = fs::path(out) / (fs::path(q).stem().string() + ".png");
+      if (fs::is_directory(fs::symlink_status(path)))
+        throw std::runtime_error(path.string() + " is a folder; the mask of " + q + " cannot replace it");
+      if (fs::exists(fs::symlink_status(path)) && access(path.c_str(), W_OK) != 0)
+        throw std::runtime_error(path.string() + " is not writable; the mask of " + q + " would replace it");
+    }
+  };
   try {
     std::unique_ptr<svf_fss::Backend> net;
     if (backend == "aoti") net = svf_fss::load_aoti(model);
@@ -140,6 +153,7 @@ int main(int argc, char** argv) {
       smask.push_back(svf_fss::read_mask(masks[i], threshold));
     }
     fs::create_directories(out);
+    check_destinations();
     tmp = fs::path(out) / (".svf_fss_predict." + std::to_string(getpid()) + ".tmp");
     fs::remove_all(tmp);
     fs::create_directories(tmp);
@@ -172,7 +186,11 @@ int main(int argc, char** argv) {
         if (r > 0) model_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count());
       }
     }
-    for (const auto& [part, path] : written) fs::rename(part, path);   // every query succeeded: all at once
+    check_destinations();
+    for (const auto& [part, path] : written) {   // every query succeeded: all at once
+      fs::rename(part, path);
+      ++replaced;
+    }
     fs::remove_all(tmp);
     std::cout << queries.size() << " queries, " << supports.size() << " shots, backend " << net->name() << ", input "
               << net->size << "x" << net->size << "; end to end median " << median_ms(total_ms) << " ms per query";
@@ -188,6 +206,8 @@ int main(int argc, char** argv) {
   }
   std::error_code ignored;
   if (!tmp.empty()) fs::remove_all(tmp, ignored);
-  if (!tmp.empty()) std::cerr << "svf_fss_predict: nothing written to " << out << "\n";
+  if (replaced) std::cerr << "svf_fss_predict: " << replaced << " of " << queries.size() << " masks replaced in " << out
+                         << " before the failure\n";
+  else if (!tmp.empty()) std::cerr << "svf_fss_predict: nothing written to " << out << "\n";
   return 1;
 }

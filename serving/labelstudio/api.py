@@ -20,7 +20,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -87,7 +87,10 @@ class Webhook(BaseModel):
     task: Task | None = None
 
 
-def parsed(model: type[BaseModel], body: Any, what: str):
+M = TypeVar("M", bound=BaseModel)
+
+
+def parsed(model: type[M], body: Any, what: str) -> M:
     try:
         return model.model_validate(body)
     except ValidationError as e:
