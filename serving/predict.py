@@ -159,6 +159,17 @@ def val_figure(path: Path, worst: list[tuple], n: int = 1) -> None:
     plt.close(fig)
 
 
+def check_truths(gt: Path, queries: list[Path]) -> Path:
+    """The --gt folder, refused unless it holds <query name>.png for every query."""
+    if not gt.is_dir():
+        raise UserError(f"--gt {gt} is not a folder; it holds the queries' true masks, <query name>.png")
+    missing = [q.name for q in queries if not (gt / f"{q.stem}.png").is_file()]
+    if missing:
+        raise UserError(f"--gt {gt} has no mask for {len(missing)} quer{'y' if len(missing) == 1 else 'ies'}: "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (expected <query name>.png)")
+    return gt
+
+
 def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt: str = "png",
             overlays: bool = True, mask_threshold: float | None = None, progress: bool = True,
             gt: str | Path | None = None, classes: list[str] | None = None, background_threshold: float = 0.5,
@@ -181,14 +192,7 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
     if problem:
         raise UserError(problem)
     queries = list_queries([str(q) for q in queries])
-    if gt is not None:
-        gt = Path(gt)
-        if not gt.is_dir():
-            raise UserError(f"--gt {gt} is not a folder; it holds the queries' true masks, <query name>.png")
-        missing = [q.name for q in queries if not (gt / f"{q.stem}.png").is_file()]
-        if missing:
-            raise UserError(f"--gt {gt} has no mask for {len(missing)} quer{'y' if len(missing) == 1 else 'ies'}: "
-                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (expected <query name>.png)")
+    gt = None if gt is None else check_truths(Path(gt), queries)
     b = load_backend(model_dir, backend)
     groups = [[i for i, c in enumerate(classes) if c == n] for n in names] if names else [list(range(len(supports)))]
     feats = []

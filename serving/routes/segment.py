@@ -143,10 +143,8 @@ async def segment_classes(request: Request, query: UploadFile = File(..., descri
         s, m, _ = await svc.read_supports([supports[i] for i in pick], [masks[i] for i in pick], budget,
                                           mask_threshold, what=f"class {name!r}: ")
         feats.append(await svc.encode(s, m))
-    x, valid, kept = await svc.prepare_query(query, format, budget)
-    h, w = kept.shape[:2] if format == "overlay" else kept
     # the label map's work grows with its classes: each is a full-resolution plane to resize and compare
-    budget.take(h * w * len(names), f"the label map ({len(names)} classes at {w}x{h})")
+    x, valid, kept = await svc.prepare_query(query, format, budget, classes=len(names))
     # one decode per class, queued together: classes with the same shot count share a backend call
     logits = await asyncio.gather(*(svc.decode(x, f) for f in feats))
     return await svc.off_loop(answer_labels, [l[0] for l in logits], valid, kept, format, names, background_threshold,
