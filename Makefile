@@ -15,7 +15,8 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Label Studio for the ML backend's round-trip test, in an environment of its own (its pins clash with ours:
-# numpy < 2.3), with a database initialised once (48 s) that each test copies (then it starts in 5 s)
+# numpy < 2.3), with a database initialised once (48 s) that each test copies (then it starts in 5 s); initialised
+# as a team's would be, with Label Studio's defaults (legacy API tokens off: the test uses a personal access token)
 LS_VENV  ?= .venv-labelstudio
 LS_STAMP := $(LS_VENV)/.installed
 
@@ -30,14 +31,14 @@ $(STAMP): requirements.lock requirements-stubs.lock pyproject.toml
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-$(LS_STAMP): requirements-labelstudio.lock
+$(LS_STAMP): requirements-labelstudio.lock Makefile
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip install --require-hashes --no-deps -q -r requirements-labelstudio.lock
 	rm -rf $(LS_VENV)/template && mkdir -p $(LS_VENV)/template
 	LABEL_STUDIO_BASE_DATA_DIR=$(CURDIR)/$(LS_VENV)/template DJANGO_DB=sqlite SENTRY_DSN= FRONTEND_SENTRY_DSN= \
 	  COLLECT_ANALYTICS=false LATEST_VERSION_CHECK=false $(LS_VENV)/bin/label-studio init \
-	  --username tests@svf-fss.local --password svf-fss-tests --user-token svf-fss-tests-token \
-	  --enable-legacy-api-token > $(LS_VENV)/init.log 2>&1 || { tail -20 $(LS_VENV)/init.log; exit 1; }
+	  --username tests@svf-fss.local --password svf-fss-tests > $(LS_VENV)/init.log 2>&1 \
+	  || { tail -20 $(LS_VENV)/init.log; exit 1; }
 	touch $(LS_STAMP)
 
 repro: $(STAMP)

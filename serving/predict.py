@@ -31,6 +31,7 @@ true masks are label maps with the same ids (255 ignore) and val.json has each c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -159,6 +160,16 @@ def val_figure(path: Path, worst: list[tuple], n: int = 1) -> None:
     plt.close(fig)
 
 
+def support_version(supports, masks, classes) -> str:
+    """The model version stamped on Label Studio pre-annotations: a digest of the support images and masks (and
+    their classes), so that two imports made from other examples can be told apart, and one made again cannot."""
+    h = hashlib.sha256()
+    for i, (s, m) in enumerate(zip(supports, masks)):
+        h.update(json.dumps(classes[i] if classes else None).encode())
+        h.update(hashlib.sha256(Path(s).read_bytes()).digest() + hashlib.sha256(Path(m).read_bytes()).digest())
+    return f"svf-fss-file-{h.hexdigest()[:10]}"
+
+
 def check_truths(gt: Path, queries: list[Path]) -> Path:
     """The --gt folder, refused unless it holds <query name>.png for every query."""
     if not gt.is_dir():
@@ -196,6 +207,7 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
     b = load_backend(model_dir, backend)
     groups = [[i for i, c in enumerate(classes) if c == n] for n in names] if names else [list(range(len(supports)))]
     feats = []
+    version = support_version(supports, masks, classes)
     for g, pick in enumerate(groups):
         if b.shots and len(pick) != b.shots:
             raise UserError(f"{len(pick)} shots given{f' for class {names[g]!r}' if names else ''}; this model (BAM "
@@ -236,7 +248,7 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
                 (tmp / f"{q.stem}.png").write_bytes(label_png(mask, n) if names else png_bytes(mask * 255))
             elif fmt == "labelstudio":
                 rles.append({"data": {ls_names[1]: task_url(image_url, q)}, "predictions": [
-                    {"model_version": f"svf-fss ({b.name})", "result": brush_results(mask, names or ["object"],
+                    {"model_version": version, "result": brush_results(mask, names or ["object"],
                                                                                      *ls_names)}]})
             elif names:
                 rles.append({"file": q.name, **label_json(mask, names, background_threshold)})

@@ -27,23 +27,30 @@ def create_app(model_dir: str | Path, backend: str = "auto", store: str | Path |
                ls_url: str | None = None, ls_token: str | None = None, threshold: float = 0.5, *,
                allow_image_hosts=(), allowed_hosts=("*",), basic_auth_user: str | None = None,
                basic_auth_pass: str | None = None, max_body: int = 32 << 20, max_pixels: int = 4096 * 4096,
-               fetch_deadline: float = 20.0):
+               fetch_deadline: float = 20.0, port: int | None = None):
     """The backend over ``model_dir`` (see ``python -m serving.labelstudio --help`` for each argument)."""
+    from fastapi import Depends
     from fastapi.responses import JSONResponse
     from fastapi_offline import FastAPIOffline
 
+    from ..app import Measured
     from ..backends import load_backend
     from ..guard import Guard
     from ..inputs import UserError
     from ..labelmap import check_background_threshold
     from .api import Backend, basic_auth, router
     from .examples import Examples
+    from .client import LabelStudio
     from .images import ImageSource
 
     check_background_threshold(threshold)
     model = load_backend(model_dir, backend)
-    images = ImageSource(ls_url, ls_token, allow_image_hosts, max_pixels=max_pixels, deadline=fetch_deadline)
-    b = Backend(model, Examples(Path(store) if store else None, model, shots), images, threshold)
+    ls = LabelStudio(ls_url, ls_token, fetch_deadline)
+    images = ImageSource(ls, allow_image_hosts, max_pixels=max_pixels, deadline=fetch_deadline)
+    auth = (basic_auth_user, basic_auth_pass) if basic_auth_user else None
+    b = Backend(model, Examples(Path(store) if store else None, model, shots), images, threshold, auth, port)
+    if ls.url and ls.token:
+        b.sync._start(check_token, b)
     app = FastAPIOffline(title="svf-fss Label Studio ML backend")
 
     @app.exception_handler(UserError)
@@ -55,9 +62,31 @@ def create_app(model_dir: str | Path, backend: str = "auto", store: str | Path |
     @app.get("/health")
     @app.get("/")
     def health():
-        return {"status": "UP", "model_class": "svf-fss", "backend": model.name}
+        """UP while the model serves; ``problems``: what keeps Label Studio's annotations or images from reaching
+        the backend, each with what to change."""
+        return {"status": "UP", "model_class": "svf-fss", "backend": model.name,
+                "problems": sorted(b.sync.problems.values())}
 
-    app.include_router(router(b, basic_auth(basic_auth_user, basic_auth_pass)))
+    auth = basic_auth(basic_auth_user, basic_auth_pass)
+    app.include_router(router(b, auth))
+    app.add_api_route("/metrics", b.metrics.answer, methods=["GET"], dependencies=[Depends(auth)])
+    app.add_middleware(Measured, observe=b.metrics.observe)
     app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), max_body=max_body)
     app.state.examples = b.examples
     return app
+
+
+def check_token(b) -> None:
+    """At start: does Label Studio take the token? (Label Studio 1.23 turns legacy tokens off: then only a
+    personal access token works.)"""
+    try:
+        r = b.ls.request("GET", "/api/current-user/whoami")
+        if r.status_code == 200:
+            b.sync._problem("token", None)
+            return
+        what = f"HTTP {r.status_code}: {r.text[:200]}"
+    except Exception as e:
+        what = f"{type(e).__name__}: {e}"
+    kind = "personal access token" if b.ls.personal else "legacy token (Label Studio 1.23 disables these by default)"
+    b.sync._problem("token", f"Label Studio at {b.ls.url} refuses the {kind} ({what}): give --ls-token a personal "
+                    "access token (Account & Settings > Personal Access Token)")

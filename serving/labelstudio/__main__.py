@@ -40,6 +40,7 @@ def main(argv=None):
     ap.add_argument("--fetch-timeout", type=float, default=20.0, help="seconds an image read may take in all")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)     # a line per request to Label Studio otherwise
     from ..guard import LOOPBACK
     from ..model_files import missing_model
     if not 1 <= args.shots <= 10:
@@ -74,7 +75,8 @@ def main(argv=None):
                                                                          for h in v.split(",") if h.strip()],
                          allowed_hosts=hosts, basic_auth_user=args.basic_auth_user,
                          basic_auth_pass=args.basic_auth_pass, max_body=int(args.max_body_mb * (1 << 20)),
-                         max_pixels=args.max_pixels, fetch_deadline=args.fetch_timeout)
+                         max_pixels=args.max_pixels, fetch_deadline=args.fetch_timeout,
+                         port=args.port)
     except ValueError as e:
         ap.error(str(e))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -31,6 +31,7 @@ from ..labelmap import MAX_CLASSES, label_map
 from .brush import brush_mask, brush_results
 from .examples import Examples
 from .images import ImageSource
+from .sync import Sync
 
 log = logging.getLogger("serving.labelstudio")
 MAX_LABEL = 256                                  # characters of a label's name
@@ -78,6 +79,19 @@ class WebhookProject(BaseModel):
 class Annotation(BaseModel):
     id: Id
     result: list[dict[str, Any]] = []
+
+
+class Training(BaseModel):
+    project: WebhookProject
+
+
+class AnnotationId(BaseModel):
+    id: Id
+
+
+class Deleted(BaseModel):
+    project: WebhookProject
+    annotations: list[AnnotationId] = Field(max_length=100_000)
 
 
 class Webhook(BaseModel):
@@ -132,11 +146,44 @@ class Config:
 
 
 # ------------------------------------------------------------------ the routes
-class Backend:
-    """The state the routes share: the model, the examples, where images come from, the pools."""
+class Metrics:
+    """/metrics in Prometheus' text format: requests by route and status, their latency, tasks pre-annotated,
+    examples stored, image reads refused."""
+    ROUTES = ("/health", "/", "/setup", "/predict", "/webhook", "/metrics")
 
-    def __init__(self, model, examples: Examples, images: ImageSource, threshold: float):
+    def __init__(self, examples: Examples):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("svf_ls_requests_total", "Requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("svf_ls_request_latency_seconds", "Request latency", ["route"], registry=r,
+                                 buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.tasks = Counter("svf_ls_tasks_predicted_total", "Tasks pre-annotated (with regions or not)", registry=r)
+        self.unreadable = Counter("svf_ls_images_unreadable_total", "Task images that could not be read", registry=r)
+        Gauge("svf_ls_examples", "Annotated examples held", registry=r).set_function(
+            lambda: sum(len(a) for a in examples.items.values()))
+
+    def observe(self, scope, status: int, seconds: float) -> None:
+        route = scope["path"] if scope["path"] in self.ROUTES else "other"
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def answer(self):
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class Backend:
+    """The state the routes share: the model, the examples, Label Studio and where images come from, the pools."""
+
+    def __init__(self, model, examples: Examples, images: ImageSource, threshold: float,
+                 auth: tuple[str, str] | None = None, port: int | None = None):
         self.model, self.examples, self.images, self.threshold = model, examples, images, threshold
+        self.ls, self.auth_user = images.ls, auth[0] if auth else None
+        basic = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode() if auth else None
+        self.sync = Sync(self, basic, port)
+        self.metrics = Metrics(examples)
         self.work = ThreadPoolExecutor(2, thread_name_prefix="ls-work")       # configs, regions, the model
         self.fetch = ThreadPoolExecutor(8, thread_name_prefix="ls-fetch")     # image reads (network-bound)
 
@@ -146,6 +193,18 @@ class Backend:
     def segment(self, img: np.ndarray, feats: list) -> np.ndarray:
         x, valid = query_tensor(img, self.model.size)
         return label_map([self.model.decode(x, f)[0] for f in feats], valid, img.shape[:2], self.threshold)
+
+    def regions(self, cfg: Config, aid: int, result) -> list[BrushRegion]:
+        """An annotation's brush regions of the project's BrushLabels, checked; refused when one names a label the
+        config does not have."""
+        if not isinstance(result, list):
+            raise UserError(f"annotation {aid}'s result is not a list")
+        regions = [parsed(BrushRegion, x, f"annotation {aid}'s brush region") for x in result
+                   if isinstance(x, dict) and x.get("type") == "brushlabels" and x.get("from_name") == cfg.from_name]
+        unknown = sorted({n for x in regions for n in x.value.brushlabels} - set(cfg.labels))
+        if unknown:
+            raise UserError(f"annotation {aid} paints label(s) {unknown[:5]} that the project's config does not name")
+        return regions
 
     def store(self, pid: int, aid: int, regions: list[BrushRegion], img: np.ndarray) -> list[str]:
         """Decode an annotation's regions against its image and store one example per label."""
@@ -197,6 +256,18 @@ def basic_auth(user: str | None, password: str | None):
     return check
 
 
+def earlier_predictions(b: Backend, tasks: list[Task]) -> dict[int, set[int]]:
+    """{task id: ids of its predictions from this backend} before this round (none known without Label Studio's
+    token: nothing is then replaced)."""
+    if not (b.ls.url and b.ls.token):
+        return {}
+    try:
+        return {t.id: {p["id"] for p in b.sync.predictions(t.id)} for t in tasks if t.id is not None}
+    except Exception as e:             # Label Studio unreachable: predictions stack up, the prediction goes on
+        log.warning("cannot list earlier predictions (%s: %s)", type(e).__name__, e)
+        return {}
+
+
 def router(b: Backend, auth) -> APIRouter:
     r = APIRouter(dependencies=[Depends(auth)])
 
@@ -204,16 +275,25 @@ def router(b: Backend, auth) -> APIRouter:
     async def setup(request: Request):
         body = parsed(Setup, await json_body(request, b), "/setup's body")
         pid = project_id(body.project)
-        await b.run(Config, body.schema_)        # a config this backend cannot serve is refused with its reason
-        b.images.setup(body.hostname, body.access_token)      # only after every check
-        return {"model_version": b.examples.version(pid)}
+        cfg = await b.run(Config, body.schema_)    # a config this backend cannot serve is refused with its reason
+        b.ls.setup(body.hostname, body.access_token)      # only after every check
+        b.sync.project(pid, cfg)                          # earlier annotations, the webhook: in the background
+        return {"model_version": b.examples.version(b.examples.ready(pid, cfg.labels)[0])}
 
-    @r.post("/webhook")
+    @r.post("/webhook", status_code=201)
     async def webhook(request: Request):
         raw = await json_body(request, b)
         if not isinstance(raw, dict):
             raise UserError("the event is not a JSON object")
         action = raw.get("action")
+        if action == "START_TRAINING":          # Label Studio's "Start training": read the project's annotations
+            body = parsed(Training, raw, "the START_TRAINING event")
+            b.sync.project(body.project.id, await b.run(Config, body.project.label_config), delays=(0,))
+            return {"status": "ok", "job": "reading the project's annotations"}
+        if action == "ANNOTATIONS_DELETED":     # what Label Studio sends when annotations are deleted
+            body = parsed(Deleted, raw, "the ANNOTATIONS_DELETED event")
+            removed = [await b.run(b.examples.drop, body.project.id, a.id) for a in body.annotations]
+            return {"status": "ok", "removed": sum(removed)}
         if action not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"):
             return {"status": "ignored", "reason": f"event {str(action)[:60]} does not change a support set"}
         body = parsed(Webhook, raw, f"the {action} event")
@@ -221,16 +301,13 @@ def router(b: Backend, auth) -> APIRouter:
         if action == "ANNOTATION_DELETED":
             return {"status": "ok", "removed": await b.run(b.examples.drop, pid, aid)}
         cfg = await b.run(Config, body.project.label_config)
-        regions = [parsed(BrushRegion, x, f"annotation {aid}'s brush region") for x in body.annotation.result
-                   if x.get("type") == "brushlabels" and x.get("from_name") == cfg.from_name]
-        unknown = sorted({n for x in regions for n in x.value.brushlabels} - set(cfg.labels))
-        if unknown:
-            raise UserError(f"annotation {aid} paints label(s) {unknown[:5]} that the project's config does not name")
+        regions = b.regions(cfg, aid, body.annotation.result)
         if not regions:
             return {"status": "ignored", "reason": f"annotation {aid} has no brush region of {cfg.from_name!r}: "
                                                    "nothing stored"}
-        url = (body.task.data if body.task else {}).get(cfg.data_key)
-        img = await b.run(b.images.read, url, f"annotation {aid}'s image", pool=b.fetch)
+        task = body.task or Task()
+        img = await b.run(b.images.read, task.data.get(cfg.data_key), f"annotation {aid}'s image", task.id,
+                          pool=b.fetch)
         labels = await b.run(b.store, pid, aid, regions, img)
         log.info("project %s: annotation %s -> examples of %s", pid, aid, ", ".join(labels))
         return {"status": "ok", "labels": labels}
@@ -240,26 +317,34 @@ def router(b: Backend, auth) -> APIRouter:
         body = parsed(Predict, await json_body(request, b), "/predict's body")
         pid = project_id(body.project)
         cfg = await b.run(Config, body.label_config)
-        names, why = b.examples.ready(pid, cfg.labels)
+        have, why = b.examples.ready(pid, cfg.labels)
         if why:
             log.info("project %s: no support set for %s", pid, "; ".join(f"{k}: {v}" for k, v in list(why.items())[:20]))
-        if len(names) > MAX_CLASSES:
-            raise UserError(f"{len(names)} labels have support sets; one prediction takes at most {MAX_CLASSES}")
-        version = b.examples.version(pid)
-        names, feats = await b.run(b.examples.snapshot, pid, names)   # a deletion meanwhile changes nothing here
+        if len(have) > MAX_CLASSES:
+            raise UserError(f"{len(have)} labels have support sets; one prediction takes at most {MAX_CLASSES}")
+        used, feats = await b.run(b.examples.snapshot, pid, list(have))   # a deletion meanwhile changes nothing
+        names, version = list(used), b.examples.version(used)
+        before = await b.run(earlier_predictions, b, body.tasks, pool=b.fetch)
         results = []
         for task in body.tasks:
             if not names:
                 results.append({"result": [], "model_version": version})
                 continue
             try:
-                img = await b.run(b.images.read, task.data.get(cfg.data_key), f"task {task.id}", pool=b.fetch)
+                img = await b.run(b.images.read, task.data.get(cfg.data_key), f"task {task.id}", task.id, pool=b.fetch)
             except UserError as e:       # that task gets no regions; the others go on
+                b.metrics.unreadable.inc()
                 results.append({"result": [], "model_version": version, "error": str(e)})
                 continue
             labels = await b.run(b.segment, img, feats)
-            results.append({"result": brush_results(labels, names, cfg.from_name, cfg.to_name),
-                            "model_version": version})
+            b.metrics.tasks.inc()
+            regions = brush_results(labels, names, cfg.from_name, cfg.to_name)
+            for reg in regions:          # which annotations made it, in the region's note
+                ids = used[reg["value"]["brushlabels"][0]]
+                reg["meta"] = {"text": [f"svf-fss: from annotation{'s' if len(ids) > 1 else ''} "
+                                        f"{', '.join(map(str, ids))}"]}
+            results.append({"result": regions, "model_version": version})
+        b.sync.replace(before, version)
         return {"results": results, "model_version": version}
 
     return r

@@ -20,7 +20,10 @@ RLE_SIZES = (3, 4, 8, 16)          # rle-pack's run-length field widths, as Labe
 
 
 def rle_encode(values: np.ndarray) -> list[int]:
-    """The rle-pack stream (8-bit words) of a flat uint8 array; a run of one is a one-word literal chunk."""
+    """The rle-pack stream (8-bit words) of a flat uint8 array, byte for byte as label-studio-sdk's converter
+    writes it: a run of one is a one-word literal chunk; a run of up to 256 takes the narrowest width that
+    holds it; a longer run goes in 16-bit chunks of 65,536, the rest in a last 16-bit chunk; then 1 to 8 zero
+    bits (a whole zero byte when the stream already ends on a byte)."""
     v = np.asarray(values, np.uint8).ravel()
     parts = [format(len(v), "032b"), format(7, "05b")] + [format(s - 1, "04b") for s in RLE_SIZES]
     if len(v):
@@ -31,13 +34,13 @@ def rle_encode(values: np.ndarray) -> list[int]:
             if n == 1:
                 parts.append("000000" + word)          # flag 0, selector 0, length 0: one literal word
                 continue
-            while n > 0:
-                take = min(n, 1 << RLE_SIZES[-1])
-                sel = next(i for i, s in enumerate(RLE_SIZES) if take <= 1 << s)
-                parts.append("1" + format(sel, "02b") + format(take - 1, f"0{RLE_SIZES[sel]}b") + word)
-                n -= take
+            sel = next((i for i, s in enumerate(RLE_SIZES[:3]) if n <= 1 << s), 3)
+            while n > 1 << 16:
+                parts.append("111" + "1" * 16 + word)
+                n -= 1 << 16
+            parts.append("1" + format(sel, "02b") + format(n - 1, f"0{RLE_SIZES[sel]}b") + word)
     bits = "".join(parts)
-    bits += "0" * (-len(bits) % 8)
+    bits += "0" * (8 - len(bits) % 8)
     return list(int(bits, 2).to_bytes(len(bits) // 8, "big"))
 
 

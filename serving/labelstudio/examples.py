@@ -96,44 +96,52 @@ class Examples:
                         self._file(key, ann).unlink(missing_ok=True)
             return n
 
-    def ready(self, project: int, labels: list[str]) -> tuple[list[str], dict[str, str]]:
-        """(labels with a support set, {label: why not} for the others)."""
-        have, why = [], {}
+    def has(self, project: int, ann: int) -> bool:
+        with self.lock:
+            return any(ann in anns for (p, _), anns in self.items.items() if p == project)
+
+    def annotations(self, project: int) -> set[int]:
+        with self.lock:
+            return {a for (p, _), anns in self.items.items() if p == project for a in anns}
+
+    def ready(self, project: int, labels: list[str]) -> tuple[dict[str, list[int]], dict[str, str]]:
+        """({label: the annotation ids of its support set} for the labels that have one, {label: why not} for
+        the others)."""
+        have, why = {}, {}
+        k = self.backend.shots or self.shots
         with self.lock:
             for name in labels:
-                n = len(self.items.get((project, name), {}))
-                if n == 0:
+                anns = self.items.get((project, name), {})
+                if not anns:
                     why[name] = "no annotated example yet"
-                elif self.backend.shots and n < self.backend.shots:
-                    why[name] = f"{n} example(s); this model (BAM) takes {self.backend.shots}"
+                elif self.backend.shots and len(anns) < self.backend.shots:
+                    why[name] = f"{len(anns)} example(s); this model (BAM) takes {self.backend.shots}"
                 else:
-                    have.append(name)
+                    have[name] = sorted(sorted(anns, key=lambda a: (anns[a][0], a))[-k:])
         return have, why
 
-    def snapshot(self, project: int, labels: list[str]) -> tuple[list[str], list[tuple]]:
-        """(labels, their support features) for those of ``labels`` that have a set now, encoded where needed."""
-        names, feats = [], []
-        for name in labels:
+    def snapshot(self, project: int, labels: list[str]) -> tuple[dict[str, list[int]], list[tuple]]:
+        """({label: its set's annotation ids}, their support features) for those of ``labels`` that have a set
+        now, encoded where needed; a deletion while a prediction runs changes nothing for it."""
+        used, feats = {}, []
+        for name, ids in self.ready(project, labels)[0].items():
             key = (project, name)
             with self.lock:
+                anns = self.items.get(key, {})
+                if not all(a in anns for a in ids):
+                    continue                       # changed since ready(): left for the next prediction
                 f = self.feats.get(key)
-                if f is None:
-                    recent = sorted(self.items.get(key, {}).values(), key=lambda t: t[0])
-                    recent = recent[-(self.backend.shots or self.shots):]
-                    if not recent or (self.backend.shots and len(recent) < self.backend.shots):
-                        continue
-                    s = np.stack([t[1] for t in recent])[None]
-                    m = np.stack([t[2] for t in recent])[None].astype(np.float32)
-                    f = self.feats[key] = self.backend.encode(s, m)
-            names.append(name)
-            feats.append(f)
-        return names, feats
+                if f is None or f[0] != ids:
+                    s = np.stack([anns[a][1] for a in ids])[None]
+                    m = np.stack([anns[a][2] for a in ids])[None].astype(np.float32)
+                    f = self.feats[key] = (ids, self.backend.encode(s, m))
+            used[name] = ids
+            feats.append(f[1])
+        return used, feats
 
-    def version(self, project: int) -> str:
-        """Changes whenever a set of this project changes, so that Label Studio asks again for its tasks."""
-        h = hashlib.sha1()
-        with self.lock:
-            for (p, label), anns in sorted(self.items.items()):
-                if p == project:
-                    h.update(json.dumps([label, sorted(anns)]).encode())
+    @staticmethod
+    def version(used: dict[str, list[int]]) -> str:
+        """The model version of predictions made from these sets ({label: annotation ids}): it changes when a
+        set a prediction uses changes, and only then."""
+        h = hashlib.sha1(json.dumps(sorted(used.items())).encode())
         return f"svf-fss-{h.hexdigest()[:10]}"

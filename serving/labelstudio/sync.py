@@ -1,0 +1,168 @@
+"""What the backend keeps in step with Label Studio, through its API (client.py), in a thread of its own:
+
+* after a ``/setup`` (and on ``START_TRAINING``, Label Studio's "Start training"): the project's annotations
+  made before the backend was connected, or while it was down, become examples; examples whose annotation
+  is gone are dropped;
+* the project's webhook to this backend (Label Studio creates it when the model is connected, without the
+  basic auth it needs): created when missing, given the basic-auth header when the backend asks for one;
+  where Label Studio refuses (its SSRF protection), the reason goes to the log and to ``/health``;
+* after a ``/predict``, the task's earlier predictions from this backend are deleted once Label Studio has
+  stored the new one, so that a task shows one prediction, the current one.
+
+Each problem is kept under its topic until a later run clears it: ``/health`` lists them, so that a team
+does not meet a silent "Connected".
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.parse
+
+from ..inputs import UserError
+
+log = logging.getLogger("serving.labelstudio")
+
+
+class Sync:
+    def __init__(self, b, basic_header: str | None, port: int | None):
+        self.b, self.basic, self.port = b, basic_header, port
+        self.problems: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.running: set[int] = set()
+
+    def _problem(self, topic: str, message: str | None) -> None:
+        if message is None:
+            self.problems.pop(topic, None)
+        elif self.problems.get(topic) != message:
+            self.problems[topic] = message
+            log.warning("%s", message)
+
+    def _start(self, fn, *args) -> None:
+        threading.Thread(target=fn, args=args, daemon=True, name="ls-sync").start()
+
+    # ------------------------------------------------------------------ after /setup or START_TRAINING
+    def project(self, pid: int, cfg, delays=(0.5, 3, 10)) -> None:
+        """Bring project ``pid`` in step (in the background, a few times: Label Studio calls /setup before it
+        has saved the model's connection and created the webhook)."""
+        if not self.b.ls.url or not self.b.ls.token:
+            self._problem("token", "no Label Studio token: annotations made before the backend was connected are "
+                          "not read and the webhook is not checked (give --ls-url and --ls-token <personal access "
+                          "token>)")
+            return
+        with self.lock:
+            if pid in self.running:
+                return
+            self.running.add(pid)
+
+        def run():
+            try:
+                for delay in delays:
+                    time.sleep(delay)
+                    self.once(pid, cfg)
+            finally:
+                with self.lock:
+                    self.running.discard(pid)
+        self._start(run)
+
+    def once(self, pid: int, cfg) -> None:
+        try:
+            self.annotations(pid, cfg)
+            self._problem("token", None)
+            self.webhook(pid)
+        except UserError as e:
+            self._problem("token" if e.status == 502 or "401" in str(e) else f"project {pid}", f"project {pid}: {e}")
+        except Exception as e:         # Label Studio unreachable, an answer of another form: named, retried later
+            self._problem(f"project {pid}", f"project {pid}: cannot read it from Label Studio ({type(e).__name__}: {e})")
+
+    def annotations(self, pid: int, cfg) -> None:
+        b, seen, added = self.b, set(), 0
+        for task in b.ls.pages("/api/tasks", "tasks", {"project": pid, "fields": "all"}):
+            for ann in task.get("annotations") or []:
+                aid = ann.get("id")
+                if not isinstance(aid, int) or ann.get("was_cancelled"):
+                    continue
+                seen.add(aid)
+                if b.examples.has(pid, aid):
+                    continue
+                try:
+                    regions = b.regions(cfg, aid, ann.get("result"))
+                    if regions:
+                        img = b.images.read((task.get("data") or {}).get(cfg.data_key), f"annotation {aid}'s image",
+                                            task.get("id"))
+                        b.store(pid, aid, regions, img)
+                        added += 1
+                except UserError as e:       # that annotation is left out, the others go on
+                    log.warning("project %s: annotation %s not used: %s", pid, aid, e)
+        gone = b.examples.annotations(pid) - seen
+        for aid in gone:
+            b.examples.drop(pid, aid)
+        if added or gone:
+            log.info("project %s: %d annotation(s) read from Label Studio, %d gone", pid, added, len(gone))
+
+    def webhook(self, pid: int) -> None:
+        ls = self.b.ls
+        r = ls.request("GET", "/api/ml", params={"project": pid})
+        if r.status_code != 200:
+            raise UserError(f"Label Studio answered /api/ml with HTTP {r.status_code}: {r.text[:200]}")
+        mine = self.mine(r.json())
+        if mine is None:
+            return                             # not saved yet (Label Studio calls /setup first): the next run
+        url = mine["url"].rstrip("/") + "/webhook"
+        hooks = ls.request("GET", "/api/webhooks/", params={"project": pid}).json()
+        hook = next((h for h in hooks if isinstance(h, dict) and h.get("url") == url), None)
+        headers = {"Authorization": self.basic} if self.basic else {}
+        if hook is None:
+            r = ls.request("POST", "/api/webhooks/", json={"project": pid, "url": url, "send_payload": True,
+                                                           "send_for_all_actions": True, "headers": headers,
+                                                           "is_active": True})
+            if r.status_code >= 400:
+                detail = r.json().get("detail", r.text) if "json" in r.headers.get("content-type", "") else r.text
+                self._problem(f"webhook {pid}", f"project {pid}: Label Studio refuses a webhook to {url} "
+                              f"({str(detail)[:200]}), so annotations never reach this backend: start Label Studio with "
+                              "SSRF_PROTECTION_ENABLED=false (and ML_BLOCK_LOCAL_IP=false) when the backend runs on "
+                              "its machine or network; the backend creates the webhook at the next /setup")
+                return
+            log.info("project %s: webhook to %s created", pid, url)
+        elif self.basic and (hook.get("headers") or {}).get("Authorization") != self.basic:
+            ls.request("PATCH", f"/api/webhooks/{hook['id']}/",
+                       json={"headers": {**(hook.get("headers") or {}), **headers}}).raise_for_status()
+            log.info("project %s: webhook %s given this backend's basic auth", pid, hook["id"])
+        self._problem(f"webhook {pid}", None)
+
+    def mine(self, backends) -> dict | None:
+        """Which of the project's ML backends is this one: the only one, or the one with this backend's
+        basic-auth user, or on this backend's port."""
+        backends = [m for m in backends if isinstance(m, dict) and isinstance(m.get("url"), str)] \
+            if isinstance(backends, list) else []
+        if len(backends) > 1 and self.b.auth_user:
+            backends = [m for m in backends if m.get("basic_auth_user") == self.b.auth_user]
+        if len(backends) > 1 and self.port:
+            backends = [m for m in backends if urllib.parse.urlsplit(m["url"]).port == self.port]
+        return backends[0] if len(backends) == 1 else None
+
+    # ------------------------------------------------------------------ after /predict
+    def replace(self, before: dict[int, set[int]], version: str) -> None:
+        """Once Label Studio has stored this round's prediction of each task (``version``, an id not in
+        ``before``), delete the task's earlier predictions from this backend (those in ``before``)."""
+        def run():
+            left, deadline = dict(before), time.monotonic() + 30
+            while left and time.monotonic() < deadline:
+                time.sleep(0.5)
+                for task, old in list(left.items()):
+                    preds = self.predictions(task)
+                    if any(p["id"] not in old and p.get("model_version") == version for p in preds):
+                        for p in preds:
+                            if p["id"] in old:
+                                self.b.ls.request("DELETE", f"/api/predictions/{p['id']}/")
+                        del left[task]
+        if any(before.values()):
+            self._start(run)
+
+    def predictions(self, task: int) -> list[dict]:
+        """The task's predictions from this backend."""
+        r = self.b.ls.request("GET", "/api/predictions/", params={"task": task})
+        if r.status_code != 200 or not isinstance(r.json(), list):
+            return []
+        return [p for p in r.json() if isinstance(p, dict) and str(p.get("model_version", "")).startswith("svf-fss-")
+                and not str(p.get("model_version")).startswith("svf-fss-file-")]   # imports of serving.predict's
