@@ -41,8 +41,25 @@ class Site:
             def log_message(self, *a):
                 pass
 
+            def answer(self, status: int, body: bytes):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):       # Label Studio under its default SSRF protection, asked for a webhook
+                site.seen.append((self.path, self.headers.get("Authorization")))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.answer(403, b'{"detail": "URL resolves to a reserved network address (block: 127.0.0.0/8)"}')
+
             def do_GET(self):
                 site.seen.append((self.path, self.headers.get("Authorization")))
+                api = {"/api/ml": [{"id": 1, "url": "http://127.0.0.1:9", "basic_auth_user": AUTH[0]}],
+                       "/api/webhooks/": [], "/api/tasks": {"tasks": []}}.get(self.path.split("?", 1)[0])
+                if api is not None and site.storage:       # the Label Studio stand-in's API
+                    self.answer(200, json.dumps(api).encode())
+                    return
                 if self.path.startswith("/tasks/") and "/presign/?fileuri=" in self.path and site.storage:
                     uri = base64.urlsafe_b64decode(self.path.split("fileuri=", 1)[1]).decode()
                     self.send_response(303)         # as Label Studio answers for a storage with presigned URLs
@@ -392,6 +409,18 @@ def test_cloud_uris_go_through_the_presign_endpoint_and_every_event_form_is_read
     r = b.post("/webhook", {"action": "START_TRAINING", "project": {"id": 4, "label_config": CONFIG}})
     assert r.status_code == 201 and r.json()["status"] == "ok", r.text
     wait_for("the project read from Label Studio", lambda: any(p.startswith("/api/tasks?project=4") for p, _ in ls.seen))
+
+
+def test_a_webhook_label_studio_refuses_is_named_in_health(ls_backend, sites):
+    """Issue 36, item 1: where Label Studio refuses the webhook (its default SSRF protection), the backend says so
+    in its log and in /health, with the setting to change, instead of a silent "Connected"."""
+    ls = sites[0]
+    b = ls_backend
+    assert b.post("/setup", {"project": 5, "schema": CONFIG, "hostname": ls.url, "access_token": TOKEN}).status_code == 200
+    problems = wait_for("the refusal in /health", lambda: [p for p in httpx.get(b.url + "/health").json()["problems"]
+                                                            if "project 5" in p])
+    assert "SSRF_PROTECTION_ENABLED=false" in problems[0] and "reserved network address" in problems[0], problems
+    assert ("/api/webhooks/", f"Token {TOKEN}") in ls.seen
 
 
 def test_a_personal_access_token_is_exchanged_and_exchanged_again_after_a_401():
