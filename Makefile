@@ -18,7 +18,8 @@ STAMP  := $(VENV)/.installed
 # numpy < 2.3), with a database initialised once (48 s) that each test copies (then it starts in 5 s); initialised
 # as a team's would be, with Label Studio's defaults (legacy API tokens off: the test uses a personal access token)
 LS_VENV  ?= .venv-labelstudio
-LS_STAMP := $(LS_VENV)/.installed
+# (-2: the database initialised with Label Studio's defaults; a stamp of another name rebuilds it)
+LS_STAMP := $(LS_VENV)/.installed-2
 
 .PHONY: repro test test-fast ablation serve cpp venv bench lock clean-venv
 
@@ -31,7 +32,7 @@ $(STAMP): requirements.lock requirements-stubs.lock pyproject.toml
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-$(LS_STAMP): requirements-labelstudio.lock Makefile
+$(LS_STAMP): requirements-labelstudio.lock
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip install --require-hashes --no-deps -q -r requirements-labelstudio.lock
 	rm -rf $(LS_VENV)/template && mkdir -p $(LS_VENV)/template

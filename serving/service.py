@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.figures import overlay
 
 from .backends import Backend
-from .inputs import (PixelBudget, UserError, check_set_name, check_shots, check_threshold, mask_of, png_bytes,
+from .inputs import (PixelBudget, UserError, check_shots, check_threshold, mask_of, png_bytes,
                      prepare_supports, query_tensor, read_image, rle)
 from .labelmap import label_json, label_map, label_overlay, label_png
 

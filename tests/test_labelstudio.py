@@ -25,6 +25,7 @@ CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toN
 AUTH = ("labeller", "a-long-backend-password")
 TOKEN = "ls-token-for-the-real-label-studio"
 LS_VENV = ROOT / ".venv-labelstudio"
+LS_READY = LS_VENV / ".installed-2"         # the Makefile's stamp
 LS_USER = ("tests@svf-fss.local", "svf-fss-tests")       # the Makefile's `label-studio init`
 
 
@@ -221,12 +222,14 @@ def test_only_label_studio_and_allowed_hosts_are_fetched_and_errors_tell_nothing
     dead = f"http://127.0.0.1:{_free_port()}/1.png"
     errors = set()
     for url in (evil.url + "/1.png", dead, other.url + "/redirect?to=" + evil.url + "/2.png", "file:///etc/passwd",
-                other.url + "/nothing.txt", "http://[::1]:1/x.png"):
+                other.url + "/nothing.txt", "http://[::1]:1/x.png", "/data/\x00x.png",
+                # Label Studio's own origin: only /data/ and the presign endpoint, and only presign redirects elsewhere
+                "/api/current-user/whoami", ls.url + "/redirect?to=" + evil.url + "/3.png"):
         r = b.post("/webhook", event(1, 31, url, [region("A", disc())]))
         assert r.status_code == 400, (url, r.text)
         errors.add(r.json()["error"])
     assert errors == {"the task's image could not be read (the backend's log says why)"}
-    assert evil.seen == []
+    assert evil.seen == [] and not [p for p, _ in ls.seen if p.startswith(("/redirect", "/api/current-user"))]
     r = b.post("/webhook", event(1, 32, other.url + "/4.png", [region("B", disc())]))
     assert r.status_code == 201, r.text
     assert (("/4.png", None)) in other.seen         # an allowed host: read, without the token
@@ -417,9 +420,10 @@ def test_a_webhook_label_studio_refuses_is_named_in_health(ls_backend, sites):
     ls = sites[0]
     b = ls_backend
     assert b.post("/setup", {"project": 5, "schema": CONFIG, "hostname": ls.url, "access_token": TOKEN}).status_code == 200
-    problems = wait_for("the refusal in /health", lambda: [p for p in httpx.get(b.url + "/health").json()["problems"]
+    problems = wait_for("the refusal in /health", lambda: [p for p in b.http.get("/health").json()["problems"]
                                                             if "project 5" in p])
     assert "SSRF_PROTECTION_ENABLED=false" in problems[0] and "reserved network address" in problems[0], problems
+    assert "problems" not in httpx.get(b.url + "/health").json()       # told only to who has the basic auth
     assert ("/api/webhooks/", f"Token {TOKEN}") in ls.seen
 
 
@@ -453,6 +457,12 @@ def test_a_personal_access_token_is_exchanged_and_exchanged_again_after_a_401():
     url = f"http://127.0.0.1:{server.server_address[1]}"
     claims = base64.urlsafe_b64encode(json.dumps({"token_type": "refresh", "exp": 9e9}).encode()).decode().rstrip("=")
     pat = f"eyJhbGciOiJIUzI1NiJ9.{claims}.signature"
+    # a token counts only with the host it came from: a /setup with a token and no host, then one naming another
+    # host, must not send that token there
+    loose = LabelStudio(None, None)
+    loose.setup("", "first-token")
+    loose.setup("http://127.0.0.1:9", None)
+    assert loose.token is None and loose.headers() == {}
     try:
         ls = LabelStudio(url, pat)
         r = ls.stream(url + "/data/upload/1/a.png")
@@ -516,7 +526,7 @@ def wait_for(what: str, check, seconds: float = 45):
     return out
 
 
-@pytest.mark.skipif(not (LS_VENV / ".installed").exists(),
+@pytest.mark.skipif(not LS_READY.exists(),
                     reason="Label Studio's environment is missing: `make test` makes it (.venv-labelstudio)")
 def test_label_studio_round_trip_with_the_ml_backend(model_dir, tmp_path, monkeypatch):  # noqa: F811
     """Issue 36: a real Label Studio 1.23.2 on its defaults (legacy tokens off) with only the settings docs/annotate.md
@@ -599,7 +609,7 @@ def test_label_studio_round_trip_with_the_ml_backend(model_dir, tmp_path, monkey
         assert len(hook) == 1
         annotate("img7.png", "B", tmp_path / f"img7_{B}.png")
         wait_for("the webhook's annotation", lambda: len(list(store.glob("*/*/*.npz"))) == 2)
-        assert httpx.get(backend + "/health").json()["problems"] == []
+        assert httpx.get(backend + "/health", auth=AUTH).json()["problems"] == []
         wanted = [ids[q] for q in queries] + [ids["missing.png"]]
 
         def round_of_predictions():
@@ -679,7 +689,7 @@ def test_label_studio_round_trip_with_the_ml_backend(model_dir, tmp_path, monkey
                 p.kill()
 
 
-@pytest.mark.skipif(not (LS_VENV / ".installed").exists(),
+@pytest.mark.skipif(not LS_READY.exists(),
                     reason="Label Studio's environment is missing: `make test` makes it (.venv-labelstudio)")
 def test_the_brush_codec_agrees_with_label_studio_sdk(tmp_path):
     """Issue 36, item 8: masks (random, blocks, empty, full, runs over 65,536, odd sizes) encoded by the project and

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fastapi import Request
+
 from .brush import brush_mask, brush_results, rle_decode, rle_encode
 
 log = logging.getLogger("serving.labelstudio")
@@ -50,7 +52,7 @@ def create_app(model_dir: str | Path, backend: str = "auto", store: str | Path |
     auth = (basic_auth_user, basic_auth_pass) if basic_auth_user else None
     b = Backend(model, Examples(Path(store) if store else None, model, shots), images, threshold, auth, port)
     if ls.url and ls.token:
-        b.sync._start(check_token, b)
+        b.sync.start(check_token, b)
     app = FastAPIOffline(title="svf-fss Label Studio ML backend")
 
     @app.exception_handler(UserError)
@@ -59,17 +61,22 @@ def create_app(model_dir: str | Path, backend: str = "auto", store: str | Path |
         return JSONResponse({"error": str(exc)}, status_code=exc.status,
                             headers={"www-authenticate": "Basic"} if exc.status == 401 else None)
 
+    check_auth = basic_auth(basic_auth_user, basic_auth_pass)
+
     @app.get("/health")
     @app.get("/")
-    def health():
-        """UP while the model serves; ``problems``: what keeps Label Studio's annotations or images from reaching
-        the backend, each with what to change."""
-        return {"status": "UP", "model_class": "svf-fss", "backend": model.name,
-                "problems": sorted(b.sync.problems.values())}
+    def health(request: Request):
+        """UP while the model serves; to a caller with the basic auth (or when there is none), ``problems``: what
+        keeps Label Studio's annotations or images from reaching the backend, each with what to change."""
+        out = {"status": "UP", "model_class": "svf-fss", "backend": model.name}
+        try:
+            check_auth(request)
+        except UserError:
+            return out
+        return {**out, "problems": sorted(b.sync.problems.values())}
 
-    auth = basic_auth(basic_auth_user, basic_auth_pass)
-    app.include_router(router(b, auth))
-    app.add_api_route("/metrics", b.metrics.answer, methods=["GET"], dependencies=[Depends(auth)])
+    app.include_router(router(b, check_auth))
+    app.add_api_route("/metrics", b.metrics.answer, methods=["GET"], dependencies=[Depends(check_auth)])
     app.add_middleware(Measured, observe=b.metrics.observe)
     app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), max_body=max_body)
     app.state.examples = b.examples
@@ -82,11 +89,11 @@ def check_token(b) -> None:
     try:
         r = b.ls.request("GET", "/api/current-user/whoami")
         if r.status_code == 200:
-            b.sync._problem("token", None)
+            b.sync.problem("token", None)
             return
         what = f"HTTP {r.status_code}: {r.text[:200]}"
     except Exception as e:
         what = f"{type(e).__name__}: {e}"
     kind = "personal access token" if b.ls.personal else "legacy token (Label Studio 1.23 disables these by default)"
-    b.sync._problem("token", f"Label Studio at {b.ls.url} refuses the {kind} ({what}): give --ls-token a personal "
+    b.sync.problem("token", f"Label Studio at {b.ls.url} refuses the {kind} ({what}): give --ls-token a personal "
                     "access token (Account & Settings > Personal Access Token)")

@@ -132,6 +132,8 @@ class Config:
         if brush is None:
             raise UserError("the labelling config has no <BrushLabels>: this backend paints brush regions")
         self.from_name, self.to_name = brush.get("name"), brush.get("toName")
+        if not self.from_name or not self.to_name:
+            raise UserError("the labelling config's <BrushLabels> needs a name and a toName")
         image = next((t for t in root.iter() if t.tag == "Image" and t.get("name") == self.to_name), None)
         if image is None or not (image.get("value") or "").startswith("$"):
             raise UserError(f"the labelling config has no <Image name={self.to_name!r} value=\"$...\">")
@@ -160,8 +162,7 @@ class Metrics:
                                  buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.tasks = Counter("svf_ls_tasks_predicted_total", "Tasks pre-annotated (with regions or not)", registry=r)
         self.unreadable = Counter("svf_ls_images_unreadable_total", "Task images that could not be read", registry=r)
-        Gauge("svf_ls_examples", "Annotated examples held", registry=r).set_function(
-            lambda: sum(len(a) for a in examples.items.values()))
+        Gauge("svf_ls_examples", "Annotated examples held", registry=r).set_function(examples.count)
 
     def observe(self, scope, status: int, seconds: float) -> None:
         route = scope["path"] if scope["path"] in self.ROUTES else "other"
@@ -216,9 +217,9 @@ class Backend:
         for name, m in masks.items():
             if not m.any():
                 raise UserError(f"annotation {aid}: the {name!r} region paints nothing")
-        self.examples.drop(pid, aid)          # an update replaces the annotation's examples
-        for name, m in masks.items():
-            s, mm = support_tensors([img], [m], self.model.size)
+        tensors = {name: support_tensors([img], [m], self.model.size) for name, m in masks.items()}
+        self.examples.drop(pid, aid, deleted=False)       # an update replaces the annotation's examples
+        for name, (s, mm) in tensors.items():
             self.examples.put(pid, name, aid, s[0, 0], mm[0, 0].astype(np.uint8))
         return sorted(masks)
 
@@ -276,7 +277,7 @@ def router(b: Backend, auth) -> APIRouter:
         body = parsed(Setup, await json_body(request, b), "/setup's body")
         pid = project_id(body.project)
         cfg = await b.run(Config, body.schema_)    # a config this backend cannot serve is refused with its reason
-        b.ls.setup(body.hostname, body.access_token)      # only after every check
+        await b.run(b.ls.setup, body.hostname, body.access_token)      # only after every check
         b.sync.project(pid, cfg)                          # earlier annotations, the webhook: in the background
         return {"model_version": b.examples.version(b.examples.ready(pid, cfg.labels)[0])}
 
@@ -292,8 +293,8 @@ def router(b: Backend, auth) -> APIRouter:
             return {"status": "ok", "job": "reading the project's annotations"}
         if action == "ANNOTATIONS_DELETED":     # what Label Studio sends when annotations are deleted
             body = parsed(Deleted, raw, "the ANNOTATIONS_DELETED event")
-            removed = [await b.run(b.examples.drop, body.project.id, a.id) for a in body.annotations]
-            return {"status": "ok", "removed": sum(removed)}
+            removed = await b.run(b.examples.drop_many, body.project.id, [a.id for a in body.annotations])
+            return {"status": "ok", "removed": removed}
         if action not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"):
             return {"status": "ignored", "reason": f"event {str(action)[:60]} does not change a support set"}
         body = parsed(Webhook, raw, f"the {action} event")
@@ -301,7 +302,7 @@ def router(b: Backend, auth) -> APIRouter:
         if action == "ANNOTATION_DELETED":
             return {"status": "ok", "removed": await b.run(b.examples.drop, pid, aid)}
         cfg = await b.run(Config, body.project.label_config)
-        regions = b.regions(cfg, aid, body.annotation.result)
+        regions = await b.run(b.regions, cfg, aid, body.annotation.result)
         if not regions:
             return {"status": "ignored", "reason": f"annotation {aid} has no brush region of {cfg.from_name!r}: "
                                                    "nothing stored"}

@@ -59,7 +59,8 @@ class LabelStudio:
         self.pinned = bool(url)                    # by the operator: /setup cannot change it
         self.token, self.token_fixed = token, bool(token)     # the operator's token wins over /setup's
         self.access: tuple[str, float] | None = None         # (access token, when to exchange again)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()               # the URL and token (taken on the event loop: never across I/O)
+        self.exchanging = threading.Lock()         # one token exchange at a time
         import httpx
         self.http = httpx.Client(timeout=min(10.0, deadline), follow_redirects=False)
 
@@ -75,7 +76,9 @@ class LabelStudio:
                 self.url = hostname.rstrip("/")
             elif hostname and origin(hostname) != origin(self.url or ""):
                 log.info("/setup names %s; this backend talks to --ls-url %s", hostname[:100], self.url)
-            if token and not self.token_fixed and token != self.token:
+            # a token counts only with the host it came from, and only when that host is the one in use
+            if token and not self.token_fixed and token != self.token and hostname and self.url \
+                    and origin(hostname) == origin(self.url):
                 self.token, self.access = token, None
 
     def owns(self, url: str) -> bool:
@@ -86,24 +89,26 @@ class LabelStudio:
         """Whether the token is a personal access token (a JWT) rather than a legacy key."""
         return bool(self.token) and jwt_claims(self.token) is not None
 
-    def _exchange(self) -> str:
-        r = self.http.post(self.url + "/api/token/refresh/", json={"refresh": self.token})
-        if r.status_code != 200 or "access" not in r.json():
+    def _exchange(self, url: str, token: str) -> tuple[str, float]:
+        r = self.http.post(url + "/api/token/refresh/", json={"refresh": token})
+        try:
+            access = r.json()["access"] if r.status_code == 200 else None
+            expires = float((jwt_claims(access) or {}).get("exp", time.time() + 300)) if isinstance(access, str) else 0
+        except (ValueError, TypeError, KeyError):
+            access = None
+        if not isinstance(access, str):
             raise UserError(f"Label Studio refused the personal access token (HTTP {r.status_code}: "
-                            f"{r.text[:200]}): create a new one (Account & Settings > Personal Access Token)", 502)
-        access = r.json()["access"]
-        expires = (jwt_claims(access) or {}).get("exp", time.time() + 300)
-        self.access = (access, float(expires) - 60)
-        return access
+                            f"{r.text[:200]}): create a new one (Account & Settings > Personal Access Token)", 401)
+        return access, expires - 60
 
     def headers(self, fresh: bool = False) -> dict:
         if not self.token:
             return {}
         if not self.personal:
             return {"Authorization": f"Token {self.token}"}
-        with self.lock:
+        with self.exchanging:
             if fresh or self.access is None or time.time() > self.access[1]:
-                self._exchange()
+                self.access = self._exchange(self.url, self.token)
             return {"Authorization": f"Bearer {self.access[0]}"}
 
     def request(self, method: str, path_or_url: str, **kw):
@@ -128,17 +133,22 @@ class LabelStudio:
             r = self.http.send(self.http.build_request("GET", url, headers=self.headers(fresh=True)), stream=True)
         return r
 
-    def pages(self, path: str, key: str, params: dict):
-        """Every item of a paginated list (``/api/tasks``: {"tasks": [...]}), page by page."""
-        page = 1
-        while True:
+    def pages(self, path: str, key: str, params: dict, most: int = 10_000):
+        """Every item of a paginated list (``/api/tasks``: {"tasks": [...], "total": n}), page by page, until the
+        total is reached or a page comes back empty; any other answer raises (a partial list is never taken
+        for the whole)."""
+        page, got = 1, 0
+        while page <= most:
             r = self.request("GET", path, params={**params, "page": page, "page_size": 100})
-            if r.status_code == 404 and page > 1:
-                return
             if r.status_code != 200:
-                raise UserError(f"Label Studio answered {path} with HTTP {r.status_code}: {r.text[:200]}", 502)
-            items = r.json().get(key) or []
+                raise UserError(f"Label Studio answered {path} with HTTP {r.status_code}: {r.text[:200]}",
+                                401 if r.status_code == 401 else 502)
+            body = r.json()
+            items = body.get(key) or [] if isinstance(body, dict) else []
             yield from items
-            if len(items) < 100:
+            got += len(items)
+            total = body.get("total") if isinstance(body, dict) else None
+            if not items or (isinstance(total, int) and got >= total):
                 return
             page += 1
+        raise UserError(f"{path} has more than {most} pages", 502)

@@ -33,6 +33,7 @@ class Examples:
         self.root, self.backend, self.shots = root, backend, shots
         self.items: dict[tuple[int, str], dict[int, tuple[float, np.ndarray, np.ndarray]]] = {}
         self.feats: dict[tuple[int, str], tuple] = {}
+        self.deleted: dict[tuple[int, int], float] = {}     # (project, annotation) -> when it was deleted
         self.lock = threading.Lock()
         if root:
             self._load(Path(root))
@@ -84,17 +85,36 @@ class Examples:
             self.items.setdefault(key, {})[ann] = item
             self.feats.pop(key, None)
 
-    def drop(self, project: int, ann: int) -> int:
-        """Forget annotation ``ann`` of ``project`` in every label; returns how many labels it was in."""
+    def drop(self, project: int, ann: int, deleted: bool = True) -> int:
+        """Forget annotation ``ann`` of ``project`` in every label; returns how many labels it was in. ``deleted``:
+        the annotation is gone (not replaced by an update), remembered so that a sync listing made before the
+        deletion does not bring it back."""
+        return self.drop_many(project, [ann], deleted)
+
+    def drop_many(self, project: int, anns, deleted: bool = True) -> int:
+        anns, n = set(anns), 0
         with self.lock:
-            n = 0
-            for key, anns in self.items.items():
-                if key[0] == project and anns.pop(ann, None) is not None:
-                    n += 1
-                    self.feats.pop(key, None)
-                    if self.root:
-                        self._file(key, ann).unlink(missing_ok=True)
-            return n
+            for ann in anns:
+                if deleted:
+                    self.deleted[(project, ann)] = time.monotonic()
+                for key, items in self.items.items():
+                    if key[0] == project and items.pop(ann, None) is not None:
+                        n += 1
+                        self.feats.pop(key, None)
+                        if self.root:
+                            self._file(key, ann).unlink(missing_ok=True)
+        return n
+
+    @staticmethod
+    def deleted_since() -> float:
+        return time.monotonic()
+
+    def was_deleted(self, project: int, ann: int, since: float) -> bool:
+        return self.deleted.get((project, ann), -1.0) >= since
+
+    def count(self) -> int:
+        with self.lock:
+            return sum(len(a) for a in self.items.values())
 
     def has(self, project: int, ann: int) -> bool:
         with self.lock:
@@ -126,15 +146,18 @@ class Examples:
         used, feats = {}, []
         for name, ids in self.ready(project, labels)[0].items():
             key = (project, name)
-            with self.lock:
+            with self.lock:                        # the arrays are taken under the lock, encoded outside it
                 anns = self.items.get(key, {})
                 if not all(a in anns for a in ids):
                     continue                       # changed since ready(): left for the next prediction
                 f = self.feats.get(key)
                 if f is None or f[0] != ids:
-                    s = np.stack([anns[a][1] for a in ids])[None]
+                    f, s = None, np.stack([anns[a][1] for a in ids])[None]
                     m = np.stack([anns[a][2] for a in ids])[None].astype(np.float32)
-                    f = self.feats[key] = (ids, self.backend.encode(s, m))
+            if f is None:
+                f = (ids, self.backend.encode(s, m))
+                with self.lock:
+                    self.feats[key] = f
             used[name] = ids
             feats.append(f[1])
         return used, feats

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 import urllib.parse
 
@@ -27,6 +28,7 @@ from .client import LabelStudio, origin
 log = logging.getLogger("serving.labelstudio")
 UNREADABLE = "the task's image could not be read (the backend's log says why)"
 CLOUD = ("s3", "gs", "azure-blob")
+PRESIGN = re.compile(r"/tasks/\d+/(presign|resolve)/")
 
 
 class ImageSource:
@@ -69,23 +71,28 @@ class ImageSource:
             url = self.ls.url + url
         elif scheme not in ("http", "https"):
             raise UserError(f"{url[:200]!r} is neither an http(s) URL, a cloud-storage URI nor a Label Studio path")
-        stop, from_ls = time.monotonic() + self.deadline, False
+        stop, from_presign = time.monotonic() + self.deadline, False
         for _ in range(4):
-            if not (self._allowed(url) or (from_ls and origin(url))):
+            if not (self._allowed(url) or (from_presign and origin(url))):
                 raise UserError(f"{url[:200]}: not the configured Label Studio nor a host allowed by --allow-image-host")
             own = self.ls.owns(url)
+            path = urllib.parse.urlsplit(url).path
+            if own and not (path.startswith("/data/") or PRESIGN.fullmatch(path)):
+                raise UserError(f"{url[:200]}: a Label Studio path outside /data/ and the presign endpoint")
             try:
                 r = self.ls.stream(url) if own else self.http.send(self.http.build_request("GET", url), stream=True)
                 try:
                     if r.is_redirect and "location" in r.headers:
-                        url, from_ls = urllib.parse.urljoin(url, r.headers["location"]), own
+                        # only the presign endpoint may send the read elsewhere (to the signed URL), never the token
+                        from_presign = own and bool(PRESIGN.fullmatch(path))
+                        url = urllib.parse.urljoin(url, r.headers["location"])
                         continue
                     if r.status_code != 200:
                         raise UserError(f"{url[:200]}: HTTP {r.status_code}")
                     return self._body(r, url, stop)
                 finally:
                     r.close()
-            except httpx.HTTPError as e:
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
                 raise UserError(f"{url[:200]}: {type(e).__name__} {e}") from e
         raise UserError(f"{url[:200]}: more than 3 redirects")
 

@@ -30,15 +30,17 @@ class Sync:
         self.problems: dict[str, str] = {}
         self.lock = threading.Lock()
         self.running: set[int] = set()
+        self.jobs: list[tuple[dict, str]] = []        # replace(): rounds waiting for the worker
+        self.worker: threading.Thread | None = None
 
-    def _problem(self, topic: str, message: str | None) -> None:
+    def problem(self, topic: str, message: str | None) -> None:
         if message is None:
             self.problems.pop(topic, None)
         elif self.problems.get(topic) != message:
             self.problems[topic] = message
             log.warning("%s", message)
 
-    def _start(self, fn, *args) -> None:
+    def start(self, fn, *args) -> None:
         threading.Thread(target=fn, args=args, daemon=True, name="ls-sync").start()
 
     # ------------------------------------------------------------------ after /setup or START_TRAINING
@@ -46,7 +48,7 @@ class Sync:
         """Bring project ``pid`` in step (in the background, a few times: Label Studio calls /setup before it
         has saved the model's connection and created the webhook)."""
         if not self.b.ls.url or not self.b.ls.token:
-            self._problem("token", "no Label Studio token: annotations made before the backend was connected are "
+            self.problem("token", "no Label Studio token: annotations made before the backend was connected are "
                           "not read and the webhook is not checked (give --ls-url and --ls-token <personal access "
                           "token>)")
             return
@@ -57,34 +59,39 @@ class Sync:
 
         def run():
             try:
+                read = False
                 for delay in delays:
                     time.sleep(delay)
-                    self.once(pid, cfg)
+                    read = read or self.once(pid, lambda: self.annotations(pid, cfg))
+                    self.once(pid, lambda: self.webhook(pid))
             finally:
                 with self.lock:
                     self.running.discard(pid)
-        self._start(run)
+        self.start(run)
 
-    def once(self, pid: int, cfg) -> None:
+    def once(self, pid: int, step) -> bool:
+        """Run one step; a failure becomes the problem of its topic (the token, or the project)."""
         try:
-            self.annotations(pid, cfg)
-            self._problem("token", None)
-            self.webhook(pid)
+            step()
+            self.problem("token", None)
+            return True
         except UserError as e:
-            self._problem("token" if e.status == 502 or "401" in str(e) else f"project {pid}", f"project {pid}: {e}")
+            self.problem("token" if e.status == 401 else f"project {pid}", f"project {pid}: {e}")
         except Exception as e:         # Label Studio unreachable, an answer of another form: named, retried later
-            self._problem(f"project {pid}", f"project {pid}: cannot read it from Label Studio ({type(e).__name__}: {e})")
+            self.problem(f"project {pid}", f"project {pid}: cannot read it from Label Studio ({type(e).__name__}: {e})")
+        return False
 
     def annotations(self, pid: int, cfg) -> None:
         b, seen, added = self.b, set(), 0
+        known, deleted = b.examples.annotations(pid), b.examples.deleted_since()
         for task in b.ls.pages("/api/tasks", "tasks", {"project": pid, "fields": "all"}):
             for ann in task.get("annotations") or []:
                 aid = ann.get("id")
                 if not isinstance(aid, int) or ann.get("was_cancelled"):
                     continue
                 seen.add(aid)
-                if b.examples.has(pid, aid):
-                    continue
+                if b.examples.has(pid, aid) or b.examples.was_deleted(pid, aid, deleted):
+                    continue                   # stored already, or deleted by a webhook since this run began
                 try:
                     regions = b.regions(cfg, aid, ann.get("result"))
                     if regions:
@@ -94,9 +101,8 @@ class Sync:
                         added += 1
                 except UserError as e:       # that annotation is left out, the others go on
                     log.warning("project %s: annotation %s not used: %s", pid, aid, e)
-        gone = b.examples.annotations(pid) - seen
-        for aid in gone:
-            b.examples.drop(pid, aid)
+        gone = known - seen                    # only what was stored before the listing began
+        b.examples.drop_many(pid, gone)
         if added or gone:
             log.info("project %s: %d annotation(s) read from Label Studio, %d gone", pid, added, len(gone))
 
@@ -118,7 +124,7 @@ class Sync:
                                                            "is_active": True})
             if r.status_code >= 400:
                 detail = r.json().get("detail", r.text) if "json" in r.headers.get("content-type", "") else r.text
-                self._problem(f"webhook {pid}", f"project {pid}: Label Studio refuses a webhook to {url} "
+                self.problem(f"webhook {pid}", f"project {pid}: Label Studio refuses a webhook to {url} "
                               f"({str(detail)[:200]}), so annotations never reach this backend: start Label Studio with "
                               "SSRF_PROTECTION_ENABLED=false (and ML_BLOCK_LOCAL_IP=false) when the backend runs on "
                               "its machine or network; the backend creates the webhook at the next /setup")
@@ -128,36 +134,58 @@ class Sync:
             ls.request("PATCH", f"/api/webhooks/{hook['id']}/",
                        json={"headers": {**(hook.get("headers") or {}), **headers}}).raise_for_status()
             log.info("project %s: webhook %s given this backend's basic auth", pid, hook["id"])
-        self._problem(f"webhook {pid}", None)
+        self.problem(f"webhook {pid}", None)
 
     def mine(self, backends) -> dict | None:
-        """Which of the project's ML backends is this one: the only one, or the one with this backend's
-        basic-auth user, or on this backend's port."""
+        """Which of the project's ML backends is this one, identified positively (another backend must never get
+        this one's webhook or credentials): the one with this backend's basic-auth user, else the one on this
+        backend's port; None when that is not exactly one."""
         backends = [m for m in backends if isinstance(m, dict) and isinstance(m.get("url"), str)] \
             if isinstance(backends, list) else []
-        if len(backends) > 1 and self.b.auth_user:
+        if self.b.auth_user:
             backends = [m for m in backends if m.get("basic_auth_user") == self.b.auth_user]
-        if len(backends) > 1 and self.port:
+        elif self.port:
             backends = [m for m in backends if urllib.parse.urlsplit(m["url"]).port == self.port]
+        else:
+            return None
         return backends[0] if len(backends) == 1 else None
 
     # ------------------------------------------------------------------ after /predict
     def replace(self, before: dict[int, set[int]], version: str) -> None:
         """Once Label Studio has stored this round's prediction of each task (``version``, an id not in
-        ``before``), delete the task's earlier predictions from this backend (those in ``before``)."""
-        def run():
-            left, deadline = dict(before), time.monotonic() + 30
-            while left and time.monotonic() < deadline:
-                time.sleep(0.5)
-                for task, old in list(left.items()):
-                    preds = self.predictions(task)
-                    if any(p["id"] not in old and p.get("model_version") == version for p in preds):
-                        for p in preds:
-                            if p["id"] in old:
-                                self.b.ls.request("DELETE", f"/api/predictions/{p['id']}/")
-                        del left[task]
-        if any(before.values()):
-            self._start(run)
+        ``before``), delete the task's earlier predictions from this backend (those in ``before``); one worker
+        for all rounds, polling at 0.5, 1, 2, 4, 8 and 16 s."""
+        if not any(before.values()):
+            return
+        with self.lock:
+            self.jobs.append((before, version))
+            if self.worker is None or not self.worker.is_alive():
+                self.worker = threading.Thread(target=self._replace_all, daemon=True, name="ls-replace")
+                self.worker.start()
+
+    def _replace_all(self) -> None:
+        while True:
+            with self.lock:
+                if not self.jobs:
+                    self.worker = None
+                    return
+                before, version = self.jobs.pop(0)
+            left = {t: old for t, old in before.items() if old}
+            for delay in (0.5, 1, 2, 4, 8, 16):
+                if not left:
+                    break
+                time.sleep(delay)
+                try:
+                    for task, old in list(left.items()):
+                        preds = self.predictions(task)
+                        if any(p.get("id") not in old and p.get("model_version") == version for p in preds):
+                            for p in preds:
+                                if p.get("id") in old:
+                                    self.b.ls.request("DELETE", f"/api/predictions/{int(p['id'])}/")
+                            del left[task]
+                except Exception as e:       # Label Studio unreachable: those predictions stay, the worker goes on
+                    log.warning("earlier predictions not replaced (%s: %s)", type(e).__name__, e)
+                    break
 
     def predictions(self, task: int) -> list[dict]:
         """The task's predictions from this backend."""
