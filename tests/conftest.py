@@ -136,8 +136,7 @@ def doc_block(marker: str) -> list[str]:
 
 # our meta learner's module names -> those of the reference code's OneModel (chunbolang/BAM model/BAM.py and the SVF
 # authors' model/aspp.py name it alike)
-ASPP_NAMES = {"aspp.image_pool.0": "ASPP_meta.layer6_0.0", "res1.": "res1_meta.", "res2.0.0": "res2_meta.0",
-              "res2.1.0": "res2_meta.2", **{f"aspp.branches.{i}.0": f"ASPP_meta.layer6_{i + 1}.0" for i in range(4)}}
+from pipeline.released import ASPP_NAMES  # noqa: E402  (the reference's names of our ASPP and residual blocks)
 
 
 def reference_name(key: str) -> str:

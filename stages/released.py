@@ -1,0 +1,116 @@
+"""`python -m stages.released CHECKPOINT --format pfenet|bam --preset NAME --fold I --shot K --out DIR [--size S]`:
+a model the PFENet or BAM authors publish, as a model folder every serving path takes.
+
+Reads the file as their train.py saves it (pipeline/released.py maps its keys), builds the preset's model
+with what the format's code fixes (dilation, PFENet's bins), loads it strictly, and writes DIR: merged.pt,
+model.onnx and the split graphs (each checked against the PyTorch model through ONNX Runtime on random
+episodes, as the export stage checks), released.json (the file's sha256, the format, preset, fold, shots,
+size, parity). No dataset is needed. `python -m serving --model-dir DIR`, `serving.predict`, the Label Studio
+backend, the page and `svf_fss_predict` (after `make cpp`'s AOTInductor step) then serve it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import adapter as adapter_io
+from pipeline import released
+from pipeline.config import ConfigError, load_config
+from pipeline.data.benchmarks import fold_classes
+from pipeline.data.episodes import MEAN, STD
+
+log = logging.getLogger("released")
+
+
+def preset_config(preset: str, fmt: str, fold: int):
+    """The preset's config with what the format's code fixes; refused when the preset's head is another."""
+    from stages.preset import PRESETS, render
+    import yaml
+    render(preset)                                       # names an unknown preset, with the closest
+    cfg = load_config(yaml.safe_load((PRESETS / f"{preset}.yaml").read_text()))
+    fixed = released.FORMATS[fmt]
+    if cfg.model.head != fixed["head"]:
+        raise ConfigError(f"preset {preset} is a {cfg.model.head} model and the file a {fixed['head']} one: choose a "
+                          f"{fixed['head']} preset (e.g. {cfg.data.benchmark}_{fixed['head']}_frozen)")
+    cfg.model.dilation = fixed["dilation"]
+    if "bins" in fixed:
+        cfg.model.bins = fixed["bins"][cfg.data.benchmark]
+    cfg.model.finetune, cfg.model.pretrained = "frozen", "none"
+    if fold not in range(4):
+        raise ConfigError(f"--fold {fold}: the benchmark has folds 0 to 3")
+    return cfg
+
+
+def random_episodes(size: int, shots: list[int], n: int = 2) -> list[tuple]:
+    """Episodes for the parity check (no dataset needed): normalised noise images, masks with an object."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        k = shots[i % len(shots)]
+        q = torch.randn(1, 3, size, size, generator=g)
+        s = torch.randn(1, k, 3, size, size, generator=g)
+        m = (torch.rand(1, k, size, size, generator=g) > 0.6).float()
+        out.append((q, s, m))
+    return out
+
+
+def adopt(checkpoint: str, fmt: str, preset: str, fold: int, shot: int, out: Path, size: int | None) -> dict:
+    from export import onnx_export
+    t0 = time.perf_counter()
+    cfg = preset_config(preset, fmt, fold)
+    state, digest = released.read(checkpoint)
+    released.check_fits(released.describe(state, fmt), cfg, shot, preset)
+    from pipeline.models import build_model
+    base = {"classes": len(fold_classes(cfg, fold)[1]) + 1} if fmt == "bam" else None
+    model, _ = build_model(cfg, finetune="frozen", pretrained="none", base=base, shots=shot)
+    released.load_into(model, state, fmt, preset)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    size = size or cfg.eval.test_size
+    source = {"file": str(checkpoint), "sha256": digest, "format": fmt, "preset": preset, "fold": fold, "shots": shot}
+    adapter_io.save({**adapter_io.merged_state(model, cfg), "released": source}, out / "merged.pt")
+    meta = {"format": "svf-fss/1", "head": cfg.model.head, "backbone": cfg.model.backbone, "finetune": "released",
+            "benchmark": cfg.data.benchmark, "fold": fold, "model_shots": shot, "released_sha256": digest,
+            "novel_classes": fold_classes(cfg, fold)[0], "input_size": [size, size],
+            "normalisation": {"mean": list(MEAN), "std": list(STD), "scale": 1 / 255}}
+    shots = [shot] if fmt == "bam" else cfg.export.shots
+    graphs = onnx_export.export_checked(model, out, size, cfg.export.opset, meta, cfg.export.exporter,
+                                        random_episodes(size, shots), cfg.export.rtol)
+    report = {**source, "size": size, "exporter": graphs["exporter"], "parity": graphs["parity"],
+              "split_parity": graphs["split_parity"], "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "released.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m stages.released", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="the authors' file (train_epoch_*.pth, final.pth, ...)")
+    ap.add_argument("--format", required=True, choices=sorted(released.FORMATS), help="which code trained it")
+    ap.add_argument("--preset", required=True, help="the setting it was trained in (presets/<name>.yaml), e.g. "
+                    "pascal_pfenet_frozen")
+    ap.add_argument("--fold", type=int, required=True)
+    ap.add_argument("--shot", type=int, default=1, help="the shots it was trained with (BAM: its k-shot reweighting)")
+    ap.add_argument("--out", required=True, help="the model folder to write")
+    ap.add_argument("--size", type=int, default=None, help="the export size (default: the preset's test size)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript"):          # a line per rewritten node of the dynamo export
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        r = adopt(args.checkpoint, args.format, args.preset, args.fold, args.shot, Path(args.out), args.size)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"released {args.format} model {args.checkpoint} (sha256 {r['sha256'][:12]}) -> {args.out}: preset "
+          f"{args.preset}, fold {args.fold}, {args.shot}-shot, {r['size']} px; ONNX parity max rel "
+          f"{r['parity']['max_rel']:.2e}, split {r['split_parity']['max_rel']:.2e}; {r['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Published checkpoints (PFENet, BAM) adopted without training: random weights written in the authors' layout
+from the committed key manifests (tests/data/released/*.json, extracted from the authors' code by
+tests/reference_manifest.py), read by `python -m stages.released`, served."""
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "tests" / "data" / "released"
+
+
+def authors_checkpoint(manifest: str, path: Path) -> Path:
+    """A file as the authors' train.py saves it ({'epoch', 'state_dict', 'optimizer'}, keys as in the manifest,
+    `module.` included), random weights of the manifest's shapes (BatchNorm variances positive)."""
+    man = json.loads((MANIFESTS / f"{manifest}.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in man["keys"]:
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(7)
+        elif name.endswith("running_var"):
+            state[name] = torch.rand(shape, generator=g) + 0.5
+        else:
+            fan = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            state[name] = torch.randn(shape, generator=g) * (1.0 / fan) ** 0.5
+    torch.save({"epoch": 50, "state_dict": state, "optimizer": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("manifest,fmt,preset,shot", [
+    ("pfenet_resnet50_pascal_1shot", "pfenet", "pascal_pfenet_frozen", 1),
+    ("pfenet_vgg16_coco_1shot", "pfenet", "coco_pfenet_frozen_vgg", 1),
+    ("bam_resnet50_pascal_5shot", "bam", "pascal_bam_frozen", 5),
+    ("bam_vgg16_coco_1shot", "bam", "coco_bam_frozen_vgg", 1)])
+def test_every_key_of_the_authors_layout_lands_on_the_model(tmp_path, manifest, fmt, preset, shot):
+    """The key map covers each layout both ways (nothing left over, nothing missing), the tensors land where the
+    map says (a renamed PFENet key, BAM's shared backbone, its shifted pyramid index)."""
+    from pipeline import released
+    from pipeline.models import build_model
+    from stages.released import preset_config
+    from pipeline.data.benchmarks import fold_classes
+    state, digest = released.read(authors_checkpoint(manifest, tmp_path / "f.pth"))
+    assert not any(k.startswith("module.") for k in state) and len(digest) == 64
+    cfg = preset_config(preset, fmt, 0)
+    released.check_fits(released.describe(state, fmt), cfg, shot, preset)
+    base = {"classes": len(fold_classes(cfg, 0)[1]) + 1} if fmt == "bam" else None
+    model, _ = build_model(cfg, finetune="frozen", pretrained="none", base=base, shots=shot)
+    released.load_into(model, state, fmt, preset)
+    mine = model.state_dict()
+    if fmt == "pfenet":
+        assert torch.equal(mine["beta_conv.0.1.0.weight"], state["beta_conv.0.2.weight"])
+        assert cfg.model.bins == ([60, 30, 15, 8] if "pascal" in preset else [1.0, 0.5, 0.25, 0.125])
+    else:
+        assert torch.equal(mine["base.backbone.layer1.0.weight" if "vgg" in manifest else "base.backbone.layer1.0.conv1.weight"],
+                           mine["backbone.layer1.0.weight" if "vgg" in manifest else "backbone.layer1.0.conv1.weight"])
+        assert torch.equal(mine["base.ppm.features.0.0.weight"], state["learner_base.0.features.0.1.weight"])
+    assert cfg.model.dilation == "pspnet"
+
+
+def test_a_file_of_another_setting_is_named_with_the_preset_that_fits(tmp_path):
+    from stages.released import main
+    vgg = authors_checkpoint("bam_vgg16_pascal_1shot", tmp_path / "vgg.pth")
+    five = authors_checkpoint("bam_resnet50_pascal_5shot", tmp_path / "five.pth")
+    pfenet = authors_checkpoint("pfenet_vgg16_coco_1shot", tmp_path / "pfenet.pth")
+    for args, msg in (([vgg, "--format", "bam", "--preset", "pascal_bam_frozen"], "backbone vgg16_bn .* use --preset "
+                       "pascal_bam_frozen_vgg"),
+                      ([vgg, "--format", "bam", "--preset", "coco_bam_frozen_vgg"], "benchmark pascal .* use --preset "
+                       "pascal_bam_frozen_vgg"),
+                      ([five, "--format", "bam", "--preset", "pascal_bam_frozen"], "shots 5 .* --shot 5"),
+                      ([pfenet, "--format", "bam", "--preset", "coco_bam_frozen_vgg"], "a PFENET checkpoint .* --format pfenet .* coco_pfenet_frozen_vgg"),
+                      ([pfenet, "--format", "pfenet", "--preset", "coco_bam_frozen_vgg"], "choose a pfenet preset"),
+                      ([tmp_path / "none.pth", "--format", "pfenet", "--preset", "coco_pfenet_frozen_vgg"],
+                       "does not exist")):
+        with pytest.raises(SystemExit, match=msg):
+            main([str(args[0]), *args[1:], "--fold", "0", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "merged.pt").exists()
+
+
+def test_a_released_bam_is_served(tmp_path):
+    """BAM (VGG-16, PASCAL, 1 shot) in the authors' layout -> stages.released -> the service answers a query."""
+    import httpx
+    from pipeline.data.synthetic import generate_image
+    from test_serving import Server
+    f = authors_checkpoint("bam_vgg16_pascal_1shot", tmp_path / "train_epoch_50.pth")
+    out = tmp_path / "model"
+    p = subprocess.run([sys.executable, "-m", "stages.released", str(f), "--format", "bam", "--preset",
+                        "pascal_bam_frozen_vgg", "--fold", "0", "--shot", "1", "--out", str(out), "--size", "97"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = json.loads((out / "released.json").read_text())
+    assert report["parity"]["max_rel"] < 1e-4 and report["sha256"] == __import__("hashlib").sha256(f.read_bytes()).hexdigest()
+    s = Server(out, "onnxruntime")
+    try:
+        img, lab = generate_image(1, "val", 60, 7)
+        m = (lab == lab.max()).astype(np.uint8)
+        files = []
+        for name, arr in (("query", img), ("supports", img), ("masks", m)):
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, "PNG")
+            files.append((name, (f"{name}.png", buf.getvalue())))
+        r = httpx.post(s.url + "/v1/segment", files=files, timeout=60)
+        assert r.status_code == 200, r.text
+        assert np.array(Image.open(io.BytesIO(r.content))).shape == (60, 60)
+    finally:
+        s.stop()
