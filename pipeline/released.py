@@ -28,10 +28,16 @@ import torch
 
 # the settings each repository's code fixes, over the preset's (a file cannot show them)
 FORMATS = {
-    "pfenet": {"head": "pfenet", "dilation": "pspnet",
+    "pfenet": {"heads": ("pfenet",), "dilation": {"pfenet": "pspnet"},                   # PFENet model/resnet.py
                "bins": {"pascal": [60, 30, 15, 8], "coco": [1.0, 0.5, 0.25, 0.125]}},   # PFENet config/*/*.yaml
-    "bam": {"head": "bam", "dilation": "pspnet"},                                        # BAM model/PSPNet.py
+    "bam": {"heads": ("bam",), "dilation": {"bam": "pspnet"}},                           # BAM model/PSPNet.py
+    # the SVF authors' code: aspp.py and pfenet.py on torchvision's dilation, BAM.py on its PSPNet's;
+    # pfenet.py's ppm_scales fixed at [60, 30, 15, 8]; each conv of layer0-4 in factors, rank rounded to 4
+    "svf": {"heads": ("baseline", "pfenet", "bam"), "dilation": {"baseline": "torchvision", "pfenet": "torchvision",
+                                                               "bam": "pspnet"},
+            "bins": {"pascal": [60, 30, 15, 8], "coco": [60, 30, 15, 8]}},
 }
+
 # this project's meta-learner names in the reference's (the baseline's and BAM's ASPP, BAM's residual blocks)
 ASPP_NAMES = {"aspp.image_pool.0": "ASPP_meta.layer6_0.0", "res1.": "res1_meta.", "res2.0.0": "res2_meta.0",
               "res2.1.0": "res2_meta.2", **{f"aspp.branches.{i}.0": f"ASPP_meta.layer6_{i + 1}.0" for i in range(4)}}
@@ -54,12 +60,32 @@ def read(path: str | Path) -> tuple[dict, str]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}, digest
 
 
-def ours(key: str, fmt: str) -> list[str]:
-    """The names of this project's model that the reference's ``key`` fills (BAM's backbone: two)."""
-    m = re.match(r"layer([0-4])\.(.*)", key)
+def fold_factors(state: dict) -> dict:
+    """The SVF authors' factorised convs (``X.conv_V.weight`` [r, in, kh, kw], ``X.vector_S`` [1, r, 1, 1],
+    ``X.conv_U.weight`` [out, r, 1, 1], ``X.conv_U.bias``) folded into dense ``X.weight`` = U diag(S) V^T (in
+    float64, as pipeline/svf.py merges) and ``X.bias``; every other key as it is."""
+    out = {k: v for k, v in state.items() if not k.endswith((".vector_S", ".conv_U.weight", ".conv_V.weight",
+                                                             ".conv_U.bias"))}
+    for key in [k[:-len(".vector_S")] for k in state if k.endswith(".vector_S")]:
+        v, s, u = (state[f"{key}.{n}"] for n in ("conv_V.weight", "vector_S", "conv_U.weight"))
+        r = v.shape[0]
+        w = u.double().reshape(-1, r) @ (s.double().reshape(r, 1) * v.double().reshape(r, -1))
+        out[f"{key}.weight"] = w.reshape(u.shape[0], *v.shape[1:]).to(v.dtype)
+        if f"{key}.conv_U.bias" in state:
+            out[f"{key}.bias"] = state[f"{key}.conv_U.bias"]
+    return out
+
+
+def ours(key: str, fmt: str, head: str) -> list[str]:
+    """The names of this project's model that the reference's ``key`` fills (BAM's backbone: two, one in the SVF
+    authors' BAM, whose base learner's copy is layer0p-4p)."""
+    m = re.match(r"layer([0-4])(p?)\.(.*)", key)
     if m:
-        return [f"backbone.{key}"] + ([f"base.backbone.{key}"] if fmt == "bam" else [])
-    if fmt == "pfenet":
+        rest = f"layer{m[1]}.{m[3]}"
+        if m[2]:
+            return [f"base.backbone.{rest}"]
+        return [f"backbone.{rest}"] + ([f"base.backbone.{rest}"] if head == "bam" and fmt == "bam" else [])
+    if head == "pfenet":
         key = re.sub(r"^(beta_conv\.\d+|res2)\.([02])\.", lambda g: f"{g[1]}.{int(g[2]) // 2}.0.", key)
         return [key]
     m = re.match(r"learner_base\.0\.features\.(\d+)\.(\d+)\.(.*)", key)
@@ -77,13 +103,31 @@ def describe(state: dict, fmt: str) -> dict:
     """What a file's own keys and shapes say it is: the code that wrote it, its backbone, and for BAM its benchmark (the base learner's classes)
     and shot count (the k-shot reweighting's inputs)."""
     out = {"backbone": "resnet50_deep" if any(k.startswith("layer1.0.conv1.") for k in state) else "vgg16_bn"}
-    kinds = {"bam": "learner_base.", "pfenet": "beta_conv."}      # a key only that code writes
-    out["format"] = next((f for f, k in kinds.items() if any(key.startswith(k) for key in state)), fmt)
+    kinds = {"bam": "learner_base.", "pfenet": "beta_conv.", "baseline": "ASPP_meta."}   # keys only that head has
+    out["head"] = next((h for h, k in kinds.items() if any(key.startswith(k) for key in state)), None)
+    out["factorised"], out["asked"] = any(k.endswith(".vector_S") for k in state), fmt
+    if fmt != "svf" and out["factorised"]:
+        out["format"] = "svf"
+    elif fmt == "svf" or out["head"] in FORMATS and out["head"] in FORMATS[fmt]["heads"]:
+        out["format"] = fmt
+    else:
+        out["format"] = out["head"]
     if fmt == "bam" and "learner_base.1.4.weight" in state:
         classes = int(state["learner_base.1.4.weight"].shape[0])
         out["benchmark"] = {16: "pascal", 61: "coco"}.get(classes, f"{classes - 1} base classes")
         out["shots"] = int(state["kshot_rw.0.weight"].shape[1]) if "kshot_rw.0.weight" in state else 1
     return out
+
+
+def configure(cfg, fmt: str) -> None:
+    """Set on ``cfg`` what the format's code fixes and the file cannot show (see ``FORMATS``)."""
+    fixed, m = FORMATS[fmt], cfg.model
+    m.dilation = fixed["dilation"][m.head]
+    if m.head == "pfenet":
+        m.bins = fixed["bins"][cfg.data.benchmark]
+    m.pretrained = "none"                # a released model is whole and dense (factors folded)
+    # the SVF authors' BAM has two backbones (its base learner's, layer0p-4p, and the tuned one): not shared
+    m.finetune = "full" if fmt == "svf" and m.head == "bam" else "frozen"
 
 
 def fitting_preset(found: dict, head: str, benchmark: str) -> str:
@@ -94,10 +138,15 @@ def fitting_preset(found: dict, head: str, benchmark: str) -> str:
 def check_fits(found: dict, cfg, shots: int, preset: str) -> None:
     """Refuse a file whose backbone, benchmark or shots contradict the preset, naming the preset that fits."""
     m = cfg.model
-    if found["format"] != m.head:
-        raise ValueError(f"the file is a {found['format'].upper()} checkpoint (its keys say so), not {m.head.upper()}: "
-                         f"use --format {found['format']} with a {found['format']} preset, e.g. "
-                         f"{fitting_preset(found, found['format'], cfg.data.benchmark)}")
+    if found["head"] != m.head or found["format"] not in FORMATS:
+        head = found["head"] or "unknown"
+        raise ValueError(f"the file is a {head.upper()} checkpoint (its keys say so), not {m.head.upper()}: use --format "
+                         f"{head if head in ('pfenet', 'bam') else 'svf'} with a {head} preset, e.g. "
+                         f"{fitting_preset(found, head, cfg.data.benchmark)}")
+    if found["format"] != found["asked"]:
+        raise ValueError(f"the file holds the SVF authors' conv factors (*.vector_S): use --format svf"
+                         if found["format"] == "svf" else f"the file is of the {found['format']} format: use --format "
+                         f"{found['format']}")
     wrong = [f"{what} {found[what]} (the preset's: {have})" for what, have in
              (("backbone", m.backbone), ("benchmark", cfg.data.benchmark), ("shots", shots))
              if what in found and found[what] != have]
@@ -107,12 +156,13 @@ def check_fits(found: dict, cfg, shots: int, preset: str) -> None:
                          + (f" --shot {found['shots']}" if "shots" in found else ""))
 
 
-def load_into(model, state: dict, fmt: str, preset: str) -> None:
-    """Fill ``model`` (built dense, this project's names) from a released state_dict, strictly."""
-    mine = model.state_dict()
+def load_into(model, state: dict, fmt: str, head: str, preset: str) -> None:
+    """Fill ``model`` (built dense, this project's names) from a released state_dict (the SVF authors' factors
+    folded first), strictly."""
+    mine, state = model.state_dict(), fold_factors(state)
     filled, left = {}, []
     for key, value in state.items():
-        names = [n for n in ours(key, fmt) if n in mine]
+        names = [n for n in ours(key, fmt, head) if n in mine]
         if not names:
             left.append(key)
         for n in names:

@@ -1,5 +1,6 @@
-"""`python -m stages.released CHECKPOINT --format pfenet|bam --preset NAME --fold I --shot K --out DIR [--size S]`:
-a model the PFENet or BAM authors publish, as a model folder every serving path takes.
+"""`python -m stages.released CHECKPOINT --format pfenet|bam|svf --preset NAME --fold I --shot K --out DIR [--size S]`:
+a model the PFENet or BAM authors publish (or the SVF authors' code trains), as a model folder every serving path
+takes.
 
 Reads the file as their train.py saves it (pipeline/released.py maps its keys), builds the preset's model
 with what the format's code fixes (dilation, PFENet's bins), loads it strictly, and writes DIR: merged.pt,
@@ -29,19 +30,15 @@ log = logging.getLogger("released")
 
 
 def preset_config(preset: str, fmt: str, fold: int):
-    """The preset's config with what the format's code fixes; refused when the preset's head is another."""
+    """The preset's config; refused when its head is not one the format's code trains."""
     from stages.preset import PRESETS, render
     import yaml
     render(preset)                                       # names an unknown preset, with the closest
     cfg = load_config(yaml.safe_load((PRESETS / f"{preset}.yaml").read_text()))
-    fixed = released.FORMATS[fmt]
-    if cfg.model.head != fixed["head"]:
-        raise ConfigError(f"preset {preset} is a {cfg.model.head} model and the file a {fixed['head']} one: choose a "
-                          f"{fixed['head']} preset (e.g. {cfg.data.benchmark}_{fixed['head']}_frozen)")
-    cfg.model.dilation = fixed["dilation"]
-    if "bins" in fixed:
-        cfg.model.bins = fixed["bins"][cfg.data.benchmark]
-    cfg.model.finetune, cfg.model.pretrained = "frozen", "none"
+    heads = released.FORMATS[fmt]["heads"]
+    if cfg.model.head not in heads:
+        raise ConfigError(f"preset {preset} is a {cfg.model.head} model and --format {fmt} trains {' or '.join(heads)}: "
+                          f"choose such a preset (e.g. {cfg.data.benchmark}_{heads[0]}_frozen)")
     if fold not in range(4):
         raise ConfigError(f"--fold {fold}: the benchmark has folds 0 to 3")
     return cfg
@@ -65,11 +62,13 @@ def adopt(checkpoint: str, fmt: str, preset: str, fold: int, shot: int, out: Pat
     t0 = time.perf_counter()
     cfg = preset_config(preset, fmt, fold)
     state, digest = released.read(checkpoint)
-    released.check_fits(released.describe(state, fmt), cfg, shot, preset)
+    found = released.describe(state, fmt)
+    released.check_fits(found, cfg, shot, preset)
+    released.configure(cfg, fmt)
     from pipeline.models import build_model
-    base = {"classes": len(fold_classes(cfg, fold)[1]) + 1} if fmt == "bam" else None
-    model, _ = build_model(cfg, finetune="frozen", pretrained="none", base=base, shots=shot)
-    released.load_into(model, state, fmt, preset)
+    base = {"classes": len(fold_classes(cfg, fold)[1]) + 1} if cfg.model.head == "bam" else None
+    model, _ = build_model(cfg, base=base, shots=shot)
+    released.load_into(model, state, fmt, cfg.model.head, preset)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     size = size or cfg.eval.test_size
@@ -79,7 +78,7 @@ def adopt(checkpoint: str, fmt: str, preset: str, fold: int, shot: int, out: Pat
             "benchmark": cfg.data.benchmark, "fold": fold, "model_shots": shot, "released_sha256": digest,
             "novel_classes": fold_classes(cfg, fold)[0], "input_size": [size, size],
             "normalisation": {"mean": list(MEAN), "std": list(STD), "scale": 1 / 255}}
-    shots = [shot] if fmt == "bam" else cfg.export.shots
+    shots = [shot] if cfg.model.head == "bam" else cfg.export.shots
     graphs = onnx_export.export_checked(model, out, size, cfg.export.opset, meta, cfg.export.exporter,
                                         random_episodes(size, shots), cfg.export.rtol)
     report = {**source, "size": size, "exporter": graphs["exporter"], "parity": graphs["parity"],
@@ -92,7 +91,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m stages.released", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="the authors' file (train_epoch_*.pth, final.pth, ...)")
-    ap.add_argument("--format", required=True, choices=sorted(released.FORMATS), help="which code trained it")
+    ap.add_argument("--format", required=True, choices=sorted(released.FORMATS), help="which code trained it: pfenet "
+                    "(dvlab-research/PFENet), bam (chunbolang/BAM), svf (zechao-li/SVF-few-shot-segmentation)")
     ap.add_argument("--preset", required=True, help="the setting it was trained in (presets/<name>.yaml), e.g. "
                     "pascal_pfenet_frozen")
     ap.add_argument("--fold", type=int, required=True)

@@ -38,7 +38,11 @@ def authors_checkpoint(manifest: str, path: Path) -> Path:
     ("pfenet_resnet50_pascal_1shot", "pfenet", "pascal_pfenet_frozen", 1),
     ("pfenet_vgg16_coco_1shot", "pfenet", "coco_pfenet_frozen_vgg", 1),
     ("bam_resnet50_pascal_5shot", "bam", "pascal_bam_frozen", 5),
-    ("bam_vgg16_coco_1shot", "bam", "coco_bam_frozen_vgg", 1)])
+    ("bam_vgg16_coco_1shot", "bam", "coco_bam_frozen_vgg", 1),
+    ("svf_aspp_resnet50_pascal_1shot", "svf", "pascal_baseline_svf", 1),
+    ("svf_pfenet_vgg16_pascal_1shot", "svf", "pascal_pfenet_svf_vgg", 1),
+    ("svf_bam_resnet50_pascal_1shot", "svf", "pascal_bam_svf", 1),
+    ("svf_bam_resnet50_pascal_1shot_plain", "svf", "pascal_bam_svf", 1)])
 def test_every_key_of_the_authors_layout_lands_on_the_model(tmp_path, manifest, fmt, preset, shot):
     """The key map covers each layout both ways (nothing left over, nothing missing), the tensors land where the
     map says (a renamed PFENet key, BAM's shared backbone, its shifted pyramid index)."""
@@ -49,19 +53,29 @@ def test_every_key_of_the_authors_layout_lands_on_the_model(tmp_path, manifest, 
     state, digest = released.read(authors_checkpoint(manifest, tmp_path / "f.pth"))
     assert not any(k.startswith("module.") for k in state) and len(digest) == 64
     cfg = preset_config(preset, fmt, 0)
-    released.check_fits(released.describe(state, fmt), cfg, shot, preset)
-    base = {"classes": len(fold_classes(cfg, 0)[1]) + 1} if fmt == "bam" else None
-    model, _ = build_model(cfg, finetune="frozen", pretrained="none", base=base, shots=shot)
-    released.load_into(model, state, fmt, preset)
+    found = released.describe(state, fmt)
+    released.check_fits(found, cfg, shot, preset)
+    released.configure(cfg, fmt)
+    base = {"classes": len(fold_classes(cfg, 0)[1]) + 1} if cfg.model.head == "bam" else None
+    model, _ = build_model(cfg, base=base, shots=shot)
+    released.load_into(model, state, fmt, cfg.model.head, preset)
     mine = model.state_dict()
     if fmt == "pfenet":
         assert torch.equal(mine["beta_conv.0.1.0.weight"], state["beta_conv.0.2.weight"])
         assert cfg.model.bins == ([60, 30, 15, 8] if "pascal" in preset else [1.0, 0.5, 0.25, 0.125])
-    else:
+    elif fmt == "bam":
         assert torch.equal(mine["base.backbone.layer1.0.weight" if "vgg" in manifest else "base.backbone.layer1.0.conv1.weight"],
                            mine["backbone.layer1.0.weight" if "vgg" in manifest else "backbone.layer1.0.conv1.weight"])
         assert torch.equal(mine["base.ppm.features.0.0.weight"], state["learner_base.0.features.0.1.weight"])
-    assert cfg.model.dilation == "pspnet"
+    elif found["factorised"]:         # the SVF authors' factors, folded: the conv they compute
+        conv = next(k for k in state if k.startswith("layer2.") and k.endswith(".vector_S"))[:-len(".vector_S")]
+        x = torch.randn(1, state[f"{conv}.conv_V.weight"].shape[1], 9, 9, dtype=torch.float64)
+        theirs = torch.nn.functional.conv2d(x, state[f"{conv}.conv_V.weight"].double()) * \
+            state[f"{conv}.vector_S"].double()
+        theirs = torch.nn.functional.conv2d(theirs, state[f"{conv}.conv_U.weight"].double())
+        dense = torch.nn.functional.conv2d(x, mine[f"backbone.{conv}.weight"].double())
+        assert (dense - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    assert cfg.model.dilation == ("torchvision" if fmt == "svf" and cfg.model.head != "bam" else "pspnet")
 
 
 def test_a_file_of_another_setting_is_named_with_the_preset_that_fits(tmp_path):
@@ -75,7 +89,7 @@ def test_a_file_of_another_setting_is_named_with_the_preset_that_fits(tmp_path):
                        "pascal_bam_frozen_vgg"),
                       ([five, "--format", "bam", "--preset", "pascal_bam_frozen"], "shots 5 .* --shot 5"),
                       ([pfenet, "--format", "bam", "--preset", "coco_bam_frozen_vgg"], "a PFENET checkpoint .* --format pfenet .* coco_pfenet_frozen_vgg"),
-                      ([pfenet, "--format", "pfenet", "--preset", "coco_bam_frozen_vgg"], "choose a pfenet preset"),
+                      ([pfenet, "--format", "pfenet", "--preset", "coco_bam_frozen_vgg"], "--format pfenet trains pfenet: choose such a preset"),
                       ([tmp_path / "none.pth", "--format", "pfenet", "--preset", "coco_pfenet_frozen_vgg"],
                        "does not exist")):
         with pytest.raises(SystemExit, match=msg):
