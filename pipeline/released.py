@@ -99,6 +99,24 @@ def ours(key: str, fmt: str, head: str) -> list[str]:
     return [key]
 
 
+def base_learner_state(state: dict) -> dict:
+    """BAM's released base learner (PSPNet ``best.pth``) in this project's names (pipeline/models/pspnet.py): its
+    backbone is stored twice, ``layer*`` and ``encoder.<i>.*`` (the same tensors: checked, one kept), the pyramid's
+    indices shift by one (their index 0 is the pooling)."""
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"encoder\.([0-4])\.(.*)", key)
+        if m:
+            twin = state.get(f"layer{m[1]}.{m[2]}")
+            if twin is None or not torch.equal(twin, value):
+                raise ValueError(f"{key} is not the same tensor as layer{m[1]}.{m[2]}: not a BAM base learner")
+            continue
+        m = re.match(r"ppm\.features\.(\d+)\.(\d+)\.(.*)", key)
+        out[f"ppm.features.{m[1]}.{int(m[2]) - 1}.{m[3]}" if m else
+            f"backbone.{key}" if re.match(r"layer[0-4]\.", key) else key] = value
+    return out
+
+
 def describe(state: dict, fmt: str) -> dict:
     """What a file's own keys and shapes say it is: the code that wrote it, its backbone, and for BAM its benchmark (the base learner's classes)
     and shot count (the k-shot reweighting's inputs)."""

@@ -57,6 +57,30 @@ def random_episodes(size: int, shots: list[int], n: int = 2) -> list[tuple]:
     return out
 
 
+def adopt_base(checkpoint: str, preset: str, fold: int, out: Path) -> dict:
+    """BAM's released base learner (``best.pth``) as the base stage's ``base.pt`` for ``fold``."""
+    cfg = preset_config(preset, "bam", fold)
+    released.configure(cfg, "bam")
+    state, digest = released.read(checkpoint)
+    mine = released.base_learner_state(state)
+    base_classes = fold_classes(cfg, fold)[1]
+    from pipeline.models import base_learner
+    net = base_learner(cfg.model, len(base_classes) + 1)
+    want = net.state_dict()
+    wrong = sorted(set(mine) ^ set(want)) or [k for k in want if tuple(want[k].shape) != tuple(mine[k].shape)]
+    if wrong:
+        found = released.describe({"layer1.0.conv1.weight": 0} if "backbone.layer1.0.conv1.weight" in mine else {},
+                                   "bam")
+        classes = mine["cls.4.weight"].shape[0] if "cls.4.weight" in mine else "?"
+        raise ValueError(f"{checkpoint} does not fit preset {preset}'s base learner ({len(base_classes) + 1} classes, "
+                         f"{cfg.model.backbone}): the file has {classes} classes and a {found['backbone']} backbone; "
+                         f"first difference {wrong[0]}")
+    net.load_state_dict(mine, strict=True)
+    source = {"file": str(checkpoint), "sha256": digest, "format": "bam", "preset": preset, "fold": fold}
+    adapter_io.save(adapter_io.base_state(net, cfg, fold, base_classes, {"released": source}), out)
+    return source
+
+
 def adopt(checkpoint: str, fmt: str, preset: str, fold: int, shot: int, out: Path, size: int | None) -> dict:
     from export import onnx_export
     t0 = time.perf_counter()
@@ -99,11 +123,20 @@ def main(argv=None):
     ap.add_argument("--shot", type=int, default=1, help="the shots it was trained with (BAM: its k-shot reweighting)")
     ap.add_argument("--out", required=True, help="the model folder to write")
     ap.add_argument("--size", type=int, default=None, help="the export size (default: the preset's test size)")
+    ap.add_argument("--base", action="store_true", help="the file is BAM's base learner (best.pth): write --out as "
+                    "the base stage's base.pt (models/fold<i>/base/base.pt) for BAM training to start from")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("onnx_ir", "onnxscript"):          # a line per rewritten node of the dynamo export
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if args.base:
+            if args.format != "bam":
+                raise ValueError("--base reads BAM's base learner: give --format bam")
+            r = adopt_base(args.checkpoint, args.preset, args.fold, Path(args.out))
+            print(f"released BAM base learner {args.checkpoint} (sha256 {r['sha256'][:12]}) -> {args.out}: preset "
+                  f"{args.preset}, fold {args.fold}")
+            return
         r = adopt(args.checkpoint, args.format, args.preset, args.fold, args.shot, Path(args.out), args.size)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -30,6 +30,10 @@ def authors_checkpoint(manifest: str, path: Path) -> Path:
         else:
             fan = int(np.prod(shape[1:])) if len(shape) > 1 else 1
             state[name] = torch.randn(shape, generator=g) * (1.0 / fan) ** 0.5
+    for name in state:          # BAM's base learner: encoder = Sequential(layer0..4), the same tensors twice
+        if name.startswith("module.encoder."):
+            i, rest = name[len("module.encoder."):].split(".", 1)
+            state[name] = state[f"module.layer{i}.{rest}"]
     torch.save({"epoch": 50, "state_dict": state, "optimizer": {}}, path)
     return path
 
@@ -95,6 +99,25 @@ def test_a_file_of_another_setting_is_named_with_the_preset_that_fits(tmp_path):
         with pytest.raises(SystemExit, match=msg):
             main([str(args[0]), *args[1:], "--fold", "0", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "merged.pt").exists()
+
+
+def test_bams_released_base_learner_becomes_the_base_stages_checkpoint(tmp_path):
+    """BAM's best.pth (its backbone twice, as layer* and encoder.*) -> base.pt that the base stage's reader takes for
+    the preset and fold; the file of the other benchmark is refused, naming its classes."""
+    from pipeline import adapter as adapter_io
+    from stages.released import main, preset_config
+    f = authors_checkpoint("bam_base_pspnet_vgg16_pascal", tmp_path / "best.pth")
+    main([str(f), "--format", "bam", "--base", "--preset", "pascal_bam_frozen_vgg", "--fold", "1", "--out",
+          str(tmp_path / "base.pt")])
+    cfg = preset_config("pascal_bam_frozen_vgg", "bam", 1)
+    cfg.model.pretrained = "none"
+    base = adapter_io.read_base(tmp_path / "base.pt", cfg, 1)
+    theirs = torch.load(f, weights_only=True)["state_dict"]
+    assert torch.equal(base["state"]["ppm.features.2.0.weight"], theirs["module.ppm.features.2.1.weight"])
+    assert torch.equal(base["state"]["backbone.layer3.0.weight"], theirs["module.encoder.3.0.weight"])
+    with pytest.raises(SystemExit, match="the file has 16 classes"):
+        main([str(f), "--format", "bam", "--base", "--preset", "coco_bam_frozen_vgg", "--fold", "1", "--out",
+              str(tmp_path / "coco.pt")])
 
 
 def test_a_released_bam_is_served(tmp_path):
