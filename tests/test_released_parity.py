@@ -1,0 +1,208 @@
+"""The authors' own models against what `python -m stages.released` makes of their checkpoints.
+
+Given a checkout of github.com/dvlab-research/PFENet (SVF_FSS_PFENET_REPO) and/or github.com/chunbolang/BAM
+(SVF_FSS_BAM_REPO): the authors' model class, built from their files at random initialisation (with
+non-trivial BatchNorm statistics and affine terms, and BAM's ensemble weights moved off [1, 0], so that every
+path shows), is saved exactly as their train.py saves it ({'epoch', 'state_dict' of the wrapped model, keys
+'module.'-prefixed, 'optimizer'}), adopted in-process by stages.released.adopt(), and the exported model.onnx
+(ONNX Runtime, CPU) is compared with the authors' eval-mode forward on the same inputs (support masks 0/1 with
+255 ignore pixels). Both output the logits at the input size ((S - 1) / 8 * zoom_factor 8 + 1 = S).
+
+PFENet is one model for every shot count (its test.py sets ``shot``): one file per backbone, adopted once, run
+with 1 and 5 shots. BAM's 5-shot model is another model (its k-shot reweighting): one file per case.
+The published layouts: PFENet ResNet-50 on PASCAL (bins 60/30/15/8), VGG-16 on COCO (bins 1/0.5/0.25/0.125);
+BAM both backbones on both benchmarks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import cv2  # noqa: F401  (the real module, before reference_manifest.checkout stubs a missing one)
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import rel_err
+from stages.released import adopt
+from reference_manifest import _bam_args, _fake_base_learner, checkout, cpu_cuda, quiet, scratch
+
+PFENET = os.environ.get("SVF_FSS_PFENET_REPO", "")
+BAM = os.environ.get("SVF_FSS_BAM_REPO", "")
+TOL = 1e-4
+
+
+# ------------------------------------------------------------------ shared steps
+def _nontrivial_bn(model: nn.Module, seed: int) -> None:
+    """Every BatchNorm of the authors' model with moved statistics and affine terms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+                m.num_batches_tracked.fill_(1234)
+
+
+@contextlib.contextmanager
+def _one_process_group(workdir: Path):
+    """A one-process gloo group for DistributedDataParallel on the CPU (BAM's multi-GPU train.py wraps in DDP)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/process_group", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _save_as_train_py(model: nn.Module, wrapper: str, optimizer: torch.optim.Optimizer, path: Path, workdir: Path):
+    """torch.save({'epoch', 'state_dict': wrapped.state_dict(), 'optimizer'}) as their train.py does."""
+    if wrapper == "DataParallel":                      # PFENet train.py: torch.nn.DataParallel(model.cuda())
+        state = nn.DataParallel(model).state_dict()
+    else:                                              # BAM train.py on its 4 GPUs (train.sh)
+        with _one_process_group(workdir):
+            state = nn.parallel.DistributedDataParallel(model).state_dict()
+    assert state and all(k.startswith("module.") for k in state)
+    torch.save({"epoch": 50, "state_dict": state, "optimizer": optimizer.state_dict()}, path)
+    return path
+
+
+def _inputs(b: int, k: int, size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, 3, size, size, generator=g)
+    s = torch.randn(b, k, 3, size, size, generator=g)
+    m = (torch.rand(b, k, size, size, generator=g) > 0.6).float()
+    m[:, :, : size // 6] = 255                         # ignore pixels, as the authors' loaders write them
+    m[:, :, size // 2:, : size // 5] = 255
+    return q, s, m
+
+
+def _adopt(path: Path, fmt: str, preset: str, shot: int, out: Path, size: int) -> dict:
+    return adopt(str(path), fmt, preset, 0, shot, out, size)
+
+
+def _onnx(out: Path, q, s, m) -> torch.Tensor:
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(out / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"])
+    feed = {"query": q.numpy(), "support": s.numpy(), "support_mask": m.numpy()}
+    (logits,) = sess.run(["logits"], feed)
+    return torch.from_numpy(np.asarray(logits))
+
+
+# ------------------------------------------------------------------ PFENet
+# (backbone, the preset of the published setting, the ppm_scales of the authors' config, size)
+PFENET_CASES = {
+    "resnet50": ("pascal_pfenet_frozen", [60, 30, 15, 8], 97),           # config/pascal/pascal_split0_resnet50.yaml
+    "vgg16": ("coco_pfenet_frozen_vgg", [1.0, 0.5, 0.25, 0.125], 129),   # config/coco/coco_split0_vgg.yaml
+}
+# VGG's layer3/4 run at stride 16: 129 px gives an 8x8 map and bins 8/4/2/1; at 97 px (6x6) the authors' code
+# would pool to int(6 * 0.125) = 0 bins and fail.
+
+
+@pytest.fixture(scope="module")
+def pfenet_adopted(tmp_path_factory):
+    """backbone -> (the authors' PFENet, the adopted model folder, adopt's report, seconds): built once."""
+    cache = {}
+
+    def get(backbone: str):
+        if backbone not in cache:
+            preset, scales, size = PFENET_CASES[backbone]
+            work = tmp_path_factory.mktemp(f"pfenet_{backbone}")
+            t0 = time.perf_counter()
+            with checkout(Path(PFENET).resolve()), scratch(work):
+                with cpu_cuda():
+                    from model.PFENet import PFENet
+                torch.manual_seed(0)
+                with quiet():
+                    ref = PFENet(layers=50, classes=2, zoom_factor=8, criterion=nn.CrossEntropyLoss(ignore_index=255),
+                                 BatchNorm=nn.BatchNorm2d, pretrained=True, shot=1, ppm_scales=scales,
+                                 vgg=backbone == "vgg16")
+            _nontrivial_bn(ref, 1)
+            trained = [p for n, p in ref.named_parameters() if not n.startswith(("layer0", "layer1", "layer2",
+                                                                                 "layer3", "layer4"))]
+            opt = torch.optim.SGD(trained, lr=0.0025, momentum=0.9, weight_decay=1e-4)
+            ckpt = _save_as_train_py(ref, "DataParallel", opt, work / "train_epoch_50.pth", work)
+            report = _adopt(ckpt, "pfenet", preset, 1, work / "model", size)
+            cache[backbone] = (ref.eval(), work / "model", report, time.perf_counter() - t0)
+        return cache[backbone]
+    return get
+
+
+@pytest.mark.skipif(not PFENET, reason="set SVF_FSS_PFENET_REPO to a checkout of github.com/dvlab-research/PFENet")
+@pytest.mark.parametrize("shots", [1, 5])
+@pytest.mark.parametrize("backbone", list(PFENET_CASES))
+def test_pfenet_released_onnx_matches_the_authors_forward(pfenet_adopted, backbone, shots):
+    ref, out, report, build_s = pfenet_adopted(backbone)
+    size = PFENET_CASES[backbone][2]
+    t0 = time.perf_counter()
+    b = 2 if shots == 1 else 1                         # a batch once; five supports at batch 1 (CPU time)
+    q, s, m = _inputs(b, shots, size, seed=10 + shots)
+    ref.shot = shots                                   # their test.py: PFENet(..., shot=args.shot), same weights
+    with torch.no_grad():
+        theirs = ref(q, s, m)
+    mine = _onnx(out, q, s, m)
+    err = rel_err(mine, theirs)
+    print(f"\npfenet {backbone} {PFENET_CASES[backbone][0]} {shots}-shot {size}px: rel_err {err:.2e} "
+          f"(adopt's own ONNX parity {report['parity']['max_rel']:.1e}, exporter {report['exporter']}; "
+          f"build+save+adopt {build_s:.1f} s, compare {time.perf_counter() - t0:.1f} s)")
+    assert theirs.shape == mine.shape == (b, 2, size, size)
+    assert err < TOL, err
+
+
+# ------------------------------------------------------------------ BAM
+# (backbone, benchmark, preset, shots, size)
+BAM_CASES = [("resnet50", "pascal", "pascal_bam_frozen", 1, 97),
+             ("resnet50", "pascal", "pascal_bam_frozen", 5, 97),
+             ("vgg16", "pascal", "pascal_bam_frozen_vgg", 1, 105),
+             ("vgg16", "pascal", "pascal_bam_frozen_vgg", 5, 105),
+             ("resnet50", "coco", "coco_bam_frozen", 1, 97),
+             ("vgg16", "coco", "coco_bam_frozen_vgg", 1, 105)]
+
+
+@pytest.mark.skipif(not BAM, reason="set SVF_FSS_BAM_REPO to a checkout of github.com/chunbolang/BAM")
+@pytest.mark.parametrize("backbone,benchmark,preset,shots,size", BAM_CASES,
+                         ids=[f"{b}-{d}-{k}shot" for b, d, _, k, _ in BAM_CASES])
+def test_bam_released_onnx_matches_the_authors_forward(tmp_path, backbone, benchmark, preset, shots, size):
+    t0 = time.perf_counter()
+    args = _bam_args("vgg16_bn" if backbone == "vgg16" else "resnet50", benchmark, shots)
+    with checkout(Path(BAM).resolve()), scratch(tmp_path):
+        from model.BAM import OneModel
+        torch.manual_seed(0)
+        with quiet():
+            _fake_base_learner(args, tmp_path)         # initmodel/PSPNet/.../best.pth, loaded strictly by BAM
+            ref = OneModel(args, cls_type="Base")
+        ref.freeze_modules(ref)
+        args.base_lr, args.momentum, args.weight_decay = 0.005, 0.9, 1e-4
+        opt = ref.get_optim(ref, args, LR=args.base_lr)
+    _nontrivial_bn(ref, 2)
+    with torch.no_grad():                              # the ensemble as if trained (init [1, 0] hides est, base map)
+        ref.gram_merge.weight.copy_(torch.tensor([0.8, 0.6]).view(1, 2, 1, 1))
+        ref.cls_merge.weight.copy_(torch.tensor([0.9, 0.7]).view(1, 2, 1, 1))
+    ckpt = _save_as_train_py(ref, "DistributedDataParallel", opt, tmp_path / "train_epoch_50.pth", tmp_path)
+    t1 = time.perf_counter()
+    report = _adopt(ckpt, "bam", preset, shots, tmp_path / "model", size)
+    t2 = time.perf_counter()
+    ref.eval()
+    b = 2 if shots == 1 else 1
+    q, s, m = _inputs(b, shots, size, seed=20 + shots)
+    with torch.no_grad():
+        theirs, _meta, _base = ref(q, s, m, None, None)
+    mine = _onnx(tmp_path / "model", q, s, m)
+    err = rel_err(mine, theirs)
+    print(f"\nbam {backbone} {preset} {shots}-shot {size}px: rel_err {err:.2e} (adopt's own ONNX parity "
+          f"{report['parity']['max_rel']:.1e}, exporter {report['exporter']}; build+save {t1 - t0:.1f} s, "
+          f"adopt {t2 - t1:.1f} s, compare {time.perf_counter() - t2:.1f} s)")
+    assert theirs.shape == mine.shape == (b, 2, size, size)
+    assert err < TOL, err
