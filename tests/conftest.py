@@ -20,7 +20,8 @@ logging.getLogger("pipeline.models.backbone").setLevel(logging.ERROR)
 # The suite's two tiers. `make test` runs everything on every core (pytest-xdist); `make test-fast` leaves
 # out the tests marked slow: those that run DVC, start a server, build the C++ program, train, or export
 # through the dynamo exporter (the inner loop's unit tier, about a minute).
-SLOW_MODULES = {"test_pipeline", "test_cpp", "test_serving", "test_labelstudio", "test_cuda", "test_entry_points"}
+SLOW_MODULES = {"test_pipeline", "test_cpp", "test_serving", "test_labelstudio", "test_entry_points", "test_released",
+                "test_released_parity", "test_cuda"}
 SLOW_TESTS = {"test_presets.py::test_every_preset_parses_and_dvc_repro_dry_lists_every_stage",
               "test_presets.py::test_a_bad_preset_is_named_and_params_yaml_is_kept",
               "test_presets.py::test_a_preset_runs_end_to_end_on_a_miniature",
