@@ -248,6 +248,9 @@ def test_only_authenticated_json_from_allowed_hosts_is_served(ls_backend):
     r = b.http.post("/setup", json=body, headers={"host": "attacker.example"})
     assert r.status_code == 400 and "Host" in r.json()["error"]
     assert b.post("/setup", body).status_code == 200
+    assert httpx.get(b.url + "/metrics").status_code == 401          # Label Studio's ML API: /metrics, behind the auth
+    metrics = b.http.get("/metrics").text
+    assert 'svf_ls_requests_total{route="/setup",status="200"}' in metrics and "svf_ls_examples" in metrics
 
 
 def _health_max(url: str, stop: threading.Event) -> list:
