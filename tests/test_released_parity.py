@@ -152,12 +152,16 @@ def test_pfenet_released_onnx_matches_the_authors_forward(pfenet_adopted, backbo
     ref.shot = shots                                   # their test.py: PFENet(..., shot=args.shot), same weights
     with torch.no_grad():
         theirs = ref(q, s, m)
-    mine = _onnx(out, q, s, m)
+    _agree(f"pfenet {backbone} {PFENET_CASES[backbone][0]} {shots}-shot {size}px", theirs, _onnx(out, q, s, m),
+           (b, 2, size, size), report, f"build+save+adopt {build_s:.1f} s, compare {time.perf_counter() - t0:.1f} s")
+
+
+def _agree(case: str, theirs: torch.Tensor, mine: torch.Tensor, shape: tuple, report: dict, timing: str) -> None:
+    """The authors' logits and the adopted ONNX model's: the same shape, equal to float32 rounding."""
     err = rel_err(mine, theirs)
-    print(f"\npfenet {backbone} {PFENET_CASES[backbone][0]} {shots}-shot {size}px: rel_err {err:.2e} "
-          f"(adopt's own ONNX parity {report['parity']['max_rel']:.1e}, exporter {report['exporter']}; "
-          f"build+save+adopt {build_s:.1f} s, compare {time.perf_counter() - t0:.1f} s)")
-    assert theirs.shape == mine.shape == (b, 2, size, size)
+    print(f"\n{case}: rel_err {err:.2e} (adopt's own ONNX parity {report['parity']['max_rel']:.1e}, exporter "
+          f"{report['exporter']}; {timing})")
+    assert theirs.shape == mine.shape == shape, (theirs.shape, mine.shape, shape)
     assert err < TOL, err
 
 
@@ -199,10 +203,6 @@ def test_bam_released_onnx_matches_the_authors_forward(tmp_path, backbone, bench
     q, s, m = _inputs(b, shots, size, seed=20 + shots)
     with torch.no_grad():
         theirs, _meta, _base = ref(q, s, m, None, None)
-    mine = _onnx(tmp_path / "model", q, s, m)
-    err = rel_err(mine, theirs)
-    print(f"\nbam {backbone} {preset} {shots}-shot {size}px: rel_err {err:.2e} (adopt's own ONNX parity "
-          f"{report['parity']['max_rel']:.1e}, exporter {report['exporter']}; build+save {t1 - t0:.1f} s, "
-          f"adopt {t2 - t1:.1f} s, compare {time.perf_counter() - t2:.1f} s)")
-    assert theirs.shape == mine.shape == (b, 2, size, size)
-    assert err < TOL, err
+    _agree(f"bam {backbone} {preset} {shots}-shot {size}px", theirs, _onnx(tmp_path / "model", q, s, m),
+           (b, 2, size, size), report,
+           f"build+save {t1 - t0:.1f} s, adopt {t2 - t1:.1f} s, compare {time.perf_counter() - t2:.1f} s")
