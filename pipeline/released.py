@@ -52,8 +52,9 @@ def read(path: str | Path) -> tuple[dict, str]:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    except Exception as e:          # read with weights_only: a file that needs arbitrary code is not run
+        raise ValueError(f"{path} is not a PyTorch checkpoint of tensors, numbers and dicts (as the authors' train.py "
+                         f"saves one); torch.load with weights_only refused it ({type(e).__name__})") from e
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} holds no state_dict (a dict with 'state_dict', or a dict of tensors)")
