@@ -118,7 +118,11 @@ class Backend:
              "--port", str(self.port), "--store", str(store), "--shots", "1", *flags],
             env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
-        _wait_http(self.url + "/health", self.proc, "the ML backend")
+        try:
+            _wait_http(self.url + "/health", self.proc, "the ML backend")
+        except BaseException:                   # never leave a backend that did not come up running
+            self.proc.kill()
+            raise
         self.http = httpx.Client(base_url=self.url, auth=AUTH, timeout=60)
 
     def post(self, path, body, **kw):
