@@ -271,7 +271,11 @@ def predict(model_dir, supports, masks, queries, out, backend: str = "auto", fmt
                                                       **val_summary(rows, names)}, indent=1))
             val_figure(tmp / "val.png", worst, n)
         out.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
+        made = sorted(tmp.iterdir())
+        taken = [out / f.name for f in made if (out / f.name).is_dir()]
+        if taken:            # every output or none: checked before the first one replaces anything
+            raise UserError(f"{taken[0]} is a folder; the output of that name cannot replace it (nothing written)")
+        for f in made:
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -243,3 +243,20 @@ def test_the_page_runs_under_a_csp_that_allows_only_its_own_script():
                 assert page.title() != "injected"
         assert page.locator(".class").count() == 0 and any("script-src" in r for r in refusals), refusals
         browser.close()
+
+
+def test_predict_writes_every_output_or_none_when_a_name_is_taken_by_a_folder(model_dir, episode, tmp_path):
+    """Like svf_fss_predict: a folder where an output goes refuses the run before any earlier output is replaced."""
+    from serving.inputs import UserError
+    from serving.predict import predict
+    (s, m), queries = episode[1], [str(episode[i][0]) for i in (0, 2, 3)]
+    out = tmp_path / "out"
+    predict(model_dir, [str(s)], [str(m)], queries, out, "onnxruntime", overlays=False, progress=False)
+    before = {f.name: f.stat().st_ino for f in out.iterdir()}     # a replaced file is a new inode
+    (out / "img2.png").unlink()
+    (out / "img2.png").mkdir()
+    with pytest.raises(UserError, match="img2.png is a folder"):
+        predict(model_dir, [str(episode[2][0])], [str(episode[2][1])], queries, out, "onnxruntime", overlays=False,
+                progress=False)
+    assert {f.name: f.stat().st_ino for f in out.iterdir() if f.is_file()} == \
+        {k: v for k, v in before.items() if k != "img2.png"}
