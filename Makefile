@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine; each creates (or reuses) the local virtual environment.
 #   make repro  - run the whole DVC pipeline (default: the embedded synthetic benchmark, offline)
 #   make repro PRESET=coco_pfenet_svf - params.yaml written from presets/<name>.yaml first (stages/preset.py)
+#   make repro PRESET=pascal_pfenet_frozen RELEASED='initmodel/PFENet/fold{fold}.pth' - a published model
+#       adopted instead of training (docs/released.md), then evaluated, merged, exported and reported
 #   make test   - run the test suite on every core (pytest-xdist)
 #   make test-fast - the unit tier: no DVC, no server, no C++ build, no training (tests/conftest.py)
 #   make ablation - the default pipeline, then frozen / svf / full trained and scored alike (results/ablation)
@@ -44,7 +46,8 @@ $(LS_STAMP): requirements-labelstudio.lock
 
 repro: $(STAMP)
 ifdef PRESET
-	$(BIN)/python -m stages.preset $(PRESET)
+	$(BIN)/python -m stages.preset $(PRESET) $(if $(RELEASED),--released '$(RELEASED)') \
+	  $(if $(RELEASED_FORMAT),--released-format $(RELEASED_FORMAT))
 endif
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 

@@ -21,10 +21,11 @@ FORMAT = "svf-fss-adapter/1"
 BASE_FORMAT = "svf-fss-base/1"
 
 
-def adapter_state(model, cfg, extra: dict | None = None) -> dict:
+def adapter_state(model, cfg, extra: dict | None = None, regime: str | None = None) -> dict:
+    """``regime`` (default model.finetune) decides what of the backbone is kept; a released model keeps it whole."""
     model = getattr(model, "module", model)
     state = model.state_dict()
-    regime = cfg.model.finetune
+    regime = regime or cfg.model.finetune
     if regime == "svf":
         backbone = {k: v for k, v in state.items() if k.startswith("backbone.") and k.endswith(".S")}
     elif regime == "full":

@@ -71,6 +71,7 @@ class ModelCfg:
                                                                 "resnet101", "resnet50_deep", "resnet101_deep",
                                                                 "vgg16_bn"))
     pretrained: str = "imagenet"      # imagenet | synthetic | random | path to a checkpoint of the backbone's family
+    #                                   | none (train.released: the file fills the backbone)
     output_stride: int = field(default=8, metadata=_choices(8, 32))
     dilation: str = field(default="pspnet", metadata=_choices("pspnet", "torchvision"))  # pipeline/models/backbone.py
     finetune: str = field(default="svf", metadata=_choices("frozen", "svf", "full"))
@@ -113,6 +114,8 @@ class TrainCfg:
     val_episodes: int = 200
     log_every: int = 20
     workers: int = 2
+    released: str = ""               # a published model adopted instead of training (docs/released.md); {fold}, {shot}
+    released_format: str = field(default="", metadata=_choices("", "pfenet", "bam", "svf"))   # "": the head's own
 
 
 @dataclass

@@ -77,3 +77,24 @@ def compare(name: str, fold: int, measured: dict) -> dict:
     ref = published(name)
     return {key: {"measured": round(v["miou"], 2), "paper": ref[key][fold], "difference": round(v["miou"] - ref[key][fold], 2)}
             for key, v in measured.items() if key in ("1shot", "5shot") and isinstance(v, dict)}
+
+
+# The papers of the models their authors publish (train.released): mean mIoU over folds 0-3, (1-shot, 5-shot).
+# BAM's per-fold rows are the SVF paper's BAM† rows above (the SVF paper quotes BAM's Table 1 and 2).
+RELEASED = {
+    ("pfenet", "pascal", "resnet50_deep"): ("PFENet (TPAMI 2020), PASCAL-5i, ResNet-50, mean of folds 0-3", 60.8, 61.9),
+    ("pfenet", "coco", "vgg16_bn"): ("PFENet (TPAMI 2020), COCO-20i, VGG-16, mean of folds 0-3 (as BAM's README "
+                                     "quotes it)", 36.3, 40.4),
+    ("bam", "pascal", "vgg16_bn"): ("BAM (CVPR 2022, its README), PASCAL-5i, VGG-16, mean of folds 0-3", 64.41, 68.76),
+    ("bam", "pascal", "resnet50_deep"): ("BAM (CVPR 2022, its README), PASCAL-5i, ResNet-50, mean of folds 0-3",
+                                         67.81, 70.91),
+    ("bam", "coco", "vgg16_bn"): ("BAM (CVPR 2022, its README), COCO-20i, VGG-16, mean of folds 0-3", 43.50, 49.34),
+    ("bam", "coco", "resnet50_deep"): ("BAM (CVPR 2022, its README), COCO-20i, ResNet-50, mean of folds 0-3",
+                                       46.23, 51.16),
+}
+
+
+def released_paper(cfg) -> dict | None:
+    """{"source", "1shot", "5shot"} (4-fold means) of the published model params.yaml adopts, or None."""
+    ref = RELEASED.get((cfg.model.head, cfg.data.benchmark, cfg.model.backbone))
+    return None if ref is None else {"source": ref[0], "1shot": ref[1], "5shot": ref[2]}

@@ -20,11 +20,10 @@ moved in training), as a merged model (pipeline/adapter.py).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from pathlib import Path
-
-import torch
 
 # the settings each repository's code fixes, over the preset's (a file cannot show them)
 FORMATS = {
@@ -49,6 +48,7 @@ def read(path: str | Path) -> tuple[dict, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"released checkpoint {path} does not exist")
+    import torch
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -65,6 +65,7 @@ def fold_factors(state: dict) -> dict:
     """The SVF authors' factorised convs (``X.conv_V.weight`` [r, in, kh, kw], ``X.vector_S`` [1, r, 1, 1],
     ``X.conv_U.weight`` [out, r, 1, 1], ``X.conv_U.bias``) folded into dense ``X.weight`` = U diag(S) V^T (in
     float64, as pipeline/svf.py merges) and ``X.bias``; every other key as it is."""
+    import torch
     out = {k: v for k, v in state.items() if not k.endswith((".vector_S", ".conv_U.weight", ".conv_V.weight",
                                                              ".conv_U.bias"))}
     for key in [k[:-len(".vector_S")] for k in state if k.endswith(".vector_S")]:
@@ -104,6 +105,7 @@ def base_learner_state(state: dict) -> dict:
     """BAM's released base learner (PSPNet ``best.pth``) in this project's names (pipeline/models/pspnet.py): its
     backbone is stored twice, ``layer*`` and ``encoder.<i>.*`` (the same tensors: checked, one kept), the pyramid's
     indices shift by one (their index 0 is the pooling)."""
+    import torch
     out = {}
     for key, value in state.items():
         m = re.match(r"encoder\.([0-4])\.(.*)", key)
@@ -138,15 +140,66 @@ def describe(state: dict, fmt: str) -> dict:
     return out
 
 
+def settings(cfg, fmt: str) -> dict:
+    """{model key: value} that the format's code fixes over ``cfg`` (see ``FORMATS``)."""
+    fixed, head = FORMATS[fmt], cfg.model.head
+    out = {"dilation": fixed["dilation"][head], "pretrained": "none",   # whole and dense (factors folded)
+           # the SVF authors' BAM has two backbones (its base learner's, layer0p-4p, and the tuned one): not shared
+           "finetune": "full" if fmt == "svf" and head == "bam" else "frozen"}
+    if head == "pfenet":
+        out["bins"] = fixed["bins"][cfg.data.benchmark]
+    return out
+
+
 def configure(cfg, fmt: str) -> None:
-    """Set on ``cfg`` what the format's code fixes and the file cannot show (see ``FORMATS``)."""
-    fixed, m = FORMATS[fmt], cfg.model
-    m.dilation = fixed["dilation"][m.head]
-    if m.head == "pfenet":
-        m.bins = fixed["bins"][cfg.data.benchmark]
-    m.pretrained = "none"                # a released model is whole and dense (factors folded)
-    # the SVF authors' BAM has two backbones (its base learner's, layer0p-4p, and the tuned one): not shared
-    m.finetune = "full" if fmt == "svf" and m.head == "bam" else "frozen"
+    """Set on ``cfg`` what the format's code fixes and the file cannot show."""
+    for key, value in settings(cfg, fmt).items():
+        setattr(cfg.model, key, value)
+
+
+# ------------------------------------------------------------------ under `dvc repro` (train.released)
+DEFAULT_FORMAT = {"pfenet": "pfenet", "bam": "bam", "baseline": "svf"}
+
+
+def format_of(cfg) -> str:
+    return cfg.train.released_format or DEFAULT_FORMAT[cfg.model.head]
+
+
+def path_of(cfg, fold: int, shot: int) -> Path:
+    """train.released with its ``{fold}`` and ``{shot}`` filled (one file per fold and shot count)."""
+    return Path(cfg.train.released.format(fold=fold, shot=shot))
+
+
+def check_params(cfg) -> list[str]:
+    """What params.yaml must say for train.released to be adopted as written (each as ``key: value``, why):
+    every stage rebuilds the model from params.yaml, so the settings the file cannot show are kept there."""
+    fmt = format_of(cfg)
+    if cfg.model.head not in FORMATS[fmt]["heads"]:
+        return [f"train.released_format: {fmt} trains {' or '.join(FORMATS[fmt]['heads'])}, not model.head "
+                f"{cfg.model.head}"]
+    try:
+        path_of(cfg, 0, 1)
+    except (KeyError, IndexError, ValueError) as e:
+        return [f"train.released: {cfg.train.released!r} may hold only the placeholders {{fold}} and {{shot}} ({e})"]
+    return [f"model.{k}: {v!r} (now {getattr(cfg.model, k)!r}; {fmt}'s code fixes it)"
+            for k, v in settings(cfg, fmt).items() if getattr(cfg.model, k) != v]
+
+
+def released_params(cfg, file: str, fmt: str = "", template: bool = False) -> object:
+    """A copy of ``cfg`` that adopts ``file`` (train.released; ``template``: its ``{fold}`` and ``{shot}`` are
+    placeholders) in the format's settings."""
+    from .config import ConfigError
+    fmt_of = fmt or DEFAULT_FORMAT[cfg.model.head]
+    if cfg.model.head not in FORMATS[fmt_of]["heads"]:
+        raise ConfigError(f"format {fmt_of} trains {' or '.join(FORMATS[fmt_of]['heads'])}, not {cfg.model.head}: "
+                          f"choose a {' or '.join(FORMATS[fmt_of]['heads'])} preset")
+    cfg = copy.deepcopy(cfg)
+    if fmt_of != "svf" and cfg.eval.paper:     # the authors' own models are the SVF paper's frozen rows
+        cfg.eval.paper = cfg.eval.paper.replace("_svf", "_frozen")
+    cfg.train.released = file if template else file.replace("{", "{{").replace("}", "}}")
+    cfg.train.released_format = fmt
+    configure(cfg, format_of(cfg))
+    return cfg
 
 
 def fitting_preset(found: dict, head: str, benchmark: str) -> str:
@@ -194,3 +247,62 @@ def load_into(model, state: dict, fmt: str, head: str, preset: str) -> None:
         raise ValueError(f"the file does not fit the {fmt} model of preset {preset}: {len(left)} key(s) of the file "
                          f"unused {left[:6]}, {len(missing)} of the model missing {missing[:6]}")
     model.load_state_dict(filled, strict=True)
+
+
+def build(cfg, fmt: str, path: str | Path, fold: int, shot: int, preset: str):
+    """(model in eval mode, source record) of a released file on ``cfg`` (already in the format's settings):
+    read, checked against ``cfg`` (``preset`` names it in errors), loaded strictly. BAM's base learner comes
+    from the file too."""
+    from .data.benchmarks import fold_classes
+    from .models import build_model
+    state, digest = read(path)
+    check_fits(describe(state, fmt), cfg, shot, preset)
+    base = {"classes": len(fold_classes(cfg, fold)[1]) + 1} if cfg.model.head == "bam" else None
+    model, _ = build_model(cfg, base=base, shots=shot)
+    load_into(model, state, fmt, cfg.model.head, preset)
+    return model.eval(), {"file": str(path), "sha256": digest, "format": fmt, "fold": fold, "shots": shot}
+
+
+def adapter_of(cfg, fold: int, shot: int, base: dict | None = None) -> tuple[dict, dict]:
+    """(adapter state, source) for the train stage under train.released: the file's model as an adapter that
+    `adapter.load_model` rebuilds exactly from params.yaml. PFENet and the baseline keep their whole backbone
+    (``full``: the released BatchNorm statistics are not the ImageNet ones), on the seeded backbone that
+    model.pretrained ``none`` builds; BAM's rests on ``base``, the base learner the base stage adopted from the
+    same file, and is refused when this file's learner is another."""
+    from .adapter import adapter_state
+    from .models import state_fingerprint
+    fmt, path = format_of(cfg), path_of(cfg, fold, shot)
+    model, source = build(cfg, fmt, path, fold, shot, "params.yaml")
+    regime = "full"
+    if cfg.model.head == "bam":
+        model.backbone_fingerprint = state_fingerprint(model.base)
+        if base is None or base["fingerprint"] != model.backbone_fingerprint:
+            origin = (base or {}).get("released", {}).get("file", "a trained one")
+            raise ValueError(f"{path}'s base learner is not the one in models/fold{fold}/base/base.pt (from {origin}); "
+                             f"run `dvc repro base@{fold}` with this train.released")
+        regime = cfg.model.finetune          # frozen: the base learner's backbone serves both learners
+    return adapter_state(model, cfg, {"shots": shot, "released": source}, regime=regime), source
+
+
+def base_learner_of(cfg, fold: int) -> tuple[object, dict]:
+    """(BAM's base learner, source) from the fold's released meta-model file (train.released, the first of
+    train.shots): the file holds the learner it was trained with (``layer*`` and ``learner_base.*``; the SVF
+    authors' ``layer*p``)."""
+    from .data.benchmarks import fold_classes
+    from .models import base_learner
+    fmt, shot = format_of(cfg), cfg.train.shots[0]
+    path = path_of(cfg, fold, shot)
+    state, digest = read(path)
+    check_fits(describe(state, fmt), cfg, shot, "params.yaml")
+    mine = {}
+    for key, value in fold_factors(state).items():
+        for name in ours(key, fmt, "bam"):
+            if name.startswith("base."):
+                mine[name[len("base."):]] = value
+    net = base_learner(cfg.model, len(fold_classes(cfg, fold)[1]) + 1)
+    want = net.state_dict()
+    wrong = sorted(set(mine) ^ set(want)) or [k for k in want if tuple(want[k].shape) != tuple(mine[k].shape)]
+    if wrong:
+        raise ValueError(f"{path} holds no base learner of params.yaml's BAM (first difference {wrong[0]})")
+    net.load_state_dict(mine, strict=True)
+    return net.eval(), {"file": str(path), "sha256": digest, "format": fmt, "fold": fold}

@@ -12,6 +12,22 @@ from pathlib import Path
 from stages.common import run, setup, write_json
 
 
+def adopt(cfg, fold: int, out: Path) -> None:
+    """train.released: the base learner stored in the fold's published BAM file, as base.pt."""
+    from pipeline import adapter as adapter_io
+    from pipeline import released
+    from pipeline.data.benchmarks import fold_classes
+    net, source = released.base_learner_of(cfg, fold)
+    for stale in ("mlflow_run.json", "curves.png", "train.csv", "val.csv"):
+        (out / stale).unlink(missing_ok=True)
+    adapter_io.save(adapter_io.base_state(net, cfg, fold, fold_classes(cfg, fold)[1], {"released": source}),
+                    out / "base.pt")
+    write_json(out / "base.json", {"fold": fold, "trained": False, "released": source,
+                                   "reason": "train.released: the published file's base learner"})
+    print(f"base fold {fold}: adopted the base learner of {source['file']} (sha256 {source['sha256'][:12]}) -> "
+          f"{out / 'base.pt'}, not trained")
+
+
 def main():
     args, cfg = setup(__doc__, fold=True)
     out = plots = Path("models") / f"fold{args.fold}" / "base"   # one DVC output: learner, record, curves
@@ -25,6 +41,8 @@ def main():
         print(f"base fold {args.fold}: nothing to train (model.head is {cfg.model.head})")
         return
     from pipeline import tracking          # here: a head without a base learner needs neither torch nor MLflow
+    if cfg.train.released:
+        return adopt(cfg, args.fold, out)
     from pipeline.train_base import checkpoint_path, train_base
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:

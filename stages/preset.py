@@ -29,8 +29,10 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
-def render(name: str, presets: Path = PRESETS) -> str:
-    """The params.yaml text of preset ``name``; ConfigError (naming the key) when the preset is invalid."""
+def render(name: str, presets: Path = PRESETS, released: str = "", released_format: str = "") -> str:
+    """The params.yaml text of preset ``name``; ConfigError (naming the key) when the preset is invalid.
+    ``released``: a published model's file (``{fold}``, ``{shot}`` placeholders) adopted instead of training,
+    with the settings its format's code fixes (pipeline/released.py)."""
     path = presets / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in presets.glob("*.yaml"))
@@ -41,6 +43,12 @@ def render(name: str, presets: Path = PRESETS) -> str:
         cfg = load_config(path)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    if released:
+        from pipeline.released import FORMATS, released_params
+        if released_format and released_format not in FORMATS:
+            raise ConfigError(f"--released-format {released_format!r}: choose one of {', '.join(FORMATS)}")
+        cfg = released_params(cfg, released, released_format, template=True)
+        cfg = load_config(cfg.to_dict())          # validated as every stage will read it
     head = (f"# Written by `python -m stages.preset {name}` from {path} (its values cite their sources) over the\n"
             f"# schema's defaults (pipeline/config.py). Edit freely; `git checkout params.yaml` restores the default.\n")
     return head + yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, width=120)
@@ -51,10 +59,15 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="a preset's name: " + ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))))
     ap.add_argument("--out", default="params.yaml", help="the file written (default: params.yaml)")
+    ap.add_argument("--released", default="", metavar="FILE", help="adopt a published model instead of training "
+                    "(train.released; {fold} and {shot} in FILE name one file per fold and shot count), with the "
+                    "settings its authors' code fixes (docs/released.md)")
+    ap.add_argument("--released-format", default="", choices=["", "pfenet", "bam", "svf"],
+                    help="the code that wrote FILE (default: the head's own; the baseline's is svf)")
     args = ap.parse_args(argv)
     name = Path(args.name).stem if args.name.endswith(".yaml") else args.name
     try:
-        text = render(name)
+        text = render(name, released=args.released, released_format=args.released_format)
     except ConfigError as e:
         sys.exit(f"error: {e}")      # nothing written
     out = Path(args.out)
@@ -64,7 +77,8 @@ def main(argv=None):
         shutil.copy2(out, out.with_name(out.name + ".bak"))
         print(f"preset: the previous {out} is kept as {out.name}.bak")
     os.replace(tmp, out)
-    print(f"preset: {out} now holds {PRESETS / (name + '.yaml')}; run `make repro` (`dvc repro --dry -f` lists its stages)")
+    adopted = f", adopting {args.released} instead of training" if args.released else ""
+    print(f"preset: {out} now holds {PRESETS / (name + '.yaml')}{adopted}; run `make repro` (`dvc repro --dry -f` lists its stages)")
 
 
 if __name__ == "__main__":

@@ -84,19 +84,12 @@ def adopt_base(checkpoint: str, preset: str, fold: int, out: Path) -> dict:
 def adopt(checkpoint: str, fmt: str, preset: str, fold: int, shot: int, out: Path, size: int | None) -> dict:
     from export import onnx_export
     t0 = time.perf_counter()
-    cfg = preset_config(preset, fmt, fold)
-    state, digest = released.read(checkpoint)
-    found = released.describe(state, fmt)
-    released.check_fits(found, cfg, shot, preset)
-    released.configure(cfg, fmt)
-    from pipeline.models import build_model
-    base = {"classes": len(fold_classes(cfg, fold)[1]) + 1} if cfg.model.head == "bam" else None
-    model, _ = build_model(cfg, base=base, shots=shot)
-    released.load_into(model, state, fmt, cfg.model.head, preset)
-    model.eval()
+    cfg = released.released_params(preset_config(preset, fmt, fold), str(checkpoint), fmt)
+    model, source = released.build(cfg, fmt, checkpoint, fold, shot, preset)
+    digest = source["sha256"]
     out.mkdir(parents=True, exist_ok=True)
     size = size or cfg.eval.test_size
-    source = {"file": str(checkpoint), "sha256": digest, "format": fmt, "preset": preset, "fold": fold, "shots": shot}
+    source["preset"] = preset
     adapter_io.save({**adapter_io.merged_state(model, cfg), "released": source}, out / "merged.pt")
     meta = {"format": "svf-fss/1", "head": cfg.model.head, "backbone": cfg.model.backbone, "finetune": "released",
             "benchmark": cfg.data.benchmark, "fold": fold, "model_shots": shot, "released_sha256": digest,

@@ -61,6 +61,15 @@ def main():
         for key, c in metrics["paper"].items():
             print(f"report fold {args.fold}: {key} mIoU {c['measured']:.2f}, the paper {c['paper']:.2f} "
                   f"({published(cfg.eval.paper)['source']}): {c['difference']:+.2f}")
+    if cfg.train.released:     # a published model: its own paper's 4-fold mean beside this fold's measure
+        from pipeline.paper import released_paper
+        ref = released_paper(cfg)
+        if ref:
+            metrics["released_paper"] = {k: {"measured": metrics[k]["miou"], "paper_mean": ref[k]}
+                                         for k in ("1shot", "5shot") if k in metrics}
+            for key, c in metrics["released_paper"].items():
+                print(f"report fold {args.fold}: {key} mIoU {c['measured']:.2f} of the published model; its paper "
+                      f"{c['paper_mean']:.2f} ({ref['source']})")
     path = write_json(Path("metrics") / f"fold{args.fold}.json", metrics)
     evaluations = {k: v for r in models.values() for k, v in r["evaluate"].items() if "shot" in k and isinstance(v, dict)}
     regime = models[cfg.train.shots[0]]["evaluate"]["finetune"]

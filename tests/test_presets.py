@@ -169,52 +169,15 @@ def test_a_preset_runs_end_to_end_on_a_miniature(preset, tmp_path):
     the download code; since their checksums are not the real archives', the stage's output is then committed
     as done (`dvc commit download`, what a user with the data already on disk does) rather than run by DVC."""
     import json
-    import subprocess
-    import sys
 
-    import torch
-    import torchvision
-    from conftest import copy_project, doc_block
-    from miniature import ArchiveServer, build_coco, build_pascal, episode_blocks
-    from pipeline.data import sources
-    from pipeline.data.benchmarks import fold_classes
-    from pipeline.data.download import Resource
-    from pipeline.models.backbone import Backbone, to_checkpoint_state
+    from conftest import doc_block
+    from miniature import miniature_project
     from pipeline.paper import PUBLISHED
 
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    copy_project(proj)
     lines = doc_block("preset-small")
-    env = dict(__import__("os").environ, PATH=f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}",
-               PYTHONPATH=str(proj), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", MLFLOW_TRACKING_URI=f"sqlite:///{proj / 'mlflow.db'}")
-
-    def sh(cmd):
-        r = subprocess.run(cmd, shell=True, cwd=proj, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"{cmd}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r.stdout + r.stderr
-
-    sh("git init -q && git add -A && git commit -qm miniature")
     assert lines[0].startswith("python -m stages.preset ")
-    sh(f"python -m stages.preset {preset}")
-    cfg = load_config(proj / "params.yaml")
-    weights = proj / cfg.model.pretrained
-    weights.parent.mkdir(parents=True)
-    torch.manual_seed(0)     # ImageNet-shaped weights of the backbone's own layout (torchvision's, PSPNet's)
-    torch.save(torchvision.models.vgg16_bn(weights=None).state_dict() if cfg.model.backbone == "vgg16_bn"
-               else to_checkpoint_state(Backbone(cfg.model.backbone)), weights)
+    proj, sh, cfg = miniature_project(preset, tmp_path)
     bench = cfg.data.benchmark
-    novel, base = fold_classes(cfg, 0)      # two novel and three base classes are enough for every stage
-    digests = (build_pascal if bench == "pascal" else build_coco)(tmp_path / "mirror", episode_blocks(novel[:2], base[:3]))
-    official = sources.PASCAL if bench == "pascal" else sources.COCO
-    with ArchiveServer(tmp_path / "mirror") as srv:
-        res = [(Resource(f"{srv.url}/{r.filename}", r.filename, md5=digests[r.filename]), m) for r, m in official]
-        sh("dvc repro validate")
-        sources.fetch_benchmark(bench, proj / "data", resources=res, workers=1)
-    (proj / "data/weights/imagenet").mkdir(parents=True)
-    (proj / "data/weights/imagenet/weights.json").write_text('{"note": "model.pretrained is a path"}\n')
-    sh("dvc commit -f download")
     out = sh(lines[1])
     for f in ("adapter.pt", "merged.pt", "model.onnx", "support_encoder.onnx", "export.json"):
         assert (proj / "models/fold0/1shot" / f).exists(), f

@@ -136,9 +136,11 @@ def test_bam_protocol_order_sizes_and_scoring(synthetic, caplog):
     assert [ds.episode(i)[0] for i in range(len(ds))] == [files[i % len(files)] for i in range(len(ds))]
     novel = json.loads((splits / "classes.json").read_text())["novel"]
     assert all(ds.episode(i)[1] in novel for i in range(len(ds)))
-    # BAM's test size: only larger images shrink, sides floored to a multiple of 8, zero padding
+    # the authors' test size (resized_val: Resize): the longer side to 473 always (a smaller image grows, COCO's
+    # 640 shrinks to 641's 640), sides floored to a multiple of 8, zero padding
     assert bam_size(500, 375, 473) == (472, 352) and bam_size(375, 500, 473) == (352, 472)
-    assert bam_size(300, 200, 473) == (300, 200)
+    assert bam_size(300, 200, 473) == (472, 312) and bam_size(473, 473, 473) == (472, 472)
+    assert bam_size(480, 640, 641) == (480, 640) and bam_size(427, 640, 641) == (424, 640)
     img, mask, valid = eval_transform(torch.full((3, 500, 375), 200, dtype=torch.uint8),
                                       torch.ones(500, 375, dtype=torch.uint8), 473, "bam")
     assert valid == (472, 352) and img.shape == (3, 473, 473) and mask[472:].eq(255).all()

@@ -147,3 +147,67 @@ def test_a_released_bam_is_served(tmp_path):
         assert np.array(Image.open(io.BytesIO(r.content))).shape == (60, 60)
     finally:
         s.stop()
+
+
+def test_dvc_repro_adopts_a_released_bam_on_the_pascal_miniature(tmp_path):
+    """`make repro PRESET=pascal_bam_frozen_vgg RELEASED=...` on a miniature of PASCAL: the base stage takes the
+    file's base learner, train its meta learner (no training), and evaluate, merge, export and report run unchanged,
+    the report beside BAM's paper and the SVF paper's frozen row; MLflow names the file's sha256 as the run's
+    source. A file of another setting stops the base stage with the preset that fits."""
+    import hashlib
+
+    import mlflow
+    from miniature import miniature_project
+    proj, sh, cfg = miniature_project("pascal_bam_frozen_vgg", tmp_path, "--released 'initmodel/bam/fold{fold}_{shot}shot.pth'")
+    assert (cfg.train.released, cfg.model.pretrained, cfg.model.dilation) == \
+        ("initmodel/bam/fold{fold}_{shot}shot.pth", "none", "pspnet")
+    (proj / "initmodel/bam").mkdir(parents=True)
+    f = authors_checkpoint("bam_vgg16_pascal_1shot", proj / "initmodel/bam/fold0_1shot.pth")
+    small = ("-S 'split.folds=[0]' -S split.min_pixels=64 -S 'train.shots=[1]' -S 'eval.shots=[1]' "
+             "-S 'export.shots=[1]' -S train.workers=0 -S data.workers=1 -S eval.episodes=2 -S 'eval.seeds=[510]' "
+             "-S eval.test_size=64 -S eval.figure_episodes=1 -S export.parity_episodes=1")
+    out = sh(f"dvc exp run {small}")
+    assert "adopted the base learner of initmodel/bam/fold0_1shot.pth" in out and "not trained" in out
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    train = json.loads((proj / "models/fold0/1shot/train.json").read_text())
+    assert train["released"]["sha256"] == digest and train["iterations"] == 0
+    metrics = json.loads((proj / "metrics/fold0.json").read_text())
+    assert metrics["paper"]["1shot"]["paper"] == 63.18                 # the SVF paper's BAM† row, VGG-16 fold 0
+    assert metrics["released_paper"]["1shot"]["paper_mean"] == 64.41   # BAM's own
+    assert "its paper 64.41" in out and metrics["parity"] >= 4
+    # the adapter rebuilds the file's model exactly: the meta learner's weights are the file's
+    state = torch.load(proj / "models/fold0/1shot/adapter.pt", weights_only=True)
+    theirs = torch.load(f, weights_only=True)["state_dict"]
+    assert torch.equal(state["head"]["aspp.branches.1.0.weight"], theirs["module.ASPP_meta.layer6_2.0.weight"])
+    client = mlflow.MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    run = client.get_run(json.loads((proj / "models/fold0/1shot/mlflow_run.json").read_text())["run_id"])
+    assert run.data.tags["released.sha256"] == digest and run.data.tags["source"] == "released"
+    # a 5-shot file where a 1-shot one belongs: refused, naming what fits
+    authors_checkpoint("bam_vgg16_pascal_5shot", proj / "initmodel/bam/five0_1.pth")
+    r = subprocess.run(f"dvc exp run {small} -S \"train.released='initmodel/bam/five{{fold}}_{{shot}}.pth'\"", shell=True, cwd=proj, capture_output=True, text=True,
+                       env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:"
+                            f"{__import__('os').environ['PATH']}", "PYTHONPATH": str(proj)})
+    assert r.returncode != 0 and "shots 5 (the preset's: 1)" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_validate_names_the_settings_and_files_a_released_model_needs(tmp_path):
+    """`validate` (before DVC removes any output) refuses train.released when a file is missing or when params.yaml
+    contradicts what the file's code fixes, naming each key and value; the preset command writes them right."""
+    from stages.preset import render
+    (tmp_path / "params.yaml").write_text(render("pascal_pfenet_frozen", released="initmodel/split{fold}.pth"))
+
+    def validate():
+        return subprocess.run([sys.executable, "-m", "stages.validate"], cwd=tmp_path, capture_output=True, text=True,
+                              env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    r = validate()
+    assert r.returncode != 0 and "no file initmodel/split0.pth, initmodel/split1.pth" in r.stderr, r.stderr
+    (tmp_path / "initmodel").mkdir()
+    for fold in range(4):
+        (tmp_path / "initmodel" / f"split{fold}.pth").write_bytes(b"x")
+    assert validate().returncode == 0 and (tmp_path / "data/params.ok").exists()
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("dilation: pspnet", "dilation: torchvision")
+                                          .replace("bins: [60, 30, 15, 8]", "bins: [1.0, 0.5, 0.25, 0.125]"))
+    r = validate()
+    assert r.returncode != 0 and not (tmp_path / "data/params.ok").exists()
+    assert "model.dilation: 'pspnet'" in r.stderr and "model.bins: [60, 30, 15, 8]" in r.stderr, r.stderr

@@ -206,3 +206,86 @@ def test_bam_released_onnx_matches_the_authors_forward(tmp_path, backbone, bench
     _agree(f"bam {backbone} {preset} {shots}-shot {size}px", theirs, _onnx(tmp_path / "model", q, s, m),
            (b, 2, size, size), report,
            f"build+save {t1 - t0:.1f} s, adopt {t2 - t1:.1f} s, compare {time.perf_counter() - t2:.1f} s")
+
+
+# ------------------------------------------------------------------ BAM's test.py on the PASCAL miniature
+@pytest.mark.skipif(not BAM, reason="set SVF_FSS_BAM_REPO to a checkout of github.com/chunbolang/BAM")
+def test_the_protocol_scores_an_adopted_bam_as_bams_test_py(tmp_path):
+    """The same episodes of the PASCAL miniature (fold 0, 1 shot, the project's draw) scored twice: by the project
+    (EpisodeDataset protocol bam -> the adopted model -> pipeline.evaluate) and by BAM's test.py logic on the authors'
+    model (cv2 reads, util/dataset.py's binary labels, util/transform.py Resize + ToTensor + Normalize as
+    resized_val sets them, the forward, ori_resize, util/util.py intersectionAndUnionGPU, the per-class IoU
+    averaged over the fold's 5 novel classes). The miniature's 64 px images grow to 96 (Resize, not test_Resize)."""
+    from miniature import miniature_project
+    from pipeline import released
+    from pipeline.config import load_config
+    from pipeline.data.benchmarks import fold_classes, prepared_dir, split_dir
+    from pipeline.data.episodes import EpisodeDataset
+    from pipeline.evaluate import evaluate
+    from stages.released import preset_config
+    proj, sh, _ = miniature_project("pascal_bam_frozen_vgg", tmp_path)
+    sh("dvc exp run split -S split.min_pixels=64 -S 'split.folds=[0]' -S data.workers=1")
+    cfg = load_config(proj / "params.yaml")
+    prepared, val = prepared_dir(proj / "data", "pascal"), split_dir(proj / "data", "pascal", 0) / "val.jsonl"
+    novel = fold_classes(cfg, 0)[0]
+    size, episodes = 97, 12
+    args = _bam_args("vgg16_bn", "pascal", 1)
+    with checkout(Path(BAM).resolve()), scratch(tmp_path / "ref"):
+        from model.BAM import OneModel
+        from util import transform as T
+        from util.util import intersectionAndUnionGPU
+        torch.manual_seed(0)
+        with quiet():
+            _fake_base_learner(args, tmp_path / "ref")
+            ref = OneModel(args, cls_type="Base")
+        ref.freeze_modules(ref)
+        opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.005)
+    _nontrivial_bn(ref, 3)
+    with torch.no_grad():
+        ref.gram_merge.weight.copy_(torch.tensor([0.8, 0.6]).view(1, 2, 1, 1))
+        ref.cls_merge.weight.copy_(torch.tensor([0.9, 0.7]).view(1, 2, 1, 1))
+    ckpt = _save_as_train_py(ref, "DistributedDataParallel", opt, tmp_path / "train_epoch_50.pth", tmp_path)
+    ref.eval()
+    mine_cfg = released.released_params(preset_config("pascal_bam_frozen_vgg", "bam", 0), str(ckpt), "bam")
+    model, _ = released.build(mine_cfg, "bam", ckpt, 0, 1, "pascal_bam_frozen_vgg")
+    ds = EpisodeDataset(prepared, val, 1, "test", size, seed=510, episodes=episodes, protocol="bam")
+    acc, _ = evaluate(model, ds, torch.device("cpu"), classes=novel, progress=False)
+
+    mean, std = [v * 255 for v in (0.485, 0.456, 0.406)], [v * 255 for v in (0.229, 0.224, 0.225)]
+    tf = T.Compose([T.Resize(size=size), T.ToTensor(), T.Normalize(mean=mean, std=std)])
+
+    def read(image_id: str, cls: int):                 # util/dataset.py SemData.__getitem__, mode val
+        image = np.float32(cv2.cvtColor(cv2.imread(str(prepared / "images" / f"{image_id}.jpg"), cv2.IMREAD_COLOR),
+                                        cv2.COLOR_BGR2RGB))
+        label = cv2.imread(str(prepared / "labels" / f"{image_id}.png"), cv2.IMREAD_GRAYSCALE)
+        binary = np.zeros_like(label)
+        binary[label == cls] = 1
+        binary[label == 255] = 255
+        x, y = tf(image, binary.copy())
+        return x, y, torch.from_numpy(binary)
+
+    inter, union, drawn = {c: 0.0 for c in novel}, {c: 0.0 for c in novel}, set()
+    for i in range(len(ds)):
+        qid, cls, sids, _ = ds.episode(i)
+        x, _, ori_label = read(qid, cls)
+        sx, sy, _ = read(sids[0], cls)
+        with torch.no_grad():
+            output, _meta, _base = ref(x[None], sx[None, None], sy[None, None], None, None)
+        side = max(ori_label.shape)                    # test.py, ori_resize
+        target = torch.full((1, side, side), 255.0)
+        target[0, :ori_label.shape[0], :ori_label.shape[1]] = ori_label
+        target = target.long()
+        output = F_interpolate(output, target.shape[1:]).max(1)[1]
+        i_, u_, _ = intersectionAndUnionGPU(output, target, 2, 255)
+        inter[cls] += float(i_[1])
+        union[cls] += float(u_[1])
+        drawn.add(cls)
+    theirs = 100 * sum(inter[c] / (union[c] + 1e-10) for c in novel) / len(novel)
+    mine = 100 * acc.miou()
+    print(f"\nPASCAL miniature, fold 0, 1 shot, {episodes} episodes of {len(drawn)} classes at {size} px: the project "
+          f"{mine:.4f}, BAM's test.py logic {theirs:.4f}")
+    assert len(drawn) >= 2 and abs(mine - theirs) < 1e-3
+
+
+def F_interpolate(x, size):
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)

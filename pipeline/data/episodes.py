@@ -139,10 +139,9 @@ def to_model(batch: dict, device) -> dict:
 
 
 def bam_size(h: int, w: int, size: int) -> tuple[int, int]:
-    """BAM's test size (util/transform.py test_Resize): only an image larger than ``size`` shrinks, its
-    longer side to ``size``, the other truncated, both floored to a multiple of 8 (473 -> 472)."""
-    if max(h, w) <= size:
-        return h, w
+    """The authors' test size (``resized_val: True`` in every PFENet, BAM and SVF config: util/transform.py
+    ``Resize``): the longer side always to ``size`` (a smaller image grows), the other truncated, both floored
+    to a multiple of 8 (473 -> 472)."""
     nh, nw = (size, int(w * size / h)) if h >= w else (int(h * size / w), size)
     return nh // 8 * 8, nw // 8 * 8
 
@@ -162,7 +161,8 @@ def eval_image(img: torch.Tensor, size: int, protocol: str = "random") -> tuple[
     buffer filled with the padding colour, normalised in place: the same bits as resize, pad and
     ``normalize`` one after another, 2.4x faster (1.5 against 3.6 ms for 500x375 -> 473, one core)."""
     nh, nw = eval_size(*img.shape[-2:], size, protocol)
-    small = TF.resize(tv_tensors.Image(img), [nh, nw], antialias=protocol != "bam").as_subclass(torch.Tensor)
+    src = img.float() if protocol == "bam" else img      # the authors resize float32 pixels (no rounding to 8 bits)
+    small = TF.resize(tv_tensors.Image(src), [nh, nw], antialias=protocol != "bam").as_subclass(torch.Tensor)
     fill = [0, 0, 0] if protocol == "bam" else MEAN_255
     out = torch.tensor(fill, dtype=torch.float32).view(3, 1, 1).repeat(1, size, size)
     out[:, :nh, :nw] = small
