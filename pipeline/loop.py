@@ -43,6 +43,14 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name if name != "cuda" else f"cuda:{local_rank}")
 
 
+def describe_device(device: torch.device) -> str:
+    """What runs the work, for logs and MLflow: a silent CPU fallback must not pass for a slow GPU."""
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{device} ({p.name}, {p.total_memory / 2**30:.0f} GiB)"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def init_distributed(device_name: str):
     """(rank, world size, device); initialises the process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -53,6 +61,8 @@ def init_distributed(device_name: str):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank == 0:
+        log.info("device: %s%s", describe_device(device), f", {world} processes" if world > 1 else "")
     return rank, world, device
 
 

@@ -26,8 +26,8 @@ from .data.benchmarks import fold_classes, prepared_dir, require, split_dir
 from .data.episodes import EpisodeDataset, to_model
 from .evaluate import evaluate
 from .figures import curves_figure
-from .loop import (NaNLossError, Run, finish, fit, init_distributed, lr_factor, optimizer, pick_device, steps_and_total,
-                   update, wrap_distributed)
+from .loop import (NaNLossError, Run, describe_device, finish, fit, init_distributed, lr_factor, optimizer, pick_device,
+                   steps_and_total, update, wrap_distributed)
 from .models import build_model, head_loss, train_inputs
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def train(cfg, fold: int, shots: int, out_dir: str | Path, plots_dir: str | Path
                 steps, total, val_every)
     summary = {"fold": fold, "shots": shots, "iterations": state.iteration, "planned_iterations": total,
                "stopped_early": state.stopped_early, "world_size": world, "device": str(device),
+               "device_name": describe_device(device),
                "seconds": round(time.time() - t0, 1), "param_checksum": param_checksum(model),
                "episodes_per_second": round(run.seen / max(time.time() - t0, 1e-9), 2)}
     log.info("rank %d finished: parameter checksum %.6f", rank, summary["param_checksum"])

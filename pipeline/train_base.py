@@ -23,7 +23,7 @@ from .data.benchmarks import fold_classes, prepared_dir
 from .data.episodes import IGNORE, to_model
 from .data.semantic import SemanticDataset
 from .figures import curves_figure
-from .loop import Run, finish, fit, init_distributed, optimizer, steps_and_total, update, wrap_distributed
+from .loop import Run, describe_device, finish, fit, init_distributed, optimizer, steps_and_total, update, wrap_distributed
 from .models import base_learner
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def train_base(cfg, fold: int, out_dir: str | Path, plots_dir: str | Path, log_m
     state = fit(run, step, validate, steps, total, val_every)
     summary = {"fold": fold, "iterations": state.iteration, "planned_iterations": total,
                "stopped_early": state.stopped_early, "device": str(device), "world_size": world,
+               "device_name": describe_device(device),
                "seconds": round(time.time() - t0, 1), "images_per_second": round(run.seen / max(time.time() - t0, 1e-9), 2)}
     if rank == 0:
         best = state.best_state or adapter_io.base_state(model, cfg, fold, classes, {"iteration": state.iteration})

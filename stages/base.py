@@ -54,6 +54,7 @@ def main():
         if tracker is None:
             return
         write_json(out / "base.json", {"trained": True, **summary})
+        tracker.tags({"base.device": summary["device_name"]})
         tracker.metrics({"base_miou": summary["base_miou"], "base_seconds": summary["seconds"]})
         for f in (out / "base.json", plots / "train.csv", plots / "val.csv", plots / "curves.png"):
             tracker.artifact(f, "base")

@@ -28,6 +28,7 @@ def main():
     from pipeline.evaluate import evaluate, shot_key, spread_text, summarise
     from pipeline.figures import episodes_figure
     from pipeline.models import accepts_shots, fixed_shots
+    from pipeline.loop import describe_device
     from pipeline.train import pick_device
     if args.untrained:
         from pipeline.models import build_model
@@ -49,7 +50,7 @@ def main():
                          f"eval.shots {cfg.eval.shots} asks none it can score")
     result = {"fold": args.fold, "model_shots": args.shot, "benchmark": cfg.data.benchmark,
               "finetune": cfg.model.finetune, "protocol": cfg.eval.protocol, "episodes_per_seed": cfg.eval.episodes,
-              "seeds": cfg.eval.seeds}
+              "seeds": cfg.eval.seeds, "device": describe_device(device)}
     figures = []
     torch.manual_seed(0)
     for k in list(shots):
@@ -89,6 +90,7 @@ def main():
         for k in shots:
             key, s = shot_key(k, args.shot), result[shot_key(k, args.shot)]
             t.metrics({f"{key}_miou": s["miou"], f"{key}_miou_std": s["miou_std"], f"{key}_fbiou": s["fbiou"]})
+        t.tags({"evaluate.device": result["device"]})
         t.artifact(path, "evaluate")
         for f in figures:
             t.artifact(f, "evaluate")

@@ -63,6 +63,7 @@ def main():
         if tracker is None:
             return
         write_json(out / "train.json", summary)
+        tracker.tags({"device": summary["device_name"], "world_size": summary["world_size"]})
         tracker.metrics({"adapter_bytes": summary["adapter_bytes"], "best_val_miou": summary["best_val_miou"],
                          "train_seconds": summary["seconds"], "episodes_per_second": summary["episodes_per_second"]})
         for f in (out / "adapter.pt", out / "train.json", plots / "train.csv", plots / "val.csv", plots / "curves.png"):

@@ -1,5 +1,6 @@
 """The stages as users run them: processes, torchrun, DVC and MLflow for real, on a tiny synthetic set."""
 import json
+import re
 import os
 import shutil
 import signal
@@ -296,7 +297,16 @@ def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
     assert evaluated["1shot"]["model_shots"] == evaluated["2shot_by1"]["model_shots"] == 1
     assert torch.load(proj / "models/fold0/1shot/adapter.pt", weights_only=True)["shots"] == 1
     assert (proj / "metrics/fold0.json").exists() and (proj / "plots/fold0/per_class_iou.png").exists()
-    assert "up to date" in sh(str(BIN / "dvc"), "repro").lower()
+    again = sh(str(BIN / "dvc"), "repro")            # validate runs each time (it hashes the files params name)
+    assert re.findall(r"Running stage '([^']+)'", again) == ["validate"], again
+    if not torch.cuda.is_available():      # a device this machine lacks: refused before DVC removes the model
+        params = (proj / "params.yaml").read_text()
+        model = {f: (proj / "models/fold0/1shot" / f).read_bytes() for f in ("adapter.pt", "train.json")}
+        (proj / "params.yaml").write_text(params.replace("\n  device: auto", "\n  device: cuda", 1))
+        r = sh(str(BIN / "dvc"), "repro", ok=False)
+        assert r.returncode != 0 and "train.device: cuda but this machine has 0 CUDA device(s)" in r.stdout + r.stderr
+        assert model == {f: (proj / "models/fold0/1shot" / f).read_bytes() for f in model}
+        (proj / "params.yaml").write_text(params)
 
     # the metrics table fits a terminal, parity survives DVC's rounding
     shown = sh(str(BIN / "dvc"), "metrics", "show")

@@ -3,6 +3,8 @@ the SVF paper's 24 settings (3 heads x 2 backbones x 2 benchmarks x frozen / + S
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from pipeline.config import load_config
 
@@ -199,3 +201,34 @@ def test_a_preset_runs_end_to_end_on_a_miniature(preset, tmp_path):
         (proj / f).write_text((proj / f).read_text() + "\n# an edit\n")
     out = sh("dvc repro download weights")
     assert "Stage 'download' didn't change" in out and "Running stage 'weights'" in out, out
+    # the weights file replaced under the same name: the stages that read it see it (validate hashes it)
+    weights = proj / cfg.model.pretrained
+    state = torch.load(weights, weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    sh("dvc repro validate")
+    status = sh("dvc status train@0-1")
+    assert "data/inputs.json" in status and "modified" in status, status
+
+
+def test_validate_checks_the_weights_file_and_the_mlflow_store(tmp_path):
+    """Before DVC removes anything: a missing weights file is named with the architecture the preset needs, a file
+    of another architecture is refused, an MLflow server that does not answer is named."""
+    import socket
+
+    from pipeline.models.backbone import Backbone, to_checkpoint_state
+    from stages.preset import render
+    from stages.validate import check_tracking, check_weights
+    cfg = load_config(yaml.safe_load(render("pascal_baseline_frozen_vgg").split("\n", 2)[2]))
+    cfg.model.pretrained = str(tmp_path / "vgg16_bn.pth")
+    assert "path of a VGG-16-BN (torchvision's layout) checkpoint" in check_weights(cfg)[0]
+    torch.save(to_checkpoint_state(Backbone("resnet18")), tmp_path / "vgg16_bn.pth")
+    assert check_weights(cfg)                               # a ResNet's keys where VGG-16's belong
+    torch.save(to_checkpoint_state(Backbone("vgg16_bn")), tmp_path / "vgg16_bn.pth")
+    assert check_weights(cfg) == []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg.tracking.uri = f"http://127.0.0.1:{port}"
+    assert "does not answer" in check_tracking(cfg)[0]
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert check_tracking(cfg) == []

@@ -270,8 +270,10 @@ def load_backbone(arch: str, pretrained: str, output_stride: int = 8, seed: int 
     else:
         path = Path(pretrained)
         if not path.exists():
+            family = "VGG-16-BN (torchvision's layout)" if arch == "vgg16_bn" else \
+                "deep-stem ResNet (PSPNet's resnet50_v2.pth layout)" if arch.endswith("_deep") else f"{arch} (torchvision's)"
             raise FileNotFoundError(f"model.pretrained: checkpoint {path} does not exist; give 'imagenet', "
-                                    "'synthetic', 'random' or the path of a ResNet checkpoint")
+                                    f"'synthetic', 'random' or the path of a {family} checkpoint")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
