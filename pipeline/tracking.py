@@ -161,7 +161,8 @@ def start_run(cfg, fold: int, shots: int, model_dir: str | Path, role: str = "fe
         mlflow.log_params({"fold": fold, "shots": shots})
         mlflow.set_tags({"git_commit": git_commit(), "fold": str(fold), "benchmark": cfg.data.benchmark,
                          "finetune": cfg.model.finetune, "head": cfg.model.head, "shots": str(shots),
-                         "dvc_experiment": dvc_exp, "role": role, **dvc_lock_hashes()})
+                         "dvc_experiment": dvc_exp, "role": role, **dvc_lock_hashes(),
+                         **({"setting": cfg.eval.paper} if cfg.eval.paper else {})})   # the preset of the paper
         run_id = run.info.run_id
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     # no tracking URI here: this file is committed with the results and must not name a machine's paths

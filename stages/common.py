@@ -83,7 +83,11 @@ def write_json(path: str | Path, data) -> Path:
 
 
 def run(main) -> None:
-    """Run a stage's main(); user-facing errors end with one clear line instead of a traceback."""
+    """Run a stage's main(); user-facing errors end with one clear line instead of a traceback. SIGTERM (DVC or
+    a scheduler stopping the stage) leaves through the stage's `with` blocks, so its MLflow run ends FAILED
+    rather than staying RUNNING."""
+    import signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         main()
     except (FileNotFoundError, ValueError, RuntimeError) as e:

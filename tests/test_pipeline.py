@@ -75,13 +75,13 @@ def adapter_tensors(path: Path) -> dict:
     return {**a["head"], **a["backbone"]}
 
 
-def kill_at_first_checkpoint(cmd: list, cwd: Path, ckpt: Path) -> int:
-    """Start ``cmd``, SIGKILL it once ``ckpt`` exists; the checkpoint's iteration."""
+def kill_at_first_checkpoint(cmd: list, cwd: Path, ckpt: Path, sig=signal.SIGKILL) -> int:
+    """Start ``cmd``, send ``sig`` once ``ckpt`` exists; the checkpoint's iteration."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
     assert ckpt.exists(), "the run ended before its first checkpoint"
     return torch.load(ckpt, weights_only=True)["state"]["iteration"]
@@ -123,15 +123,18 @@ BAM = {"model__head": "bam", "model__finetune": "svf", "train__iterations": 4, "
 
 
 def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path):
-    """BAM's base stage: SIGKILL + resume = uninterrupted; then train, evaluate, merge and export the
-    BAM+SVF model; a base learner of another backbone is refused by name."""
+    """BAM's base stage: SIGTERM (its MLflow run ends FAILED, not RUNNING) + resume = uninterrupted; then train,
+    evaluate, merge and export the BAM+SVF model; a base learner of another backbone is refused by name."""
     a, b = tmp_path / "a", tmp_path / "b"
     write_params(a, data_root, **BAM)
     write_params(b, data_root, **BAM)
     stage("base", a, "--fold", "0")
     ckpt = b / "checkpoints/synthetic/fold0/base/checkpoint.pt"
-    killed_at = kill_at_first_checkpoint([sys.executable, "-m", "stages.base", "--fold", "0"], b, ckpt)
+    killed_at = kill_at_first_checkpoint([sys.executable, "-m", "stages.base", "--fold", "0"], b, ckpt, signal.SIGTERM)
     assert 0 < killed_at < BAM["base__iterations"] and not (b / "models/fold0/base/base.pt").exists()
+    import mlflow
+    run_id = json.loads((b / "models/fold0/base/mlflow_run.json").read_text())["run_id"]
+    assert mlflow.MlflowClient(f"sqlite:///{b / 'mlflow.db'}").get_run(run_id).info.status == "FAILED"
     r = stage("base", b, "--fold", "0")
     assert f"resuming from {ckpt.relative_to(b)} at iteration {killed_at}" in r.stderr
     sa, sb = (torch.load(d / "models/fold0/base/base.pt", weights_only=True) for d in (a, b))
@@ -304,7 +307,7 @@ def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
         model = {f: (proj / "models/fold0/1shot" / f).read_bytes() for f in ("adapter.pt", "train.json")}
         (proj / "params.yaml").write_text(params.replace("\n  device: auto", "\n  device: cuda", 1))
         r = sh(str(BIN / "dvc"), "repro", ok=False)
-        assert r.returncode != 0 and "train.device: cuda but this machine has 0 CUDA device(s)" in r.stdout + r.stderr
+        assert r.returncode != 0 and "device: cuda but this machine has 0 CUDA device(s)" in r.stdout + r.stderr
         assert model == {f: (proj / "models/fold0/1shot" / f).read_bytes() for f in model}
         (proj / "params.yaml").write_text(params)
 
