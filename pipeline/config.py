@@ -114,6 +114,10 @@ class TrainCfg:
     val_episodes: int = 200
     log_every: int = 20
     workers: int = 2
+    devices: Any = 1                  # processes (GPUs) per node: a count or auto (every GPU; 1 on a CPU); the stage
+    #                                   starts torchrun itself above 1. batch_size is the global batch, split between them
+    nodes: int = 1                    # machines; above 1 every other node runs the command the stage prints
+    master: str = "127.0.0.1:29500"   # host:port of the node that runs `dvc repro` (node rank 0), nodes > 1
     released: str = ""               # a published model adopted instead of training (docs/released.md); {fold}, {shot}
     released_format: str = field(default="", metadata=_choices("", "pfenet", "bam", "svf"))   # "": the head's own
 
@@ -144,6 +148,10 @@ class BaseCfg:
     val_images: int = 0               # 0: every validation image
     log_every: int = 20
     workers: int = 2
+    devices: Any = 1                  # processes (GPUs) per node: a count or auto (every GPU; 1 on a CPU); the stage
+    #                                   starts torchrun itself above 1. batch_size is the global batch, split between them
+    nodes: int = 1                    # machines; above 1 every other node runs the command the stage prints
+    master: str = "127.0.0.1:29500"   # host:port of the node that runs `dvc repro` (node rank 0), nodes > 1
 
 
 @dataclass
@@ -262,6 +270,17 @@ def _build(cls, data: dict, prefix: str):
 
 def _validate_loop(c, name: str) -> None:
     """The fields a training loop reads (``train`` and ``base`` share them)."""
+    d = c.devices
+    if d != "auto" and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+        raise ConfigError(f"{name}.devices: expected auto or a positive count of processes (GPUs) per node, got {d!r}")
+    if c.nodes < 1:
+        raise ConfigError(f"{name}.nodes: expected >= 1, got {c.nodes}")
+    host, _, port = c.master.rpartition(":")
+    if c.nodes > 1 and not (host and port.isdigit()):
+        raise ConfigError(f"{name}.master: expected host:port of the node that runs `dvc repro`, got {c.master!r}")
+    if isinstance(d, int) and c.batch_size % (d * c.nodes):
+        raise ConfigError(f"{name}.batch_size {c.batch_size} is the global batch: make it a multiple of "
+                          f"{name}.devices x {name}.nodes = {d * c.nodes}")
     if len(c.scale) != 2 or not 0 < c.scale[0] <= c.scale[1]:
         raise ConfigError(f"{name}.scale: expected [min, max] with 0 < min <= max, got {c.scale}")
     for key in ("iterations", "epochs", "patience", "batch_size"):

@@ -62,7 +62,8 @@ def init_distributed(device_name: str):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank == 0:
-        log.info("device: %s%s", describe_device(device), f", {world} processes" if world > 1 else "")
+        log.info("device: %s%s", describe_device(device), f", {world} processes (the global batch is split between "
+                 f"them)" if world > 1 else "")
     return rank, world, device
 
 
@@ -184,6 +185,14 @@ class Run:
     section: str = "train"            # the params.yaml section of ``lc``, for messages
     seen: int = 0                     # samples this process trained on (all ranks)
 
+    @property
+    def batch(self) -> int:
+        """This process's share of the global batch (``batch_size`` is global: the same recipe on 1 or N GPUs)."""
+        if self.lc.batch_size % self.world:
+            raise ValueError(f"{self.section}.batch_size {self.lc.batch_size} (the global batch) is not divisible by "
+                             f"the {self.world} processes; make it a multiple of {self.world}")
+        return self.lc.batch_size // self.world
+
 
 def update(run: Run, loss: torch.Tensor) -> None:
     """Backward and SGD step through the scaler; a non-finite loss skips the update (``fit`` then stops)."""
@@ -197,7 +206,7 @@ def update(run: Run, loss: torch.Tensor) -> None:
 def steps_and_total(run: Run, n: int) -> tuple[int, int, int]:
     """(steps per epoch, total iterations, validation interval) for ``n`` samples an epoch."""
     lc = run.lc
-    steps = steps_per_epoch(n, lc.batch_size, run.world)
+    steps = steps_per_epoch(n, run.batch, run.world)
     return steps, (lc.epochs * steps if lc.epochs else lc.iterations), (steps if lc.epochs else lc.val_every)
 
 
@@ -221,9 +230,9 @@ def fit(run: Run, step: Callable, validate: Callable, steps: int, total: int, va
     def batches(from_it):
         # one loader for the whole run, its workers started once (not at every epoch)
         epoch, b = divmod(from_it, steps)
-        sampler = Epochs(len(run.dataset), lc.batch_size, run.world, run.rank, lc.seed, epoch, b)
+        sampler = Epochs(len(run.dataset), run.batch, run.world, run.rank, lc.seed, epoch, b)
         if lc.workers:
-            check_shared_memory(run.dataset, lc.batch_size, lc.workers, PREFETCH, run.section)
+            check_shared_memory(run.dataset, run.batch, lc.workers, PREFETCH, run.section)
         yield from DataLoader(run.dataset, batch_sampler=sampler, num_workers=lc.workers, generator=loader_gen,
                               pin_memory=run.device.type == "cuda",
                               **({"prefetch_factor": PREFETCH} if lc.workers else {}))

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from stages.common import run, setup, write_json
+from stages.common import run, setup, under_torchrun, write_json
 
 
 def adopt(cfg, fold: int, out: Path) -> None:
@@ -43,6 +43,8 @@ def main():
     from pipeline import tracking          # here: a head without a base learner needs neither torch nor MLflow
     if cfg.train.released:
         return adopt(cfg, args.fold, out)
+    if under_torchrun(cfg.base, "base", "stages.base"):
+        return
     from pipeline.train_base import checkpoint_path, train_base
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:

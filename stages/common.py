@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,6 +72,51 @@ def setup(description: str, fold: bool = False, extra=None):
             sys.exit(f"error: --shot must be a positive shot count, got {args.shot}")
         _FOLD_HINT = fold_hint(cfg, args.fold, args.shot, "train")
     return args, cfg
+
+
+def under_torchrun(c, section: str, module: str) -> bool:
+    """Run the stage under torchrun when ``<section>.devices`` or ``.nodes`` ask for more than one process, so that
+    `dvc repro` trains on every GPU and records the result; True when it did (this process then only waited).
+    Several nodes rendezvous at ``<section>.master`` with static ranks: node 0 is the one running `dvc repro` and
+    writes the outputs; the others run the command printed here."""
+    if "LOCAL_RANK" in os.environ:                    # already a torchrun worker
+        return False
+    n = c.devices
+    if n == "auto":
+        import torch
+        n = torch.cuda.device_count() or 1
+    if n == 1 and c.nodes == 1:
+        return False
+    world = n * c.nodes
+    if c.batch_size % world:
+        sys.exit(f"error: {section}.batch_size {c.batch_size} is the global batch: make it a multiple of the {world} "
+                 f"processes")
+    head = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--nnodes={c.nodes}"]
+    tail = ["-m", module, *sys.argv[1:]]
+    if c.nodes > 1:
+        host, port = c.master.rsplit(":", 1)
+        head += [f"--master_addr={host}", f"--master_port={port}"]
+        other = " ".join(["python", *head[1:], "--node_rank=N", *tail])
+        print(f"{section}: waiting for {c.nodes - 1} more node(s) at {c.master}; on each, in this project with the "
+              f"same params.yaml and data, run (N = 1 to {c.nodes - 1}, one per node):\n  {other}", flush=True)
+        head.append("--node_rank=0")
+    else:
+        head.append("--standalone")
+    print(f"{section}: {world} processes ({n} per node x {c.nodes} node(s)); global batch {c.batch_size}, "
+          f"{c.batch_size // world} per process", flush=True)
+    proc = subprocess.Popen([*head, *tail])
+    try:
+        code = proc.wait()
+    except BaseException:                             # SIGTERM or Ctrl-C: torchrun stops its workers itself
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if code:
+        sys.exit(code)
+    return True
 
 
 def write_json(path: str | Path, data) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.data.benchmarks import require, split_dir
-from stages.common import model_dir, plots_dir, run, setup, write_json
+from stages.common import model_dir, plots_dir, run, setup, under_torchrun, write_json
 
 
 def adopt(cfg, fold: int, shot: int, out: Path, plots: Path) -> None:
@@ -42,6 +42,8 @@ def main():
     args, cfg = setup(__doc__, fold=True)
     if cfg.train.released:
         return adopt(cfg, args.fold, args.shot, model_dir(args.fold, args.shot), plots_dir(args.fold, args.shot))
+    if under_torchrun(cfg.train, "train", "stages.train"):
+        return
     for f in ("train.jsonl", "val.jsonl"):     # before torch is imported: a missing input fails at once
         require(split_dir(cfg.data.root, cfg.data.benchmark, args.fold) / f, "split file", "split")
     from pipeline import adapter as adapter_io

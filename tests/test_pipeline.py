@@ -183,18 +183,35 @@ def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path
     assert (out / "mlflow_run.json").read_bytes() == record
 
 
-def test_ddp_two_cpu_processes_stay_in_sync(data_root, tmp_path):
+def test_two_nodes_on_loopback_train_as_one(data_root, tmp_path):
+    """train.nodes 2: the stage starts torchrun as node 0 (rendezvous at train.master) and prints the command for
+    the other node; run here as a second process on 127.0.0.1, the two ranks stay in sync and node 0 writes."""
+    from test_serving import _free_port
     d = tmp_path / "ddp"
-    write_params(d, data_root, train__iterations=6, train__val_every=6)
-    r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "stages.train",
-                        "--fold", "0"], cwd=d, env=env(d), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
+    write_params(d, data_root, train__iterations=6, train__val_every=6, train__nodes=2,
+                 train__master=f"127.0.0.1:{_free_port()}")
+    log = open(tmp_path / "head.log", "w+")        # a file: a full stderr pipe would stall the rendezvous
+    head = subprocess.Popen([sys.executable, "-m", "stages.train", "--fold", "0"], cwd=d, env=env(d), text=True,
+                            stdout=subprocess.PIPE, stderr=log)
+    seen = [""]
+    while "torch.distributed.run" not in seen[-1]:
+        seen.append(head.stdout.readline())
+        assert seen[-1] or head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+    other = seen[-1].split()
+    other[other.index("python")] = sys.executable
+    other[other.index("--node_rank=N")] = "--node_rank=1"
+    node1 = subprocess.run(other, cwd=d, env=env(d), capture_output=True, text=True, timeout=300)
+    out = "".join(seen) + head.stdout.read()
+    head.wait(300)
+    err = (tmp_path / "head.log").read_text()
+    assert head.returncode == 0 and node1.returncode == 0, err[-3000:] + node1.stderr[-3000:]
+    assert "2 processes (1 per node x 2 node(s)); global batch 2, 1 per process" in out, out
     sums = {}
-    for line in r.stderr.splitlines():
+    for line in (err + node1.stderr).splitlines():
         if "finished: parameter checksum" in line:
             rank = int(line.split("rank ")[1].split()[0])
             sums[rank] = line.rsplit(" ", 1)[1]
-    assert set(sums) == {0, 1} and sums[0] == sums[1]
+    assert set(sums) == {0, 1} and sums[0] == sums[1], sums
     summary = json.loads((d / "models/fold0/1shot/train.json").read_text())
     assert summary["world_size"] == 2
 
@@ -416,6 +433,15 @@ def test_dvc_repro_end_to_end_with_mlflow(tmp_path):
     own = json.loads((proj / "models/fold0/1shot/evaluate.json").read_text())
     assert own["benchmark"] == "folder" and set(own["1shot"]["per_class_iou"]) == {"disc"}
     assert (proj / "models/fold0/1shot/model.onnx").exists() and "own-data" in sh(str(BIN / "dvc"), "exp", "show")
+
+    # train.devices 2: `dvc repro` itself trains in two processes (gloo on the CPU) and records the result
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train"]["devices"] = 2
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    out = sh(str(BIN / "dvc"), "repro", "train@0-1")
+    assert f"train: 2 processes (2 per node x 1 node(s)); global batch {params['train']['batch_size']}" in out, out
+    assert json.loads((proj / "models/fold0/1shot/train.json").read_text())["world_size"] == 2
+    assert "train@0-1" not in sh(str(BIN / "dvc"), "status", "train@0-1")
 
 
 def test_missing_pretrained_weights_name_the_stage(tmp_path):

@@ -133,7 +133,7 @@ def test_every_preset_parses_and_dvc_repro_dry_lists_every_stage(project, monkey
         with Repo(".") as repo:    # `dvc repro --dry --force`: plain --dry stops at a missing dep (DVC 3.67)
             ran = {stage.addressing for stage in repo.reproduce(dry=True, force=True)}
         folds, shots = PRESETS[name]["split.folds"], PRESETS[name]["train.shots"]
-        expected = {"validate", "download", "weights", "pretrain", "prepare", "split"}
+        expected = {"validate", "download", "weights", "pretrain", "prepare", "split", "summary"}
         expected |= {f"{s}@{f}-{k}" for s in ("train", "evaluate", "merge", "export") for f in folds for k in shots}
         expected |= {f"{s}@{f}" for s in ("base", "report") for f in folds}
         assert ran == expected, f"{name}: planned {sorted(ran)}, expected {sorted(expected)}"
@@ -142,7 +142,7 @@ def test_every_preset_parses_and_dvc_repro_dry_lists_every_stage(project, monkey
     assert r.returncode == 0 and "params.yaml.bak" in r.stdout, r.stdout + r.stderr
     assert load_config(project / "params.yaml").flat() == load_config(ROOT / "presets/pascal_bam_svf.yaml").flat()
     print("dvc repro --dry stages per preset:", counts)
-    assert set(counts.values()) == {6 + 4 + 4 * 2 * 4 + 4}
+    assert set(counts.values()) == {6 + 4 + 4 * 2 * 4 + 4 + 1}
 
 
 def test_a_bad_preset_is_named_and_params_yaml_is_kept(project):
@@ -188,6 +188,9 @@ def test_a_preset_runs_end_to_end_on_a_miniature(preset, tmp_path):
     assert metrics["paper"]["1shot"]["paper"] == published
     assert metrics["paper"]["1shot"]["difference"] == round(metrics["1shot"]["miou"] - published, 2)
     assert f"the paper {published:.2f}" in out and metrics["parity"] >= 4
+    folds = json.loads((proj / "results/folds.json").read_text())      # the summary: one fold, labelled as such
+    assert folds["1shot"]["mean"] == metrics["1shot"]["miou"] and folds["1shot"]["paper_mean"] == published
+    assert not folds["complete"] and "Mean of folds [0] only" in (proj / "results/folds.md").read_text()
     onnx = json.loads((proj / "models/fold0/1shot/export.json").read_text())["onnx"]
     assert onnx["exporter"] == "torchscript" and "fallback" not in onnx
 
@@ -232,3 +235,16 @@ def test_validate_checks_the_weights_file_and_the_mlflow_store(tmp_path):
     assert "does not answer" in check_tracking(cfg)[0]
     cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert check_tracking(cfg) == []
+
+
+def test_the_summary_averages_the_folds_beside_the_papers_mean():
+    from stages.preset import render
+    from stages.summary import summarise, table
+    cfg = load_config(yaml.safe_load(render("pascal_pfenet_frozen").split("\n", 2)[2]))
+    metrics = {f: {"1shot": {"miou": 60.0 + f}, "5shot": {"miou": 70.0 + f}, "parity": 6.0} for f in range(4)}
+    s = summarise(cfg, metrics)
+    assert s["complete"] and s["1shot"]["mean"] == 61.5 and s["5shot"]["mean"] == 71.5
+    assert s["1shot"]["paper_mean"] == round(sum([66.61, 72.55, 65.33, 60.91]) / 4, 2)
+    assert s["1shot"]["difference"] == round(61.5 - s["1shot"]["paper_mean"], 2)
+    text = table(s, "Table 1")
+    assert "| 1shot | 60.00 | 61.00 | 62.00 | 63.00 | 61.50 |" in text and "Mean of folds" not in text
