@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine; each creates (or reuses) the local virtual environment.
 #   make repro  - run the whole DVC pipeline (default: the embedded synthetic benchmark, offline)
 #   make repro PRESET=coco_pfenet_svf - params.yaml written from presets/<name>.yaml first (stages/preset.py)
+#   make rehearse PRESET=coco_pfenet_svf - the preset's whole chain on a miniature of its benchmark, in a copy
+#       of the project (rehearsal/<name>), before the GPU run (stages/rehearse.py)
 #   make repro PRESET=pascal_pfenet_frozen RELEASED='initmodel/PFENet/fold{fold}.pth' - a published model
 #       adopted instead of training (docs/released.md), then evaluated, merged, exported and reported
 #   make test   - run the test suite on every core (pytest-xdist)
@@ -23,7 +25,7 @@ LS_VENV  ?= .venv-labelstudio
 # (-2: the database initialised with Label Studio's defaults; a stamp of another name rebuilds it)
 LS_STAMP := $(LS_VENV)/.installed-2
 
-.PHONY: repro test test-fast ablation serve cpp venv bench lock clean-venv
+.PHONY: rehearse repro test test-fast ablation serve cpp venv bench lock clean-venv
 
 venv: $(STAMP)
 
@@ -50,6 +52,9 @@ ifdef PRESET
 	  $(if $(RELEASED_FORMAT),--released-format $(RELEASED_FORMAT))
 endif
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+rehearse: $(STAMP)
+	$(BIN)/python -m stages.rehearse $(PRESET)
 
 ablation: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

@@ -105,18 +105,8 @@ def make_synthetic(root: Path, num_train: int, num_val: int, seed: int, rule: st
 
 def copy_project(dst: Path) -> None:
     """The checkout's files (tracked and untracked-not-ignored) copied to ``dst``, without this checkout's outputs."""
-    import shutil
-    import subprocess
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
-    outputs = ("data/", "models/", "metrics/", "plots/", "results/", "checkpoints/", "mlartifacts/", "dvc.lock")
-    for f in filter(None, files):
-        if f.startswith(outputs):          # results of this checkout's own runs stay behind
-            continue
-        src = ROOT / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
+    from stages.rehearse import copy_project as copy
+    copy(dst, ROOT)
 
 
 def doc_text(marker: str) -> tuple[str, str]:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import make_synthetic
-from miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal, md5
+from pipeline.data.miniature import COCO_CAT_IDS, PASCAL_LABELS, ArchiveServer, build_coco, build_pascal, md5
 from pipeline.data import imagenet, sources
 from pipeline.data.benchmarks import base_classes, novel_classes, prepared_dir, protocol_folds, split_dir
 from pipeline.data.download import (ChecksumError, DiskSpaceError, DownloadError, Resource, UnsafeArchiveError,

@@ -163,36 +163,43 @@ def test_a_bad_preset_is_named_and_params_yaml_is_kept(project):
 # One preset per real benchmark, the two backbones between them: VGG-16 on PASCAL, ResNet-50 on COCO (59 s and 66 s
 # alone on the 2-core machine; the cost is each stage's start and three backbone-sized ONNX graphs through DVC's
 # cache and MLflow, not the miniature's few images).
-@pytest.mark.parametrize("preset", ["pascal_baseline_frozen_vgg", "coco_baseline_frozen"])
+DOC_PRESET = "pascal_baseline_frozen_vgg"
+
+
+@pytest.mark.parametrize("preset", [DOC_PRESET, "coco_baseline_frozen"])
 def test_a_preset_runs_end_to_end_on_a_miniature(preset, tmp_path):
-    """docs/paper.md's small run of a preset on a miniature of its benchmark, through train, evaluate, merge,
-    export and the report's comparison with the paper. The miniature's archives (one block of a class per
+    """docs/paper.md's rehearsal (`make rehearse PRESET=...`, stages/rehearse.py) of a preset on a miniature of its
+    benchmark, through train, evaluate (the comparison with the paper printed before the export), merge, export,
+    report and summary. The miniature's archives (one block of a class per
     64 px image, two novel and three base classes of fold 0 in two images each) are fetched from 127.0.0.1 by
     the download code; since their checksums are not the real archives', the stage's output is then committed
     as done (`dvc commit download`, what a user with the data already on disk does) rather than run by DVC."""
     import json
 
     from conftest import doc_block
-    from miniature import miniature_project
     from pipeline.paper import PUBLISHED
+    from stages.rehearse import Shell, rehearse
 
-    lines = doc_block("preset-small")
-    assert lines[0].startswith("python -m stages.preset ")
-    proj, sh, cfg = miniature_project(preset, tmp_path)
+    assert doc_block("preset-small") == [f"make rehearse PRESET={DOC_PRESET}"]
+    said = []
+    r = rehearse(preset, tmp_path / "proj", say=said.append)
+    proj, sh, cfg = r["project"], Shell(r["project"]), load_config(r["project"] / "params.yaml")
     bench = cfg.data.benchmark
-    out = sh(lines[1])
+    out = "\n".join(said)
     for f in ("adapter.pt", "merged.pt", "model.onnx", "support_encoder.onnx", "export.json"):
         assert (proj / "models/fold0/1shot" / f).exists(), f
-    metrics = json.loads((proj / "metrics/fold0.json").read_text())
+    metrics = r["metrics"]
     published = PUBLISHED[preset][1][0]          # fold 0, 1-shot
     assert metrics["paper"]["1shot"]["paper"] == published
     assert metrics["paper"]["1shot"]["difference"] == round(metrics["1shot"]["miou"] - published, 2)
-    assert f"the paper {published:.2f}" in out and metrics["parity"] >= 4
-    folds = json.loads((proj / "results/folds.json").read_text())      # the summary: one fold, labelled as such
-    assert folds["1shot"]["mean"] == metrics["1shot"]["miou"] and folds["1shot"]["paper_mean"] == published
-    assert not folds["complete"] and "Mean of folds [0] only" in (proj / "results/folds.md").read_text()
+    assert metrics["parity"] >= 4
+    # the comparison is printed before the export starts
+    assert out.index(f"the paper {published:.2f}") < out.index("merge, export, report, summary")
     onnx = json.loads((proj / "models/fold0/1shot/export.json").read_text())["onnx"]
     assert onnx["exporter"] == "torchscript" and "fallback" not in onnx
+    folds = r["summary"]                                   # the summary: one fold, labelled as such
+    assert folds["1shot"]["mean"] == metrics["1shot"]["miou"] and folds["1shot"]["paper_mean"] == published
+    assert not folds["complete"] and "Mean of folds [0] only" in (proj / "results/folds.md").read_text()
 
     # the data exists once on disk: a prepared image is its raw file, and DVC's cache holds no copy of it
     import hashlib

@@ -216,14 +216,14 @@ def test_the_protocol_scores_an_adopted_bam_as_bams_test_py(tmp_path):
     model (cv2 reads, util/dataset.py's binary labels, util/transform.py Resize + ToTensor + Normalize as
     resized_val sets them, the forward, ori_resize, util/util.py intersectionAndUnionGPU, the per-class IoU
     averaged over the fold's 5 novel classes). The miniature's 64 px images grow to 96 (Resize, not test_Resize)."""
-    from miniature import miniature_project
+    from stages.rehearse import prepare
     from pipeline import released
     from pipeline.config import load_config
     from pipeline.data.benchmarks import fold_classes, prepared_dir, split_dir
     from pipeline.data.episodes import EpisodeDataset
     from pipeline.evaluate import evaluate
     from stages.released import preset_config
-    proj, sh, _ = miniature_project("pascal_bam_frozen_vgg", tmp_path)
+    proj, sh, _ = prepare("pascal_bam_frozen_vgg", tmp_path / "proj")
     sh("dvc exp run split -S split.min_pixels=64 -S 'split.folds=[0]' -S data.workers=1")
     cfg = load_config(proj / "params.yaml")
     prepared, val = prepared_dir(proj / "data", "pascal"), split_dir(proj / "data", "pascal", 0) / "val.jsonl"

@@ -1,6 +1,6 @@
-"""Miniature benchmark archives in the real layouts, and a loopback HTTP server that serves them.
-
-The server understands Range requests (for resume) and can be told to cut a response short.
+"""Miniature benchmark archives in the real layouts (PASCAL VOC + SBD, COCO 2014), and a loopback HTTP server
+that serves them: what `python -m stages.rehearse` runs a preset on, and what the tests fetch with the real
+download code. The server understands Range requests (for resume) and can be told to cut a response short.
 """
 from __future__ import annotations
 
@@ -207,54 +207,3 @@ class ArchiveServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def miniature_project(preset: str, tmp_path: Path, preset_args: str = ""):
-    """A copy of the project whose params.yaml is ``preset`` (``python -m stages.preset {preset} {preset_args}``)
-    and whose download stage is done with a miniature of the preset's benchmark (fold 0's first two novel and three
-    base classes). Returns (project, sh, config)."""
-    import subprocess
-    import sys
-
-    import torch
-    import torchvision
-    from conftest import copy_project
-    from pipeline.config import load_config
-    from pipeline.data import sources
-    from pipeline.data.benchmarks import fold_classes
-    from pipeline.data.download import Resource
-    from pipeline.models.backbone import Backbone, to_checkpoint_state
-
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    copy_project(proj)
-    env = dict(__import__("os").environ, PATH=f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}",
-               PYTHONPATH=str(proj), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", MLFLOW_TRACKING_URI=f"sqlite:///{proj / 'mlflow.db'}")
-
-    def sh(cmd):
-        r = subprocess.run(cmd, shell=True, cwd=proj, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"{cmd}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r.stdout + r.stderr
-
-    sh("git init -q && git add -A && git commit -qm miniature")
-    sh(f"python -m stages.preset {preset} {preset_args}")
-    cfg = load_config(proj / "params.yaml")
-    if cfg.model.pretrained != "none":
-        weights = proj / cfg.model.pretrained
-        weights.parent.mkdir(parents=True)
-        torch.manual_seed(0)     # ImageNet-shaped weights of the backbone's own layout (torchvision's, PSPNet's)
-        torch.save(torchvision.models.vgg16_bn(weights=None).state_dict() if cfg.model.backbone == "vgg16_bn"
-                   else to_checkpoint_state(Backbone(cfg.model.backbone)), weights)
-    bench = cfg.data.benchmark
-    novel, base = fold_classes(cfg, 0)      # two novel and three base classes are enough for every stage
-    digests = (build_pascal if bench == "pascal" else build_coco)(tmp_path / "mirror", episode_blocks(novel[:2], base[:3]))
-    official = sources.PASCAL if bench == "pascal" else sources.COCO
-    with ArchiveServer(tmp_path / "mirror") as srv:
-        res = [(Resource(f"{srv.url}/{r.filename}", r.filename, md5=digests[r.filename]), m) for r, m in official]
-        sh("dvc repro validate")
-        sources.fetch_benchmark(bench, proj / "data", resources=res, workers=1)
-    (proj / "data/weights/imagenet").mkdir(parents=True)
-    (proj / "data/weights/imagenet/weights.json").write_text('{"note": "model.pretrained is a path"}\n')
-    sh("dvc commit -f download")
-    return proj, sh, cfg
