@@ -53,6 +53,7 @@ class DataCfg:
     backbones: list = field(default_factory=lambda: ["resnet50"])  # ImageNet weights fetched by `weights`
     workers: Any = "auto"             # processes of download's generation and of prepare: auto = every core, or a count
     keep_archives: bool = True        # false: delete each archive once verified and extracted (docs/paper.md, disk)
+    local: str = ""                   # a folder with the benchmark already on disk (archives or extracted trees), adopted
 
 
 @dataclass
@@ -62,6 +63,7 @@ class SplitCfg:
     filter: str = field(default="bam", metadata=_choices("bam", "pfenet"))
     num_folds: int = 4                # folder benchmark: its classes cut into this many folds, like PASCAL-5i
     novel_classes: list = field(default_factory=list)   # folder benchmark: one fold, these novel classes (names or ids)
+    reference_lists: str = ""         # a folder of the authors' data_list_<fold>.txt: each fold's images compared
 
 
 @dataclass

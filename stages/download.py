@@ -21,7 +21,8 @@ from pipeline.data.benchmarks import raw_dir
 from pipeline.data.download import DiskSpaceError, DownloadError, UnsafeArchiveError
 from pipeline.data.sources import fetch_benchmark
 
-DECLARED = ("data.benchmark", "data.root", "data.mirror", "data.workers", "data.keep_archives", "data.folder.root",
+DECLARED = ("data.benchmark", "data.root", "data.mirror", "data.workers", "data.keep_archives", "data.local",
+            "data.folder.root",
             "data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.image_size", "data.synthetic.seed")
 
 
@@ -41,7 +42,7 @@ def declared(params: Path) -> SimpleNamespace:
     d = {k.split(".", 1)[1]: v for k, v in values.items()}
     return SimpleNamespace(
         benchmark=d["benchmark"], root=d["root"], mirror=d["mirror"], workers=d["workers"],
-        keep_archives=d["keep_archives"], folder=SimpleNamespace(root=d["folder.root"]),
+        keep_archives=d["keep_archives"], local=d["local"], folder=SimpleNamespace(root=d["folder.root"]),
         synthetic=SimpleNamespace(**{k.split(".", 1)[1]: v for k, v in d.items() if k.startswith("synthetic.")}))
 
 
@@ -55,7 +56,7 @@ def main():
     d = declared(Path(args.params))
     try:
         fetch_benchmark(d.benchmark, d.root, d.mirror, d.synthetic, d.workers, folder=d.folder,
-                        keep_archives=d.keep_archives)
+                        keep_archives=d.keep_archives, local=d.local)
     except (DownloadError, DiskSpaceError, UnsafeArchiveError, FileNotFoundError, ValueError) as e:
         logging.getLogger("stage").error("%s: %s", type(e).__name__, e)
         sys.exit(1)

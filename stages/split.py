@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pipeline.data.benchmarks import class_names, fold_classes, fold_ids, prepared_dir, split_dir
-from pipeline.data.split import make_splits
+from pipeline.data.split import compare_with_reference, make_splits
 from stages.common import run, setup, write_json
 
 
@@ -18,6 +18,11 @@ def main():
     for fold, v in summary.items():
         print(f"split {fold}: {v['train_pairs']} train pairs ({v['train_images']} images), "
               f"{v['val_pairs']} val pairs ({v['val_images']} images)")
+    if s.reference_lists:
+        for fold, c in compare_with_reference(out, s.folds, s.reference_lists).items():
+            print(f"split fold{fold} against {s.reference_lists}: {c['both']} training images in both, "
+                  f"{c['ours'] - c['both']} only here, {c['theirs'] - c['both']} only there"
+                  + (" (the same list)" if c["same"] else ""))
     print(f"split: lists in {out}, pair counts per class in {counts}")
 
 

@@ -1,4 +1,5 @@
 import io
+import shutil
 import json
 import tarfile
 import zipfile
@@ -195,6 +196,17 @@ def test_pascal_download_prepare_split(pascal_raw):
     assert f0_train == [("2007_b", 7), ("2008_s2", 12)]     # 2008_s1's class 6 covers 16 px only
     assert f0_val == [("2009_v1", 1), ("2009_v2", 2)]
     assert summary["fold0"]["train_pairs"] == 2
+    # split.reference_lists: each fold's training images against the authors' data_list_<fold>.txt
+    from pipeline.data.split import compare_with_reference
+    ref = root / "lists"
+    ref.mkdir()
+    line = "/x/VOC2012/JPEGImages/{0}.jpg /x/VOC2012/SegmentationClassAug/{0}.png\n"
+    (ref / "data_list_0.txt").write_text(line.format("2008_s2") + line.format("2007_b"))
+    (ref / "data_list_1.txt").write_text(line.format("2007_a") + line.format("2009_v1"))
+    got = compare_with_reference(split_dir(root, "pascal"), [0, 1], ref)
+    assert got["0"]["same"] and got["0"]["both"] == 2
+    assert not got["1"]["same"] and got["1"]["only_ours"] == ["2008_s1", "2008_s2"] and got["1"]["only_theirs"] == ["2009_v1"]
+    assert json.loads((split_dir(root, "pascal") / "reference.json").read_text()) == got
     assert read_pairs(split_dir(root, "pascal", 1) / "train.jsonl") == [("2007_a", 1), ("2008_s1", 3), ("2008_s2", 12)]
     make_splits(out, split_dir(root, "pascal"), protocol_folds("pascal", [1]), min_pixels=2048, rule="bam")
     f1_train = read_pairs(split_dir(root, "pascal", 1) / "train.jsonl")
@@ -226,6 +238,52 @@ def test_a_verified_download_is_never_fetched_again_and_archives_can_go(tmp_path
         sources.fetch_benchmark("pascal", tmp_path / "data", resources=changed, keep_archives=False)
         assert [p for p, _ in srv.requests[3:]] == ["/train_noval.txt"]
         assert (raw / "train_noval.txt").read_text() == "2007_b\n2008_s1\n"
+
+
+def test_data_already_on_disk_is_adopted_checked_and_never_deleted(tmp_path):
+    """data.local: an extracted VOC + SBD tree is checked against its own lists and linked, archives are taken by
+    checksum, nothing is downloaded (the URLs point at a closed port), and prepare reads the adopted tree; a
+    missing image is named; a local archive failing its checksum is named and left untouched; an archive in
+    data/raw/<benchmark>/archives failing its checksum is moved aside, not deleted."""
+    import tarfile
+    archives = tmp_path / "mirror"
+    digests = build_pascal(archives)
+    dead = [(Resource(f"http://127.0.0.1:9/{r.filename}", r.filename, md5=digests[r.filename]), m)
+            for r, m in sources.PASCAL]
+    tree = tmp_path / "VOC"                      # what a user extracted long ago, and SBD's plain list beside it
+    for name in ("VOCtrainval_11-May-2012.tar", "benchmark.tgz"):
+        with tarfile.open(archives / name) as tf:
+            tf.extractall(tree, filter="data")
+    shutil.copy(archives / "train_noval.txt", tree)
+    raw = sources.fetch_benchmark("pascal", tmp_path / "data", resources=dead, local=tree)
+    assert (raw / "VOCdevkit").is_symlink() and (raw / "VOCdevkit/VOC2012/JPEGImages/2007_a.jpg").exists()
+    record = json.loads((raw / "verified.json").read_text())
+    assert record["VOCtrainval_11-May-2012.tar"]["adopted"] == str((tree / "VOCdevkit").resolve())
+    assert record["VOCtrainval_11-May-2012.tar"]["checked"] == {"images": 4, "labels": 4}
+    assert prepare("pascal", raw, prepared_dir(tmp_path / "data", "pascal"), workers=1)["train_images"] == 4
+    assert sources.fetch_benchmark("pascal", tmp_path / "data", resources=dead, local=tree) == raw   # kept
+
+    (tree / "VOCdevkit/VOC2012/JPEGImages/2009_v2.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of the 4 VOC images the lists name are missing .*2009_v2.jpg"):
+        sources.fetch_benchmark("pascal", tmp_path / "d2", resources=dead, local=tree)
+
+    packed = tmp_path / "archives"                # the archives themselves, one of them damaged
+    shutil.copytree(archives, packed)
+    raw = sources.fetch_benchmark("pascal", tmp_path / "d3", resources=dead, local=packed)
+    assert (raw / "VOCdevkit/VOC2012/JPEGImages/2009_v2.jpg").exists() and not (raw / "archives").exists()
+    (packed / "benchmark.tgz").write_bytes(b"damaged")
+    with pytest.raises(sources.ChecksumError, match="benchmark.tgz fails its checksum .* left untouched"):
+        sources.fetch_benchmark("pascal", tmp_path / "d4", resources=dead, local=packed)
+    assert (packed / "benchmark.tgz").read_bytes() == b"damaged"
+
+    placed = tmp_path / "d5/raw/pascal/archives"  # the documented place for archives: a bad one is moved aside
+    placed.mkdir(parents=True)
+    (placed / "benchmark.tgz").write_bytes(b"damaged")
+    with ArchiveServer(archives) as srv:
+        res = [(r.with_url(f"{srv.url}/{r.filename}"), m) for r, m in dead]
+        sources.fetch_benchmark("pascal", tmp_path / "d5", resources=res)
+    aside = list(placed.glob("benchmark.tgz.mismatch-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == b"damaged" and md5(placed / "benchmark.tgz") == digests["benchmark.tgz"]
 
 
 def test_too_little_disk_is_named_before_anything_is_written(tmp_path):

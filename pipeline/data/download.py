@@ -119,8 +119,9 @@ def download(res: Resource, dest_dir: str | Path, timeout: float = 60.0, progres
              then_extract: bool = False) -> Path:
     """Fetch ``res`` into ``dest_dir``, resuming a partial ``.part`` file with an HTTP Range request.
 
-    A file already present and verified is not fetched again. On a checksum mismatch the file is
-    removed and ``ChecksumError`` names the URL and both digests. The disk must hold what is left to
+    A file already present and verified is not fetched again; one present that fails its checksum is moved
+    aside (``<name>.mismatch-<digest>``), never deleted. On a checksum mismatch of the downloaded file, the
+    file is removed and ``ChecksumError`` names the URL and both digests. The disk must hold what is left to
     fetch (and, ``then_extract``, as much again for the extracted files) before the first byte is written.
     """
     dest_dir = Path(dest_dir)
@@ -131,8 +132,10 @@ def download(res: Resource, dest_dir: str | Path, timeout: float = 60.0, progres
         if ok:
             log.info("%s already present and verified", final)
             return final
-        log.warning("%s exists but fails its checksum; downloading again", final)
-        final.unlink()
+        aside = final.with_name(f"{final.name}.mismatch-{_check(res, final)[2][:12]}")
+        os.replace(final, aside)            # never deleted: it may be the only copy of something
+        log.warning("%s fails its checksum (expected %s): moved aside to %s, downloading again", final, res.digest,
+                    aside)
     part = final.with_name(final.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "svf-fss"}

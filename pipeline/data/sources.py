@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from .benchmarks import check_benchmark, data_workers, raw_dir
-from .download import Resource, download, extract, mirrored, require_space
+from .download import ChecksumError, Resource, download, extract, mirrored, require_space
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,16 @@ COCO = [(COCO_TRAIN, "train2014"), (COCO_VAL, "val2014"), (COCO_ANN, "annotation
 
 
 def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, workers="auto",
-                    resources=None, folder=None, keep_archives: bool = True) -> Path:
+                    resources=None, folder=None, keep_archives: bool = True, local: str | Path = "") -> Path:
     """Download, verify and extract a real benchmark, or generate the synthetic one, into raw/<benchmark>.
     A folder benchmark (``folder``: its data.folder config) is read in place by prepare: raw/folder
     only records where it is and what it holds.
 
     ``resources`` replaces the official (resource, marker) list, e.g. for a private mirror with
     its own checksums. What was verified before is kept and skipped (``Verified``); without
-    ``keep_archives`` each archive is deleted once extracted.
+    ``keep_archives`` each archive is deleted once extracted. ``local`` (data.local): a folder holding the
+    benchmark already, as archives (verified by checksum, extracted from there, never moved or deleted) or
+    extracted trees (checked against their own lists, then linked): adopted instead of downloaded.
     """
     raw = raw_dir(root, check_benchmark(benchmark))
     if benchmark == "folder":
@@ -75,6 +77,8 @@ def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, work
     for res, marker in resources:
         if (res, marker) not in todo:
             log.info("%s: verified%s before, kept", res.filename, " and extracted" if marker else "")
+        elif local and adopt_local(benchmark, res, marker, Path(local), raw, verified):
+            continue
         else:
             path = download(mirrored(res, mirror), raw / "archives", then_extract=bool(marker))
             verified.add(res, path)
@@ -93,6 +97,86 @@ def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, work
 
 
 VERIFIED = "verified.json"
+
+
+def adopt_local(benchmark: str, res: Resource, marker: str | None, local: Path, raw: Path, verified) -> bool:
+    """``res`` taken from data.local when it is there: its archive (or plain file) by checksum, or its extracted
+    tree (``marker`` present) after ``check_tree``. False when data.local holds neither (it is then downloaded)."""
+    from .download import _check
+    if not local.is_dir():
+        raise FileNotFoundError(f"data.local: {local} is not a folder")
+    tree = local / marker if marker else None
+    if tree is not None and tree.exists():
+        counts = check_tree(benchmark, local, marker)
+        top = Path(marker).parts[0]
+        link = raw / top
+        raw.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            if link.resolve() != (local / top).resolve():
+                raise FileExistsError(f"data.local: {link} exists and is not {local / top}; move it away first")
+        else:
+            link.symlink_to((local / top).resolve(), target_is_directory=True)
+        verified.files[res.filename] = {"digest": res.digest, "adopted": str((local / top).resolve()),
+                                        "checked": counts, "extracted": marker}
+        verified.save()
+        log.info("%s: adopted the extracted %s from %s (%s)", res.filename, top, local, counts)
+        return True
+    path = local / res.filename
+    if not path.is_file():
+        return False
+    ok, expected, actual = _check(res, path)
+    if not ok:                               # the user's file: named, left where it is, never moved or deleted
+        raise ChecksumError(f"data.local: {path} fails its checksum (expected {expected}, got {actual}); it was left "
+                            f"untouched: replace it, or remove it from {local} to download the file")
+    verified.add(res, path)
+    if marker:
+        extract(path, raw)
+    else:
+        shutil.copyfile(path, raw / f".{res.filename}.tmp")
+        os.replace(raw / f".{res.filename}.tmp", raw / res.filename)
+    verified.add(res, path, extracted=marker or res.filename)
+    log.info("%s: adopted from %s (checksum verified)%s", res.filename, local, ", extracted" if marker else "")
+    return True
+
+
+def check_tree(benchmark: str, local: Path, marker: str) -> dict:
+    """An extracted tree checked against its own lists: every image and label the lists name is there. Returns
+    counts; FileNotFoundError names what is missing (the first few) and how many."""
+    def need(paths: list[Path], what: str) -> int:
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.local: {len(missing)} of the {len(paths)} {what} the lists name are missing "
+                                    f"from {local}, e.g. {', '.join(str(p) for p in missing[:3])}")
+        return len(paths)
+    if benchmark == "pascal" and marker.startswith("VOCdevkit"):
+        voc = local / "VOCdevkit" / "VOC2012"
+        ids = {i for name in ("train", "val") for i in
+               _ids(voc / "ImageSets" / "Segmentation" / f"{name}.txt")}
+        return {"images": need([voc / "JPEGImages" / f"{i}.jpg" for i in sorted(ids)], "VOC images"),
+                "labels": need([voc / "SegmentationClass" / f"{i}.png" for i in sorted(ids)], "VOC labels")}
+    if benchmark == "pascal":
+        sbd = local / "benchmark_RELEASE" / "dataset"
+        ids = sorted(set(_ids(sbd / "train.txt")))
+        counts = {"labels": need([sbd / "cls" / f"{i}.mat" for i in ids], "SBD labels")}
+        voc = local / "VOCdevkit" / "VOC2012" / "JPEGImages"     # SBD's images are VOC's
+        if voc.is_dir():
+            counts["images"] = need([voc / f"{i}.jpg" for i in ids], "VOC images of SBD's labels")
+        return counts
+    split = Path(marker).parts[0]
+    if split == "annotations":
+        return {"annotations": need([local / "annotations" / f"instances_{s}2014.json" for s in ("train", "val")],
+                                    "annotation files")}
+    ann = local / "annotations" / f"instances_{split}.json"
+    if not ann.is_file():
+        raise FileNotFoundError(f"data.local: {ann} is needed to check {local / split} (it names the images)")
+    names = [im["file_name"] for im in json.loads(ann.read_text())["images"]]
+    return {"images": need([local / split / n for n in names], f"{split} images")}
+
+
+def _ids(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data.local: {path} is missing (the tree's own list of its images)")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
 def disk_needed(archives: list[Resource], keep_archives: bool) -> int:
@@ -118,6 +202,10 @@ class Verified:
     def add(self, res: Resource, path: Path, extracted: str | None = None) -> None:
         self.files[res.filename] = {"digest": res.digest, "url": res.url, "bytes": path.stat().st_size,
                                     "extracted": extracted}
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.files, indent=1) + "\n")
         os.replace(tmp, self.path)

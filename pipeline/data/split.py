@@ -102,3 +102,26 @@ def make_splits(prepared: str | Path, out: str | Path, folds: dict, min_pixels: 
                                   "train_images": len({i for i, _ in train}), "val_images": len({i for i, _ in val}),
                                   "pairs_per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0])))}
     return summary
+
+
+def compare_with_reference(out: str | Path, folds, reference: str | Path) -> dict:
+    """Each fold's training images against the authors' ``data_list_<fold>.txt`` (lines ``.../JPEGImages/<id>.jpg
+    .../<label>.png``, as the SVF authors' lists/pascal/fss_list/train hold them): {fold: {"ours", "theirs",
+    "both", "only_ours", "only_theirs" (the first 10 of each)}}, written to <out>/reference.json."""
+    out, reference = Path(out), Path(reference)
+    report = {}
+    for fold in folds:
+        path = reference / f"data_list_{fold}.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"split.reference_lists: {path} is missing (one data_list_<fold>.txt a fold)")
+        theirs = {Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()}
+        ours = {json.loads(x)["image"] for x in (out / f"fold{fold}" / "train.jsonl").read_text().splitlines()}
+        report[str(fold)] = {"ours": len(ours), "theirs": len(theirs), "both": len(ours & theirs),
+                             "only_ours": sorted(ours - theirs)[:10], "only_theirs": sorted(theirs - ours)[:10],
+                             "same": ours == theirs}
+        if ours != theirs:
+            log.warning("fold %s: %d training images here, %d in %s, %d in both (only here: %s; only there: %s)", fold,
+                        len(ours), len(theirs), path, len(ours & theirs), report[str(fold)]["only_ours"][:3],
+                        report[str(fold)]["only_theirs"][:3])
+    (out / "reference.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
