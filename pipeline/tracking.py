@@ -200,6 +200,32 @@ def resume_run(cfg, model_dir: str | Path, stage: str):
         yield Tracker(mlflow, run.info.run_id)
 
 
+@contextmanager
+def evaluation_run(cfg, model_dir: str | Path):
+    """The model's run for the evaluate stage while the run's logged ``eval.*`` parameters are this evaluation's;
+    after a change of them (a re-evaluation), a child run of its own (tag ``mlflow.parentRunId``), with the new
+    ``eval.*`` values: MLflow parameters cannot change, and a score must not sit beside settings it was not
+    measured with."""
+    rf = run_file(model_dir)
+    if not rf.exists():
+        raise FileNotFoundError(f"{rf} is missing; run the train stage (`dvc repro train`) first")
+    parent = json.loads(rf.read_text())["run_id"]
+    mlflow = _mlflow(cfg)
+    logged = mlflow.MlflowClient().get_run(parent).data.params
+    mine = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in cfg.flat().items()
+            if k.startswith("eval.")}
+    if all(logged.get(k) == v for k, v in mine.items()):
+        with resume_run(cfg, model_dir, "evaluate") as t:
+            yield t
+        return
+    info = mlflow.MlflowClient().get_run(parent).info
+    with mlflow.start_run(experiment_id=info.experiment_id, run_name=f"{info.run_name}-reevaluated") as run:
+        mlflow.log_params(mine)
+        mlflow.set_tags({"mlflow.parentRunId": parent, "role": "re-evaluation", "git_commit": git_commit(),
+                         **dvc_lock_hashes()})
+        yield Tracker(mlflow, run.info.run_id)
+
+
 class Tracker:
     """Thin handle over an active run: metrics with steps, files, folders."""
 

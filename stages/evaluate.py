@@ -86,7 +86,7 @@ def main():
               "; ".join(f"{k}-shot mIoU {result[shot_key(k, args.shot)]['miou']:.2f}" for k in shots) + f" -> {path}")
         return
     path = write_json(out / "evaluate.json", result)
-    with tracking.resume_run(cfg, out, "evaluate") as t:
+    with tracking.evaluation_run(cfg, out) as t:
         for k in shots:
             key, s = shot_key(k, args.shot), result[shot_key(k, args.shot)]
             t.metrics({f"{key}_miou": s["miou"], f"{key}_miou_std": s["miou_std"], f"{key}_fbiou": s["fbiou"]})

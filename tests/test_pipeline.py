@@ -450,3 +450,23 @@ def test_missing_pretrained_weights_name_the_stage(tmp_path):
         load_backbone("resnet18", "synthetic", weights_root=tmp_path)
     with pytest.raises(FileNotFoundError, match="model.pretrained: checkpoint .* does not exist"):
         load_backbone("resnet18", str(tmp_path / "nope.pth"))
+
+
+def test_a_reevaluation_with_other_settings_gets_a_child_run(tmp_path):
+    """The evaluate stage logs into the model's run while its eval.* parameters are the run's; with others (a
+    re-evaluation) into a child run carrying them, so no score sits beside settings it was not measured with."""
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.config import load_config
+    cfg = load_config({"tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "t"}})
+    parent = tracking.start_run(cfg, 0, 1, tmp_path)
+    with tracking.evaluation_run(cfg, tmp_path) as t:
+        assert t.run_id == parent
+    cfg.eval.episodes = 7
+    with tracking.evaluation_run(cfg, tmp_path) as t:
+        child = t.run_id
+        t.metrics({"1shot_miou": 50.0})
+    run = mlflow.MlflowClient(cfg.tracking.uri).get_run(child)
+    assert child != parent and run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.params["eval.episodes"] == "7" and run.data.metrics["1shot_miou"] == 50.0
