@@ -78,7 +78,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/svf_forms.py
 
 lock: $(STAMP)
-	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --generate-hashes --universal \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra openvino -c constraints.txt --generate-hashes --universal \
 		--python-version 3.10 -o requirements.lock
 	echo "$(TRT_STUBS)" | $(BIN)/uv pip compile - --no-deps --generate-hashes --universal --python-version 3.10 \
 		-o requirements-stubs.lock

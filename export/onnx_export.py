@@ -303,8 +303,13 @@ def export_checked(model, out_dir: str | Path, size: int, opset: int, metadata: 
         parity = check_parity(model, sess, batches, rtol, fail_dir=out_dir, label="onnx")
         enc, dec = export_split(model, out_dir, size, opset, metadata, name)
         split = check_parity(model, SplitSession(enc, dec), batches, rtol, fail_dir=out_dir, label="onnx_split")
-        return {"exporter": name, "path": path, "session": sess, "parity": parity, "encoder": enc, "decoder": dec,
-                "split_parity": split}
+        out = {"exporter": name, "path": path, "session": sess, "parity": parity, "encoder": enc, "decoder": dec,
+               "split_parity": split}
+        from .openvino_session import OpenVINOSplit, available
+        if available():             # the same split graphs through OpenVINO (serving's CPU backend), same check
+            out["openvino_parity"] = check_parity(model, OpenVINOSplit(enc, dec), batches, rtol, fail_dir=out_dir,
+                                                  label="openvino")
+        return out
     try:
         return run(chosen)
     except Exception as e:      # ParityError, or ONNX Runtime refusing the traced graph

@@ -8,9 +8,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-BACKENDS = ("tensorrt", "onnxruntime", "aoti", "torch")   # auto tries them in this order
+BACKENDS = ("tensorrt", "openvino", "onnxruntime", "aoti", "torch")   # auto tries them in this order (openvino:
+#                                                        on a CPU, when it is installed and decodes faster here)
 # what each backend loads from the model folder
 MODEL_FILES = {"tensorrt": ("model.engine",), "onnxruntime": ("support_encoder.onnx", "query_decoder.onnx"),
+               "openvino": ("support_encoder.onnx", "query_decoder.onnx"),
                "aoti": ("aoti/model.pt2",), "torch": ("merged.pt",)}
 
 

@@ -2,7 +2,7 @@
 
     python -m serving.predict --support s1.jpg --mask m1.png [--support s2.jpg --mask m2.png ...] \
         --query q1.jpg q2.jpg | --query folder/ --out predictions/ [--model-dir models/fold0/1shot] \
-        [--backend auto|tensorrt|onnxruntime|aoti|torch] [--format png|rle] [--no-overlay] [--mask-threshold 0.5] \
+        [--backend auto|tensorrt|openvino|onnxruntime|aoti|torch] [--format png|rle] [--no-overlay] [--mask-threshold 0.5] \
         [--gt labels/]
 
 Writes, per query, <out>/<name>.png (0 background, 255 object, at the query's resolution) or, with

@@ -123,7 +123,9 @@ def main():
                        "exporter": graphs["exporter"], **({"fallback": graphs["fallback"]} if "fallback" in graphs else {}),
                        "providers": sess.get_providers(), "dynamic_axes": "batch" if k_fixed else "batch, shots", "parity": parity,
                        "split_graphs": {"support_encoder": str(enc), "query_decoder": str(dec),
-                                        "parity": split_parity}},
+                                        "parity": split_parity,
+                                        **({"openvino_parity": graphs["openvino_parity"]}
+                                           if "openvino_parity" in graphs else {})}},
               "latency": {"batch": int(q.shape[0]), "shots": int(s.shape[1]), "torch": lat_torch,
                           "onnxruntime": lat_ort}}
     report["aoti"] = aoti_package(cfg, model, out / "aoti", size, meta, batches, (q, s, m))

@@ -99,7 +99,7 @@ def adopt(checkpoint: str, fmt: str, preset: str, fold: int, shot: int, out: Pat
     graphs = onnx_export.export_checked(model, out, size, cfg.export.opset, meta, cfg.export.exporter,
                                         random_episodes(size, shots), cfg.export.rtol)
     report = {**source, "size": size, "exporter": graphs["exporter"], "parity": graphs["parity"],
-              "split_parity": graphs["split_parity"], "seconds": round(time.perf_counter() - t0, 1)}
+              "split_parity": graphs["split_parity"], "openvino_parity": graphs.get("openvino_parity"), "seconds": round(time.perf_counter() - t0, 1)}
     (out / "released.json").write_text(json.dumps(report, indent=1))
     return report
 

@@ -1,7 +1,7 @@
 """DVC stage `summary`: the mean over the folds run, beside the paper's mean, as every published number is.
 
-Reads `metrics/fold<i>.json` of split.folds (written by `report`), writes `results/folds.json` (a DVC metric:
-`dvc metrics show` and `dvc exp show` list it) and `results/folds.md`, and prints the table: per shot count the
+Reads `metrics/fold<i>.json` of split.folds (written by `report`), writes `results/folds.json` and
+`results/folds.md` (`cat results/folds.md`), and prints the table: per shot count the
 mIoU of each fold, their mean, and with eval.paper the paper's folds and mean (and a published model's own
 paper, train.released). A mean over fewer than the 4 folds is labelled as such: it is not the paper's number.
 """

@@ -574,7 +574,8 @@ def test_the_test_image_is_resize_pad_normalize_to_the_bit(protocol):
         img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
         x, (nh, nw) = eval_image(img, 64, protocol)
         assert (nh, nw) == eval_size(h, w, 64, protocol)
-        ref = TF.resize(tv_tensors.Image(img), [nh, nw], antialias=protocol != "bam")
+        src = img.float() if protocol == "bam" else img          # the authors resize float pixels
+        ref = TF.resize(tv_tensors.Image(src), [nh, nw], antialias=protocol != "bam")
         ref = TF.pad(ref, [0, 0, 64 - nw, 64 - nh], fill=[0, 0, 0] if protocol == "bam" else MEAN_255)
         ref = TF.normalize(ref.float() / 255.0, MEAN, STD)
         assert x.dtype == torch.float32 and torch.equal(x, ref), (h, w)

@@ -166,6 +166,7 @@ def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path
     merge, export = (json.loads((out / f).read_text()) for f in ("merge.json", "export.json"))
     assert merge["passed"] and merge["svf_layers_merged"] > 0
     assert export["onnx"]["parity"]["max_rel"] < 1e-4 and export["onnx"]["split_graphs"]["parity"]["max_rel"] < 1e-4
+    assert export["onnx"]["split_graphs"]["openvino_parity"]["max_rel"] < 1e-4     # the same graphs in OpenVINO
     ev = json.loads((out / "evaluate.json").read_text())
     assert {"1shot", "2shot_by1"} <= set(ev)
     adapter = torch.load(out / "adapter.pt", weights_only=True)

@@ -1270,3 +1270,23 @@ def _wait_http(url: str, proc, what: str, seconds: float = 90, headers=None):
             pass
         assert time.time() < deadline, f"{what} did not answer {url}"
         time.sleep(0.25)
+
+
+def test_openvino_reads_the_same_graphs_and_auto_times_it_against_onnxruntime(model_dir, caplog):
+    """OpenVINO (FP32) over the split graphs answers as ONNX Runtime does; `auto` on a CPU decodes a query with
+    both and keeps the faster, saying so."""
+    import logging
+
+    from serving.backends import OnnxBackend, OpenVINOBackend, load_backend
+    ov, ort = OpenVINOBackend(model_dir), OnnxBackend(model_dir)
+    assert ov.features == ort.features and ov.size == ort.size and ov.kind != ort.kind
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal((1, 2, 3, ov.size, ov.size)).astype(np.float32)
+    m = (rng.random((1, 2, ov.size, ov.size)) > 0.5).astype(np.float32)
+    q = rng.standard_normal((3, 3, ov.size, ov.size)).astype(np.float32)
+    a, b = ov.decode(q, ov.encode(s, m)), ort.decode(q, ort.encode(s, m))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+    with caplog.at_level(logging.INFO, logger="serving.backends"):
+        chosen = load_backend(model_dir, "auto")
+    line = next(r.message for r in caplog.records if r.message.startswith("backend auto on the CPU"))
+    assert "openvino" in line and "onnxruntime" in line and chosen.kind in ("openvino", "onnxruntime")

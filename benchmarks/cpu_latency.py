@@ -1,0 +1,193 @@
+"""CPU latency of a real-size model through every CPU path the service offers, ratios measured in one run.
+
+    .venv/bin/python benchmarks/cpu_latency.py --head pfenet --backbone resnet50_deep --size 473 --threads 2 [--runs 3]
+
+The model is the head's paper preset (pascal_<head>_frozen, `_vgg` for VGG-16) at random weights (latency does
+not depend on them), merged and exported to the project's split graphs once (cached under --cache). Each backend
+runs in a process of its own (its peak memory is its own): PyTorch (the merged model), ONNX Runtime FP32, OpenVINO
+FP32 and BF16 (on a CPU with AVX-512 BF16), and INT8: the decoder quantized statically (ONNX Runtime's QDQ, per
+channel, calibrated on random inputs: latency only, the accuracy cost is the export's `export.int8` measure) run by
+ONNX Runtime and by OpenVINO. Per backend: the encoding of a support set (1 shot), a query decoded against the
+cached set at batch 1 and 8 (per query), and the peak resident memory. The last line names the fastest path per
+query at batch 1: `best: <backend> <r>x vs onnxruntime fp32`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8", "openvino-int8")
+
+
+def export(head: str, backbone: str, size: int, cache: Path) -> Path:
+    """merged.pt and the split graphs of the head's preset at random weights, made once."""
+    d = cache / f"{head}-{backbone}-{size}"
+    if (d / "done.json").exists():
+        return d
+    import torch
+
+    from export import onnx_export
+    from pipeline import adapter as adapter_io
+    from pipeline.models import build_model
+    from stages.released import preset_config, random_episodes
+    preset = f"pascal_{head}_frozen" + ("_vgg" if backbone == "vgg16_bn" else "")
+    cfg = preset_config(preset, {"pfenet": "pfenet", "bam": "bam", "baseline": "svf"}[head], 0)
+    cfg.model.pretrained, cfg.model.backbone = "none", backbone
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, finetune="frozen", base={"classes": 16} if head == "bam" else None, shots=1)
+    model.eval()
+    d.mkdir(parents=True, exist_ok=True)
+    adapter_io.save(adapter_io.merged_state(model, cfg), d / "merged.pt")
+    t0 = time.perf_counter()
+    graphs = onnx_export.export_checked(model, d, size, 18, {"input_size": [size, size]}, "auto",
+                                        random_episodes(size, [1], 1), 1e-3)
+    (d / "done.json").write_text(json.dumps({"preset": preset, "exporter": graphs["exporter"],
+                                             "export_seconds": round(time.perf_counter() - t0, 1)}))
+    return d
+
+
+def quantize(d: Path) -> Path:
+    """query_decoder_int8.onnx: static QDQ INT8 (per channel), calibrated on random queries and encoded supports."""
+    out = d / "query_decoder_int8.onnx"
+    if out.exists():
+        return out
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    enc = ort.InferenceSession(str(d / "support_encoder.onnx"), providers=["CPUExecutionProvider"])
+    size = enc.get_inputs()[0].shape[-1]
+    rng = np.random.default_rng(0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = []
+            for _ in range(4):
+                s = rng.standard_normal((1, 1, 3, size, size)).astype(np.float32)
+                m = (rng.random((1, 1, size, size)) > 0.6).astype(np.float32)
+                feats = enc.run(None, {"support": s, "support_mask": m})
+                q = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+                self.items.append({"query": q, **{o.name: f for o, f in zip(enc.get_outputs(), feats)}})
+            self.it = iter(self.items)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pre = d / "query_decoder_pre.onnx"
+    quant_pre_process(str(d / "query_decoder.onnx"), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def worker(name: str, d: Path, threads: int, batches: list[int], runs: int) -> dict:
+    """One backend in this process: encode and decode timings (ms, best of ``runs`` after a warm-up), peak RSS."""
+    import torch
+    torch.set_num_threads(threads)
+    if name == "torch":
+        from serving.backends import TorchBackend
+        b = TorchBackend(d, device="cpu")
+        enc, dec = b.encode, b.decode
+        size = b.size
+    else:
+        from export.onnx_export import SplitSession
+        from export.openvino_session import OpenVINOSplit
+        decoder = d / ("query_decoder_int8.onnx" if name.endswith("int8") else "query_decoder.onnx")
+        if name.startswith("openvino"):
+            s = OpenVINOSplit(d / "support_encoder.onnx", decoder, threads,
+                              "bf16" if name.endswith("bf16") else "f32")
+        else:
+            s = SplitSession(d / "support_encoder.onnx", decoder, prefer_cuda=False, threads=threads)
+        from serving.backends import broadcast
+        enc = lambda sup, m: tuple(s.encode(sup, m))                          # noqa: E731
+        dec = lambda q, f: s.decode(q, *broadcast(f, q.shape[0]))             # noqa: E731
+        import onnx
+        size = onnx.load(str(d / "query_decoder.onnx"), load_external_data=False).graph.input[0].type.tensor_type \
+            .shape.dim[-1].dim_value
+    rng = np.random.default_rng(0)
+    sup = rng.standard_normal((1, 1, 3, size, size)).astype(np.float32)
+    mask = (rng.random((1, 1, size, size)) > 0.6).astype(np.float32)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1000
+
+    with torch.no_grad():
+        feats = enc(sup, mask)
+        out = {"encode_ms": best(lambda: enc(sup, mask))}
+        for b in batches:
+            q = rng.standard_normal((b, 3, size, size)).astype(np.float32)
+            out[f"decode_b{b}_ms_per_query"] = best(lambda: dec(q, feats)) / b
+    # VmHWM: this process's peak (ru_maxrss would carry the parent's peak across exec)
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    out["peak_rss_mb"] = int(hwm.split()[1]) / 1024
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--head", default="pfenet", choices=("pfenet", "bam", "baseline"))
+    ap.add_argument("--backbone", default="resnet50_deep", choices=("resnet50_deep", "vgg16_bn"))
+    ap.add_argument("--size", type=int, default=473)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "svf-fss" / "cpu_latency"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, Path(args.dir), args.threads[0], args.batches, args.runs)))
+        return
+    t0 = time.perf_counter()
+    d = export(args.head, args.backbone, args.size, Path(args.cache))
+    if any(b.endswith("int8") for b in args.backends):
+        quantize(d)
+    made = json.loads((d / "done.json").read_text())
+    print(f"{args.head} on {args.backbone} at {args.size} px ({made['preset']}, random weights; exported by "
+          f"{made['exporter']}); {os.cpu_count()} cores; ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = {}
+    for threads in args.threads:
+        for name in args.backends:
+            r = subprocess.run([sys.executable, __file__, "--worker", name, "--dir", str(d), "--threads", str(threads),
+                                "--runs", str(args.runs), "--batches", *map(str, args.batches)],
+                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            if r.returncode:
+                print(f"{name} ({threads} threads) failed: {r.stderr.strip().splitlines()[-1][:300]}", flush=True)
+                continue
+            rows[(name, threads)] = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"{name:17s} {threads} threads: " + ", ".join(f"{k} {v:.0f}" for k, v in rows[(name, threads)].items()),
+                  flush=True)
+    key = f"decode_b{args.batches[0]}_ms_per_query"
+    print(f"\n| backend | threads | encode a set (ms) | " + " | ".join(f"query, batch {b} (ms)" for b in args.batches)
+          + " | vs onnxruntime fp32 | peak RSS (MB) |")
+    print("|---|---|---|" + "---|" * len(args.batches) + "---|---|")
+    for (name, threads), r in rows.items():
+        ref = rows.get(("onnxruntime", threads), {}).get(key)
+        ratio = f"{ref / r[key]:.2f}x" if ref else "-"
+        print(f"| {name} | {threads} | {r['encode_ms']:.0f} | "
+              + " | ".join(f"{r[f'decode_b{b}_ms_per_query']:.0f}" for b in args.batches)
+              + f" | {ratio} | {r['peak_rss_mb']:.0f} |")
+    threads = args.threads[0]
+    ref = rows.get(("onnxruntime", threads), {}).get(key)
+    if ref:
+        best = min((r[key], n) for (n, t), r in rows.items() if t == threads)
+        print(f"best: {best[1]} {ref / best[0]:.2f}x vs onnxruntime fp32")
+
+
+if __name__ == "__main__":
+    main()
