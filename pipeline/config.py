@@ -179,6 +179,8 @@ class ExportCfg:
     max_batch: int = 8
     aoti: bool = False              # the AOTInductor package for C++ (export/aoti.py; minutes of g++): `make cpp` sets it
     exporter: str = field(default="auto", metadata=_choices("auto", "dynamo", "torchscript"))   # export/onnx_export.py
+    int8: bool = False              # int8/query_decoder.onnx: static INT8 for the CPU, kept if its mIoU drop allows (export/int8.py)
+    int8_max_drop: float = 1.0      # mIoU points INT8 may lose against FP32 on the evaluation episodes
 
 
 @dataclass

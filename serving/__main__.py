@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 from .guard import LOOPBACK, load_keys
-from .model_files import BACKENDS, missing_model
+from .model_files import CHOICES, missing_model
 
 log = logging.getLogger("serving")
 
 def main():
     ap = argparse.ArgumentParser(prog="python -m serving", description="svf-fss inference service")
     ap.add_argument("--model-dir", default="models/fold0/1shot", help="folder with merged.pt / *.onnx / model.engine")
-    ap.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
+    ap.add_argument("--backend", default="auto", choices=("auto",) + CHOICES,
                     help="auto: TensorRT, else ONNX Runtime, else PyTorch")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model_files import BACKENDS
+from .model_files import BACKENDS, CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +163,15 @@ class OpenVINOBackend(OnnxBackend):
     its own kind: a set encoded here is not reused by ONNX Runtime."""
     name = kind = "openvino"
 
-    def __init__(self, model_dir: Path, threads: int | None = None):
+    def __init__(self, model_dir: Path, threads: int | None = None, int8: bool = False):
         from export.onnx_export import read_metadata
         from export.openvino_session import OpenVINOSplit
-        enc, dec = model_dir / "support_encoder.onnx", model_dir / "query_decoder.onnx"
+        enc, dec = model_dir / "support_encoder.onnx", model_dir / ("int8/query_decoder.onnx" if int8 else
+                                                                  "query_decoder.onnx")
         for f in (enc, dec):
             if not f.exists():
-                raise FileNotFoundError(f"{f} is missing; run the export stage (`dvc repro export`) first")
+                raise FileNotFoundError(f"{f} is missing; run the export stage (`dvc repro export`"
+                                        f"{' with export.int8: true' if int8 else ''}) first")
         if torch.cuda.is_available():
             raise RuntimeError("a CUDA device is here: TensorRT or ONNX Runtime's CUDA provider serve it")
         self.sess = OpenVINOSplit(enc, dec, threads)
@@ -181,7 +183,9 @@ class OpenVINOBackend(OnnxBackend):
         outputs = onnx.load(str(enc), load_external_data=False).graph.output      # the dynamic axes' names
         self.features = {o.name: {i: d.dim_param for i, d in enumerate(o.type.tensor_type.shape.dim) if d.dim_param}
                          for o in outputs}
-        self.name = f"openvino {self.sess.version.split('-')[0]} (CPU)"
+        self.name = f"openvino {self.sess.version.split('-')[0]} (CPU{', INT8 decoder' if int8 else ''})"
+        if int8:
+            self.kind = "openvino-int8"       # the support features are the FP32 encoder's, but kept apart
 
 
 def faster_on_cpu(model_dir: Path, candidates: list[Backend]) -> Backend:
@@ -257,10 +261,11 @@ class AotiBackend(Backend):
 def load_backend(model_dir: str | Path, name: str = "auto") -> Backend:
     """The named backend, or with ``auto`` the best that loads: TensorRT, then ONNX Runtime, then PyTorch."""
     model_dir = Path(model_dir)
-    if name not in ("auto",) + BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose auto or one of {BACKENDS}")
+    if name not in ("auto",) + CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose auto or one of {CHOICES}")
     makers = {"tensorrt": TensorRTBackend, "openvino": OpenVINOBackend, "onnxruntime": OnnxBackend,
-              "aoti": AotiBackend, "torch": TorchBackend}
+              "aoti": AotiBackend, "torch": TorchBackend,
+              "openvino-int8": lambda d: OpenVINOBackend(d, int8=True)}
     if name != "auto":
         return makers[name](model_dir)
     errors, cpu = [], []

@@ -10,9 +10,11 @@ from pathlib import Path
 
 BACKENDS = ("tensorrt", "openvino", "onnxruntime", "aoti", "torch")   # auto tries them in this order (openvino:
 #                                                        on a CPU, when it is installed and decodes faster here)
+CHOICES = BACKENDS + ("openvino-int8",)   # chosen by name only: the export's INT8 decoder (export.int8), OpenVINO
 # what each backend loads from the model folder
 MODEL_FILES = {"tensorrt": ("model.engine",), "onnxruntime": ("support_encoder.onnx", "query_decoder.onnx"),
                "openvino": ("support_encoder.onnx", "query_decoder.onnx"),
+               "openvino-int8": ("support_encoder.onnx", "int8/query_decoder.onnx"),
                "aoti": ("aoti/model.pt2",), "torch": ("merged.pt",)}
 
 

@@ -2,7 +2,7 @@
 
     python -m serving.predict --support s1.jpg --mask m1.png [--support s2.jpg --mask m2.png ...] \
         --query q1.jpg q2.jpg | --query folder/ --out predictions/ [--model-dir models/fold0/1shot] \
-        [--backend auto|tensorrt|openvino|onnxruntime|aoti|torch] [--format png|rle] [--no-overlay] [--mask-threshold 0.5] \
+        [--backend auto|tensorrt|openvino|openvino-int8|onnxruntime|aoti|torch] [--format png|rle] [--no-overlay] [--mask-threshold 0.5] \
         [--gt labels/]
 
 Writes, per query, <out>/<name>.png (0 background, 255 object, at the query's resolution) or, with
@@ -54,7 +54,7 @@ from .threads import share_fairly
 from .labelstudio import brush_results
 from .labelmap import (check_background_threshold, check_classes, color, label_json, label_map, label_overlay,
                        label_png, read_label_map, same_name, score_labels)
-from .model_files import BACKENDS, missing_model
+from .model_files import CHOICES, missing_model
 from .inputs import UserError, check_threshold, mask_of, png_bytes, query_tensor, read_image, read_mask, \
     read_truth_mask, rle, support_tensors
 
@@ -310,7 +310,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m serving.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default="models/fold0/1shot", help="folder with *.onnx / merged.pt / model.engine")
-    ap.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
+    ap.add_argument("--backend", default="auto", choices=("auto",) + CHOICES,
                     help="auto: TensorRT, else ONNX Runtime, else PyTorch (as the service)")
     ap.add_argument("--class", dest="klass", action=ClassAction, default=None, metavar="NAME",
                     help="the --support/--mask that follow belong to class NAME; with --class the outputs are label "

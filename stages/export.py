@@ -88,6 +88,37 @@ def aoti_package(cfg, model, folder: Path, size: int, meta: dict, batches, examp
             "latency": lat}
 
 
+def int8_decoder(cfg, fold: int, shot: int, out: Path, enc: Path, dec: Path, size: int, shots: list[int]) -> dict:
+    """int8/query_decoder.onnx (export/int8.py): calibrated on training episodes, scored against FP32 on the
+    evaluation episodes (eval.seeds[0]), kept only within export.int8_max_drop mIoU points."""
+    import shutil
+
+    from export import int8
+    from pipeline.data.episodes import EpisodeDataset
+    folder = out / "int8"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if not cfg.export.int8:
+        return {"built": False, "reason": "export.int8 is false"}
+    prepared = prepared_dir(cfg.data.root, cfg.data.benchmark)
+    splits = split_dir(cfg.data.root, cfg.data.benchmark, fold)
+    calib = fixed_batches(prepared, splits / "train.jsonl", size, [shot], 8, seed=1)
+    path = int8.quantize_decoder(dec, out / int8.FILE, int8.calibration_feeds(int8.split_runtime(enc, dec), calib))
+    ds = EpisodeDataset(prepared, splits / "val.jsonl", shot, "test", size, seed=cfg.eval.seeds[0],
+                        episodes=cfg.eval.episodes, protocol=cfg.eval.protocol)
+    result = {"built": True, "calibration_batches": len(calib),
+              **int8.accuracy(enc, dec, path, ds, fold_classes(cfg, fold)[0])}
+    result["kept"] = result["drop"] <= cfg.export.int8_max_drop
+    if not result["kept"]:
+        path.rename(out / int8.REJECTED)
+        logging.getLogger("export").warning("INT8 decoder rejected: mIoU %.2f against FP32 %.2f, a drop of %.2f > "
+                                            "export.int8_max_drop %.2f; kept as %s for inspection", result["int8_miou"],
+                                            result["fp32_miou"], result["drop"], cfg.export.int8_max_drop,
+                                            out / int8.REJECTED)
+    result["file"] = str(out / (int8.FILE if result["kept"] else int8.REJECTED))
+    return result
+
+
 def main():
     args, cfg = setup(__doc__, fold=True)
     out = model_dir(args.fold, args.shot)
@@ -129,6 +160,7 @@ def main():
               "latency": {"batch": int(q.shape[0]), "shots": int(s.shape[1]), "torch": lat_torch,
                           "onnxruntime": lat_ort}}
     report["aoti"] = aoti_package(cfg, model, out / "aoti", size, meta, batches, (q, s, m))
+    report["int8"] = int8_decoder(cfg, args.fold, args.shot, out, enc, dec, size, shots)
     engine = None
     reason = tensorrt_engine.unavailable_reason()
     if reason is None:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -27,7 +28,7 @@ TINY = {
               "val_episodes": 4, "log_every": 2, "workers": 0, "lr": 0.005},
     "eval": {"shots": [1, 2], "episodes": 6, "seeds": [510, 365], "test_size": 48, "figure_episodes": 2},
     # the C++ test compiles an AOTInductor package (test_cpp.py); the dynamo exporter is tested in test_export.py
-    "export": {"shots": [1, 2], "parity_episodes": 2, "aoti": False, "exporter": "torchscript"},
+    "export": {"shots": [1, 2], "parity_episodes": 2, "aoti": False, "exporter": "torchscript", "int8": True},
 }
 
 
@@ -167,6 +168,16 @@ def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path
     assert merge["passed"] and merge["svf_layers_merged"] > 0
     assert export["onnx"]["parity"]["max_rel"] < 1e-4 and export["onnx"]["split_graphs"]["parity"]["max_rel"] < 1e-4
     assert export["onnx"]["split_graphs"]["openvino_parity"]["max_rel"] < 1e-4     # the same graphs in OpenVINO
+    i8 = export["int8"]                  # INT8 decoder: scored against FP32 on the same episodes, kept or set aside
+    assert i8["built"] and i8["episodes"] == TINY["eval"]["episodes"] and 0 <= i8["argmax_agreement"] <= 1
+    assert i8["drop"] == round(i8["fp32_miou"] - i8["int8_miou"], 2)
+    assert i8["kept"] == (i8["drop"] <= 1.0) and Path(i8["file"]).name in ("query_decoder.onnx", "query_decoder.rejected.onnx")
+    if i8["kept"]:
+        from serving.backends import load_backend
+        b = load_backend(out, "openvino-int8")
+        s = np.zeros((1, b.shots or 1, 3, b.size, b.size), np.float32)
+        m = np.ones((1, b.shots or 1, b.size, b.size), np.float32)
+        assert "INT8" in b.name and b.decode(np.zeros((1, 3, b.size, b.size), np.float32), b.encode(s, m)).shape[1] == 2
     ev = json.loads((out / "evaluate.json").read_text())
     assert {"1shot", "2shot_by1"} <= set(ev)
     adapter = torch.load(out / "adapter.pt", weights_only=True)

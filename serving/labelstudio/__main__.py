@@ -14,7 +14,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m serving.labelstudio", description=DOC,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default="models/fold0/1shot")
-    ap.add_argument("--backend", default="auto", help="auto, tensorrt, openvino, onnxruntime, aoti or torch")
+    ap.add_argument("--backend", default="auto", help="auto, tensorrt, openvino, openvino-int8, onnxruntime, aoti or torch")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9090)
     ap.add_argument("--store", default="labelstudio-sets", help="folder of the annotated examples ('' : memory only)")
