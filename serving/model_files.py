@@ -28,4 +28,6 @@ def missing_model(model_dir: Path, backend: str) -> str | None:
     make = (f"`dvc repro export@{m.group(1)}-{m.group(2)}` (fold {m.group(1)} must be listed in split.folds and "
             f"{m.group(2)} in train.shots in params.yaml)") if m else \
         "`dvc repro` (it exports models/fold<i>/<k>shot for every fold of split.folds and shot count of train.shots)"
+    if backend == "openvino-int8":
+        make += " with export.int8: true in params.yaml (export/int8.py keeps it only within export.int8_max_drop)"
     return f"{model_dir} holds no exported model for backend {backend} (looked for {files}); make it with {make}"
