@@ -181,6 +181,7 @@ class ExportCfg:
     exporter: str = field(default="auto", metadata=_choices("auto", "dynamo", "torchscript"))   # export/onnx_export.py
     int8: bool = False              # int8/query_decoder.onnx: static INT8 for the CPU, kept if its mIoU drop allows (export/int8.py)
     int8_max_drop: float = 1.0      # mIoU points INT8 may lose against FP32 on the evaluation episodes
+    preview_size: int = 0           # > 0: preview/ split graphs at this smaller working size (interactive use), scored
 
 
 @dataclass

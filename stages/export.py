@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from export import aoti, onnx_export, tensorrt_engine, triton
@@ -119,6 +120,46 @@ def int8_decoder(cfg, fold: int, shot: int, out: Path, enc: Path, dec: Path, siz
     return result
 
 
+def preview_graphs(cfg, model, fold: int, shot: int, out: Path, meta: dict, shots: list[int], full: tuple) -> dict:
+    """preview/: the split graphs at export.preview_size, a smaller working size for interactive use (the answer
+    still at the query's full resolution), checked like the others; their mIoU on the evaluation episodes
+    (eval.seeds[0]) beside the full size's, and a query's latency at both sizes (ONNX Runtime, this machine)."""
+    import shutil
+
+    from export.int8 import AsModel
+    from pipeline.data.episodes import EpisodeDataset
+    from pipeline.evaluate import evaluate
+    folder = out / "preview"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    p = cfg.export.preview_size
+    if not p:
+        return {"built": False, "reason": "export.preview_size is 0"}
+    prepared = prepared_dir(cfg.data.root, cfg.data.benchmark)
+    val = split_dir(cfg.data.root, cfg.data.benchmark, fold) / "val.jsonl"
+    # auto whatever export.exporter says: the traced graph fails where a pyramid bin does not divide the smaller
+    # feature map, and dynamo then exports it
+    graphs = onnx_export.export_checked(model, folder, p, cfg.export.opset, {**meta, "input_size": [p, p]},
+                                        "auto", fixed_batches(prepared, val, p, shots, 1), cfg.export.rtol)
+    (folder / "model.onnx").unlink(missing_ok=True)             # the service reads the split graphs
+    result = {"built": True, "size": p, "exporter": graphs["exporter"], "split_parity": graphs["split_parity"]["max_rel"]}
+    for name, size, (enc, dec) in (("full", cfg.eval.test_size, full), ("preview", p, (graphs["encoder"],
+                                                                                       graphs["decoder"]))):
+        runtime = onnx_export.SplitSession(enc, dec, prefer_cuda=False)
+        ds = EpisodeDataset(prepared, val, shot, "test", size, seed=cfg.eval.seeds[0], episodes=cfg.eval.episodes,
+                            protocol=cfg.eval.protocol)
+        acc, _ = evaluate(AsModel(runtime), ds, torch.device("cpu"), desc=f"preview check {name}", progress=False,
+                          classes=fold_classes(cfg, fold)[0])
+        q = np.zeros((1, 3, size, size), np.float32)
+        feats = runtime.encode(np.zeros((1, shot, 3, size, size), np.float32), np.ones((1, shot, size, size), np.float32))
+        result[f"{name}_miou"] = round(100 * acc.miou(), 2)
+        result[f"{name}_query_ms"] = round(onnx_export.latency(lambda: runtime.decode(q, *feats), runs=3, warmup=1)
+                                           ["median_ms"], 1)
+    result["miou_cost"] = round(result["full_miou"] - result["preview_miou"], 2)
+    result["speedup"] = round(result["full_query_ms"] / result["preview_query_ms"], 2)
+    return result
+
+
 def main():
     args, cfg = setup(__doc__, fold=True)
     out = model_dir(args.fold, args.shot)
@@ -161,6 +202,7 @@ def main():
                           "onnxruntime": lat_ort}}
     report["aoti"] = aoti_package(cfg, model, out / "aoti", size, meta, batches, (q, s, m))
     report["int8"] = int8_decoder(cfg, args.fold, args.shot, out, enc, dec, size, shots)
+    report["preview"] = preview_graphs(cfg, model, args.fold, args.shot, out, meta, shots, (enc, dec))
     engine = None
     reason = tensorrt_engine.unavailable_reason()
     if reason is None:

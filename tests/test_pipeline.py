@@ -120,7 +120,8 @@ def test_sigkill_and_resume_equals_uninterrupted_run(data_root, tmp_path):
 
 BAM = {"model__head": "bam", "model__finetune": "svf", "train__iterations": 4, "train__val_every": 4,
        "base__iterations": 8, "base__batch_size": 2, "base__crop_size": 48, "base__checkpoint_every": 2,
-       "base__val_every": 4, "base__val_images": 6, "base__log_every": 2, "base__workers": 0}
+       "base__val_every": 4, "base__val_images": 6, "base__log_every": 2, "base__workers": 0,
+       "export__preview_size": 40}
 
 
 def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path):
@@ -172,6 +173,11 @@ def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path
     assert i8["built"] and i8["episodes"] == TINY["eval"]["episodes"] and 0 <= i8["argmax_agreement"] <= 1
     assert i8["drop"] == round(i8["fp32_miou"] - i8["int8_miou"], 2)
     assert i8["kept"] == (i8["drop"] <= 1.0) and Path(i8["file"]).name in ("query_decoder.onnx", "query_decoder.rejected.onnx")
+    pv = export["preview"]               # the smaller working size: its own checked graphs, scored and timed
+    assert pv["built"] and pv["size"] == 40 and pv["split_parity"] < 1e-4
+    assert pv["miou_cost"] == round(pv["full_miou"] - pv["preview_miou"], 2) and pv["speedup"] > 0
+    from serving.backends import OnnxBackend
+    assert OnnxBackend(out / "preview").size == 40 and not (out / "preview/model.onnx").exists()
     if i8["kept"]:
         from serving.backends import load_backend
         b = load_backend(out, "openvino-int8")
