@@ -146,6 +146,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    ap.add_argument("--preview", type=int, default=0, help="also time the backends at this smaller working size "
+                    "(export.preview_size), in ratio to ONNX Runtime FP32 at --size")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "svf-fss" / "cpu_latency"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
@@ -154,24 +156,27 @@ def main():
         print(json.dumps(worker(args.worker, Path(args.dir), args.threads[0], args.batches, args.runs)))
         return
     t0 = time.perf_counter()
-    d = export(args.head, args.backbone, args.size, Path(args.cache))
-    if any(b.endswith("int8") for b in args.backends):
-        quantize(d)
-    made = json.loads((d / "done.json").read_text())
+    dirs = {args.size: export(args.head, args.backbone, args.size, Path(args.cache))}
+    if args.preview:
+        dirs[args.preview] = export(args.head, args.backbone, args.preview, Path(args.cache))
+    for d in dirs.values():
+        if any(b.endswith("int8") for b in args.backends):
+            quantize(d)
+    made = json.loads((dirs[args.size] / "done.json").read_text())
     print(f"{args.head} on {args.backbone} at {args.size} px ({made['preset']}, random weights; exported by "
           f"{made['exporter']}); {os.cpu_count()} cores; ready in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = {}
-    for threads in args.threads:
-        for name in args.backends:
-            r = subprocess.run([sys.executable, __file__, "--worker", name, "--dir", str(d), "--threads", str(threads),
-                                "--runs", str(args.runs), "--batches", *map(str, args.batches)],
-                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-            if r.returncode:
-                print(f"{name} ({threads} threads) failed: {r.stderr.strip().splitlines()[-1][:300]}", flush=True)
-                continue
-            rows[(name, threads)] = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"{name:17s} {threads} threads: " + ", ".join(f"{k} {v:.0f}" for k, v in rows[(name, threads)].items()),
-                  flush=True)
+    for threads, size, name in [(t, s, n) for t in args.threads for s in dirs for n in args.backends]:
+        label = name if size == args.size else f"{name} @{size}"
+        r = subprocess.run([sys.executable, __file__, "--worker", name, "--dir", str(dirs[size]), "--threads",
+                            str(threads), "--runs", str(args.runs), "--batches", *map(str, args.batches)],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if r.returncode:
+            print(f"{label} ({threads} threads) failed: {r.stderr.strip().splitlines()[-1][:300]}", flush=True)
+            continue
+        rows[(label, threads)] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{label:22s} {threads} threads: " + ", ".join(f"{k} {v:.0f}" for k, v in rows[(label, threads)].items()),
+              flush=True)
     key = f"decode_b{args.batches[0]}_ms_per_query"
     print(f"\n| backend | threads | encode a set (ms) | " + " | ".join(f"query, batch {b} (ms)" for b in args.batches)
           + " | vs onnxruntime fp32 | peak RSS (MB) |")
@@ -185,8 +190,11 @@ def main():
     threads = args.threads[0]
     ref = rows.get(("onnxruntime", threads), {}).get(key)
     if ref:
-        best = min((r[key], n) for (n, t), r in rows.items() if t == threads)
+        best = min((r[key], n) for (n, t), r in rows.items() if t == threads and "@" not in n)
         print(f"best: {best[1]} {ref / best[0]:.2f}x vs onnxruntime fp32")
+        if args.preview:
+            best = min((r[key], n) for (n, t), r in rows.items() if t == threads and "@" in n)
+            print(f"best with the preview size: {best[1]} {ref / best[0]:.2f}x vs onnxruntime fp32 at {args.size} px")
 
 
 if __name__ == "__main__":
