@@ -56,36 +56,19 @@ def export(head: str, backbone: str, size: int, cache: Path) -> Path:
 
 
 def quantize(d: Path) -> Path:
-    """query_decoder_int8.onnx: static QDQ INT8 (per channel), calibrated on random queries and encoded supports."""
+    """query_decoder_int8.onnx: the export's static QDQ INT8 (export/int8.py), calibrated on random episodes."""
     out = d / "query_decoder_int8.onnx"
     if out.exists():
         return out
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    enc = ort.InferenceSession(str(d / "support_encoder.onnx"), providers=["CPUExecutionProvider"])
-    size = enc.get_inputs()[0].shape[-1]
-    rng = np.random.default_rng(0)
+    import torch
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = []
-            for _ in range(4):
-                s = rng.standard_normal((1, 1, 3, size, size)).astype(np.float32)
-                m = (rng.random((1, 1, size, size)) > 0.6).astype(np.float32)
-                feats = enc.run(None, {"support": s, "support_mask": m})
-                q = rng.standard_normal((1, 3, size, size)).astype(np.float32)
-                self.items.append({"query": q, **{o.name: f for o, f in zip(enc.get_outputs(), feats)}})
-            self.it = iter(self.items)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    pre = d / "query_decoder_pre.onnx"
-    quant_pre_process(str(d / "query_decoder.onnx"), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-    return out
+    from export import int8
+    from export.onnx_export import SplitSession
+    from stages.released import random_episodes
+    enc = SplitSession(d / "support_encoder.onnx", d / "query_decoder.onnx", prefer_cuda=False)
+    size = enc.enc.get_inputs()[0].shape[-1]
+    episodes = [(q, s, (m > 0).to(torch.float32)) for q, s, m in random_episodes(size, [1], 4)]
+    return int8.quantize_decoder(d / "query_decoder.onnx", out, int8.calibration_feeds(enc, episodes))
 
 
 def worker(name: str, d: Path, threads: int, batches: list[int], runs: int) -> dict:
