@@ -1,4 +1,5 @@
 import io
+import os
 import shutil
 import json
 import tarfile
@@ -284,6 +285,91 @@ def test_data_already_on_disk_is_adopted_checked_and_never_deleted(tmp_path):
         sources.fetch_benchmark("pascal", tmp_path / "d5", resources=res)
     aside = list(placed.glob("benchmark.tgz.mismatch-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == b"damaged" and md5(placed / "benchmark.tgz") == digests["benchmark.tgz"]
+
+
+SVF_REPO = os.environ.get("SVF_FSS_SVF_REPO", "")
+
+
+@pytest.mark.skipif(not SVF_REPO, reason="set SVF_FSS_SVF_REPO to a checkout of github.com/zechao-li/"
+                    "SVF-few-shot-segmentation (its lists/pascal)")
+def test_the_pascal_folds_equal_the_svf_authors_lists_on_the_miniatures_ids(tmp_path):
+    """A miniature on real VOC ids, up to three of each pattern of fold membership the authors' lists show: each
+    image gets, as SegmentationClassAug labels, a 2048-pixel block (64 x 32) of every class their per-class lists
+    say it holds at 2048 pixels or more, and a 2047-pixel block of a novel class where an image with only base
+    classes is still missing from a fold's list (BAM's filter drops it at any size). Adopted through data.local
+    (no SBD archive), prepared and split by the project: every fold's training images and (image, class) pairs, and
+    its val pairs, equal the authors' data_list_<fold>.txt and sub_class_file_list_<fold>.txt on those ids."""
+    import ast
+    lists = Path(SVF_REPO) / "lists" / "pascal"
+
+    def ids(path):
+        return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+
+    def per_class(path):
+        return {c: {Path(img).stem for img, _ in v} for c, v in ast.literal_eval(path.read_text()).items()}
+    theirs = {part: ({f: set(ids(lists / "fss_list" / part / f"data_list_{f}.txt")) for f in range(4)},
+                     {f: per_class(lists / "fss_list" / part / f"sub_class_file_list_{f}.txt") for f in range(4)})
+              for part in ("train", "val")}
+    voc_train, sbd, voc_val = ids(lists / "voc_original_train.txt"), ids(lists / "sbd_data.txt"), ids(lists / "val.txt")
+
+    def sample(pool, member, per=3):
+        seen, out = {}, []
+        for i in pool:
+            key = tuple(i in member[f] for f in range(4))
+            if seen.get(key, 0) < per:
+                seen[key] = seen.get(key, 0) + 1
+                out.append(i)
+        return out
+    train = sample(ids(lists / "voc_sbd_merge_noduplicate.txt"), theirs["train"][0])
+    val = sample(voc_val, theirs["val"][0])
+    assert len(train) > 30 and len(val) > 10, (len(train), len(val))
+
+    tree = tmp_path / "local"
+    voc = tree / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    for part, sample_ids in (("train", train), ("val", val)):
+        member, classes = theirs[part]
+        for i in sample_ids:
+            big = sorted({c for f in range(4) if i in member[f] for c, imgs in classes[f].items() if i in imgs})
+            small = []
+            for f in range(4):
+                novel = novel_classes("pascal", f)
+                if part == "train" and i not in member[f] and big and set(big) <= set(base_classes("pascal", f)):
+                    small.append(novel[0])
+            blocks = [(c, 2048) for c in big] + [(c, 2047) for c in small]
+            label = np.zeros((32 * max(len(blocks), 1), 64), np.uint8)
+            for k, (c, n) in enumerate(blocks):
+                label[32 * k:32 * (k + 1)].flat[:n] = c
+            Image.fromarray(label, mode="L").save(voc / "SegmentationClassAug" / f"{i}.png")
+            Image.fromarray(np.full(label.shape + (3,), 128, np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("".join(f"{i}\n" for i in train if i in set(voc_train)))
+    (voc / "ImageSets/Segmentation/val.txt").write_text("".join(f"{i}\n" for i in val))
+    (tree / "train_noval.txt").write_text("".join(f"{i}\n" for i in train if i in set(sbd)))
+    noval = Resource("http://127.0.0.1:9/train_noval.txt", "train_noval.txt", md5=md5(tree / "train_noval.txt"))
+    resources = [(r, m) for r, m in sources.PASCAL if m] + [(noval, None)]    # nothing reachable: all adopted
+    raw = sources.fetch_benchmark("pascal", tmp_path / "data", resources=resources, local=tree)
+    assert "benchmark.tgz" not in json.loads((raw / "verified.json").read_text())
+    out = prepared_dir(tmp_path / "data", "pascal")
+    prepare("pascal", raw, out, workers=1)
+    assert sorted((out / "train.txt").read_text().split()) == sorted(train)
+    make_splits(out, split_dir(tmp_path / "data", "pascal"), protocol_folds("pascal", range(4)), 2048, "bam")
+
+    from pipeline.data.split import compare_with_reference
+    ref = tmp_path / "lists"                     # their lines, restricted to the miniature's ids
+    ref.mkdir()
+    for f in range(4):
+        lines = (lists / "fss_list/train" / f"data_list_{f}.txt").read_text().splitlines()
+        (ref / f"data_list_{f}.txt").write_text("".join(f"{x}\n" for x in lines if Path(x.split()[0]).stem in train))
+    report = compare_with_reference(split_dir(tmp_path / "data", "pascal"), range(4), ref)
+    assert all(report[str(f)]["same"] for f in range(4)), report
+    for part, sample_ids in (("train", train), ("val", val)):
+        member, classes = theirs[part]
+        for f in range(4):
+            ours = set(read_pairs(split_dir(tmp_path / "data", "pascal", f) / f"{part}.jsonl"))
+            want = {(i, c) for c, imgs in classes[f].items() for i in imgs if i in sample_ids}
+            assert ours == want, (part, f, sorted(ours ^ want)[:5])
+            assert {i for i, _ in ours} == member[f] & set(sample_ids)
 
 
 def test_too_little_disk_is_named_before_anything_is_written(tmp_path):

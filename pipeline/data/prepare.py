@@ -200,6 +200,11 @@ def _jobs_pascal(raw: Path, out: Path):
         if i not in seen:
             seen.add(i)
             train.append(i)
+    aug = voc / "SegmentationClassAug"
+    if aug.is_dir():       # data.local's converted labels, as the authors' lists name them, for every image
+        log.info("pascal: every label from %s", aug)
+        return [(i, voc / "JPEGImages" / f"{i}.jpg", "png", aug / f"{i}.png", out, 20) for i in train + voc_val], \
+            train, voc_val, VOC_CLASSES
     voc_seg = set(voc_train) | set(voc_val)
     jobs = []
     for i in train + voc_val:

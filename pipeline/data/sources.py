@@ -28,6 +28,8 @@ COCO_ANN = Resource("http://images.cocodataset.org/annotations/annotations_train
 
 # (resource, marker path that exists once extracted; None: not an archive)
 PASCAL = [(VOC2012, "VOCdevkit/VOC2012/JPEGImages"), (SBD, "benchmark_RELEASE/dataset/cls"), (SBD_TRAIN_NOVAL, None)]
+# PFENet's converted labels (VOC and SBD as greyscale PNGs): a VOC tree holding them needs no benchmark.tgz
+AUG = "VOCdevkit/VOC2012/SegmentationClassAug"
 COCO = [(COCO_TRAIN, "train2014"), (COCO_VAL, "val2014"), (COCO_ANN, "annotations/instances_val2014.json")]
 
 
@@ -70,6 +72,9 @@ def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, work
         return raw
     if resources is None:
         resources = PASCAL if benchmark == "pascal" else COCO
+    if benchmark == "pascal" and ((local and (Path(local) / AUG).is_dir()) or (raw / AUG).is_dir()):
+        resources = [(r, m) for r, m in resources if not (m or "").startswith("benchmark_RELEASE")]
+        log.info("pascal: labels from %s (the authors' converted labels); SBD's benchmark.tgz is not needed", AUG)
     verified = Verified(raw / VERIFIED)
     todo = [(res, marker) for res, marker in resources if not verified.done(res, raw, marker)]
     require_space(raw, disk_needed([r for r, m in todo if m], keep_archives) + sum(r.size or 0 for r, m in todo if not m),
@@ -152,6 +157,11 @@ def check_tree(benchmark: str, local: Path, marker: str) -> dict:
         voc = local / "VOCdevkit" / "VOC2012"
         ids = {i for name in ("train", "val") for i in
                _ids(voc / "ImageSets" / "Segmentation" / f"{name}.txt")}
+        if (local / AUG).is_dir():      # every label from there, SBD's images (train_noval.txt) included
+            if (local / SBD_TRAIN_NOVAL.filename).is_file():
+                ids |= set(_ids(local / SBD_TRAIN_NOVAL.filename))
+            return {"images": need([voc / "JPEGImages" / f"{i}.jpg" for i in sorted(ids)], "VOC images"),
+                    "labels": need([local / AUG / f"{i}.png" for i in sorted(ids)], "SegmentationClassAug labels")}
         return {"images": need([voc / "JPEGImages" / f"{i}.jpg" for i in sorted(ids)], "VOC images"),
                 "labels": need([voc / "SegmentationClass" / f"{i}.png" for i in sorted(ids)], "VOC labels")}
     if benchmark == "pascal":
