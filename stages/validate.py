@@ -107,6 +107,9 @@ def main():
     problems = []
     if cfg.data.benchmark == "folder" and not root.is_dir():   # say it before DVC misses the dependency
         problems.append(f"data.folder.root: {root} is not a folder; point it to your images (docs/own-data.md)")
+    if cfg.data.local and cfg.data.benchmark in ("pascal", "coco") and not Path(cfg.data.local).is_dir():
+        problems.append(f"data.local: {cfg.data.local} is not a folder; point it to the archives or extracted trees "
+                        "you have (docs/paper.md, \"Data already on disk\"), or set it to \"\"")
     files, missing = input_files(cfg)
     problems += missing + check_devices(cfg) + check_weights(cfg) + check_tracking(cfg)
     if problems:

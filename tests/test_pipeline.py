@@ -290,6 +290,9 @@ def test_invalid_parameter_names_the_key(tmp_path):
                                           .replace("root: examples/folder", "root: nowhere"))
     r = stage("validate", tmp_path, check=False)
     assert r.returncode == 1 and "data.folder.root: nowhere is not a folder" in r.stderr
+    write_params(tmp_path, data__benchmark="pascal", data__local="nowhere")
+    r = stage("validate", tmp_path, check=False)
+    assert r.returncode == 1 and "data.local: nowhere is not a folder" in r.stderr
     (tmp_path / "params.yaml").write_text(text)
     stage("validate", tmp_path)
     assert json.loads((tmp_path / "data/params.ok").read_text())["valid"] is True
