@@ -7,7 +7,10 @@ not depend on them), merged and exported to the project's split graphs once (cac
 runs in a process of its own (its peak memory is its own): PyTorch (the merged model), ONNX Runtime FP32, OpenVINO
 FP32 and BF16 (on a CPU with AVX-512 BF16), and INT8: the decoder quantized statically (ONNX Runtime's QDQ, per
 channel, calibrated on random inputs: latency only, the accuracy cost is the export's `export.int8` measure) run by
-ONNX Runtime and by OpenVINO. Per backend: the encoding of a support set (1 shot), a query decoded against the
+ONNX Runtime and by OpenVINO (f32 for its other layers, as the service runs it, and bf16: faster, its accuracy
+not measured by the export). `--backends ... aoti` adds the AOTInductor package (the whole network, compiled
+with g++ once, minutes; not in the default list). At 641 px (COCO-20i's size) the model is the COCO preset.
+Per backend: the encoding of a support set (1 shot), a query decoded against the
 cached set at batch 1 and 8 (per query), and the peak resident memory. The last line names the fastest path per
 query at batch 1: `best: <backend> <r>x vs onnxruntime fp32`.
 """
@@ -25,7 +28,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8", "openvino-int8")
+BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8", "openvino-int8",
+            "openvino-int8-bf16")
+COMPILED = ("aoti",)     # chosen by name only: minutes of g++ before the first figure
 
 
 def export(head: str, backbone: str, size: int, cache: Path) -> Path:
@@ -33,18 +38,10 @@ def export(head: str, backbone: str, size: int, cache: Path) -> Path:
     d = cache / f"{head}-{backbone}-{size}"
     if (d / "done.json").exists():
         return d
-    import torch
-
     from export import onnx_export
     from pipeline import adapter as adapter_io
-    from pipeline.models import build_model
-    from stages.released import preset_config, random_episodes
-    preset = f"pascal_{head}_frozen" + ("_vgg" if backbone == "vgg16_bn" else "")
-    cfg = preset_config(preset, {"pfenet": "pfenet", "bam": "bam", "baseline": "svf"}[head], 0)
-    cfg.model.pretrained, cfg.model.backbone = "none", backbone
-    torch.manual_seed(0)
-    model, _ = build_model(cfg, finetune="frozen", base={"classes": 16} if head == "bam" else None, shots=1)
-    model.eval()
+    from stages.released import random_episodes
+    model, cfg, preset = build(head, backbone, size)
     d.mkdir(parents=True, exist_ok=True)
     adapter_io.save(adapter_io.merged_state(model, cfg), d / "merged.pt")
     t0 = time.perf_counter()
@@ -53,6 +50,31 @@ def export(head: str, backbone: str, size: int, cache: Path) -> Path:
     (d / "done.json").write_text(json.dumps({"preset": preset, "exporter": graphs["exporter"],
                                              "export_seconds": round(time.perf_counter() - t0, 1)}))
     return d
+
+
+def build(head: str, backbone: str, size: int):
+    """(model, config, preset name): the head's PASCAL preset, COCO's at 641 px, at random weights (seed 0)."""
+    import torch
+
+    from pipeline.models import build_model
+    from stages.released import preset_config
+    preset = f"{'coco' if size >= 641 else 'pascal'}_{head}_frozen" + ("_vgg" if backbone == "vgg16_bn" else "")
+    cfg = preset_config(preset, {"pfenet": "pfenet", "bam": "bam", "baseline": "svf"}[head], 0)
+    cfg.model.pretrained, cfg.model.backbone = "none", backbone
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, finetune="frozen", base={"classes": 61 if size >= 641 else 16} if head == "bam"
+                           else None, shots=1)
+    return model.eval(), cfg, preset
+
+
+def compile_aoti(d: Path, head: str, backbone: str, size: int) -> None:
+    """aoti/model.pt2 (export/aoti.py) of the same model, compiled once; prints how long g++ took."""
+    if (d / "aoti" / "model.pt2").exists():
+        return
+    from export.aoti import export_aoti
+    t0 = time.perf_counter()
+    export_aoti(build(head, backbone, size)[0], d / "aoti" / "model.pt2", size)
+    print(f"AOTInductor package compiled in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def quantize(d: Path) -> Path:
@@ -75,15 +97,15 @@ def worker(name: str, d: Path, threads: int, batches: list[int], runs: int) -> d
     """One backend in this process: encode and decode timings (ms, best of ``runs`` after a warm-up), peak RSS."""
     import torch
     torch.set_num_threads(threads)
-    if name == "torch":
-        from serving.backends import TorchBackend
-        b = TorchBackend(d, device="cpu")
-        enc, dec = b.encode, b.decode
+    if name in ("torch", "aoti"):
+        from serving.backends import AotiBackend, TorchBackend
+        b = TorchBackend(d, device="cpu") if name == "torch" else AotiBackend(d)
+        enc, dec = b.encode, b.decode      # the package holds the whole network: it encodes the set every query
         size = b.size
     else:
         from export.onnx_export import SplitSession
         from export.openvino_session import OpenVINOSplit
-        decoder = d / ("query_decoder_int8.onnx" if name.endswith("int8") else "query_decoder.onnx")
+        decoder = d / ("query_decoder_int8.onnx" if "int8" in name else "query_decoder.onnx")
         if name.startswith("openvino"):
             s = OpenVINOSplit(d / "support_encoder.onnx", decoder, threads,
                               "bf16" if name.endswith("bf16") else "f32")
@@ -110,7 +132,7 @@ def worker(name: str, d: Path, threads: int, batches: list[int], runs: int) -> d
 
     with torch.no_grad():
         feats = enc(sup, mask)
-        out = {"encode_ms": best(lambda: enc(sup, mask))}
+        out = {"encode_ms": best(lambda: enc(sup, mask)) if name != "aoti" else float("nan")}   # aoti: in the query
         for b in batches:
             q = rng.standard_normal((b, 3, size, size)).astype(np.float32)
             out[f"decode_b{b}_ms_per_query"] = best(lambda: dec(q, feats)) / b
@@ -128,7 +150,7 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS + COMPILED)
     ap.add_argument("--preview", type=int, default=0, help="also time the backends at this smaller working size "
                     "(export.preview_size), in ratio to ONNX Runtime FP32 at --size")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "svf-fss" / "cpu_latency"))
@@ -142,9 +164,11 @@ def main():
     dirs = {args.size: export(args.head, args.backbone, args.size, Path(args.cache))}
     if args.preview:
         dirs[args.preview] = export(args.head, args.backbone, args.preview, Path(args.cache))
-    for d in dirs.values():
-        if any(b.endswith("int8") for b in args.backends):
+    for size, d in dirs.items():
+        if any("int8" in b for b in args.backends):
             quantize(d)
+        if "aoti" in args.backends:
+            compile_aoti(d, args.head, args.backbone, size)
     made = json.loads((dirs[args.size] / "done.json").read_text())
     print(f"{args.head} on {args.backbone} at {args.size} px ({made['preset']}, random weights; exported by "
           f"{made['exporter']}); {os.cpu_count()} cores; ready in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -167,7 +191,8 @@ def main():
     for (name, threads), r in rows.items():
         ref = rows.get(("onnxruntime", threads), {}).get(key)
         ratio = f"{ref / r[key]:.2f}x" if ref else "-"
-        print(f"| {name} | {threads} | {r['encode_ms']:.0f} | "
+        encode = "in each query" if np.isnan(r["encode_ms"]) else f"{r['encode_ms']:.0f}"
+        print(f"| {name} | {threads} | {encode} | "
               + " | ".join(f"{r[f'decode_b{b}_ms_per_query']:.0f}" for b in args.batches)
               + f" | {ratio} | {r['peak_rss_mb']:.0f} |")
     threads = args.threads[0]
