@@ -200,6 +200,14 @@ def test_a_preset_runs_end_to_end_on_a_miniature(preset, tmp_path):
     folds = r["summary"]                                   # the summary: one fold, labelled as such
     assert folds["1shot"]["mean"] == metrics["1shot"]["miou"] and folds["1shot"]["paper_mean"] == published
     assert not folds["complete"] and "Mean of folds [0] only" in (proj / "results/folds.md").read_text()
+    # docs/paper.md's narrow `dvc exp show`: the preset's score, the paper's and what the preset is, nothing else
+    table = sh("COLUMNS=200 " + doc_block("compare-presets")[0]).splitlines()
+    assert table[1].split() == ["Experiment", "1shot.miou", "paper.1shot.paper", "paper.1shot.difference",
+                                "data.benchmark", "model.head", "model.backbone", "model.finetune"], table
+    row = table[3].split()
+    assert [float(x) for x in row[1:4]] == [metrics["1shot"]["miou"], published,
+                                            metrics["paper"]["1shot"]["difference"]], table
+    assert row[0] == "workspace" and row[4:] == [bench, "baseline", cfg.model.backbone, "frozen"], table
 
     # the data exists once on disk: a prepared image is its raw file, and DVC's cache holds no copy of it
     import hashlib
