@@ -7,8 +7,8 @@ not depend on them), merged and exported to the project's split graphs once (cac
 runs in a process of its own (its peak memory is its own): PyTorch (the merged model), ONNX Runtime FP32, OpenVINO
 FP32 and BF16 (on a CPU with AVX-512 BF16), and INT8: the decoder quantized statically (ONNX Runtime's QDQ, per
 channel, calibrated on random inputs: latency only, the accuracy cost is the export's `export.int8` measure) run by
-ONNX Runtime and by OpenVINO (f32 for its other layers, as the service runs it, and bf16: faster, its accuracy
-not measured by the export). `--backends ... aoti` adds the AOTInductor package (the whole network, compiled
+ONNX Runtime and by OpenVINO (f32 for its other layers, and bf16: what the service's openvino-int8 runs on a
+CPU with native bfloat16 once the export's accuracy check of it passed). `--backends ... aoti` adds the AOTInductor package (the whole network, compiled
 with g++ once, minutes; not in the default list). At 641 px (COCO-20i's size) the model is the COCO preset.
 Per backend: the encoding of a support set (1 shot), a query decoded against the
 cached set at batch 1 and 8 (per query), and the peak resident memory. The last line names the fastest path per

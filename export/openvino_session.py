@@ -22,6 +22,14 @@ def available() -> bool:
     return True
 
 
+def bf16_capable() -> bool:
+    """This CPU runs bfloat16 natively (AVX-512 BF16 or AMX), as OpenVINO reports it."""
+    if not available():
+        return False
+    import openvino as ov
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVINOSplit:
     """The split graphs compiled by OpenVINO for the CPU; ``threads`` (default: OpenVINO's choice) caps its
     inference threads. ``precision`` f32 (default): on a CPU with AVX-512 BF16 OpenVINO would otherwise run in

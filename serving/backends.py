@@ -174,16 +174,22 @@ class OpenVINOBackend(OnnxBackend):
                                         f"{' with export.int8: true' if int8 else ''}) first")
         if torch.cuda.is_available():
             raise RuntimeError("a CUDA device is here: TensorRT or ONNX Runtime's CUDA provider serve it")
-        self.sess = OpenVINOSplit(enc, dec, threads)
+        from export.int8 import PRECISION_KEY
+        from export.openvino_session import bf16_capable
+        meta = read_metadata(dec)
+        # bfloat16 in the INT8 decoder's other layers only where the export measured it within int8_max_drop
+        precision = "bf16" if int8 and meta.get(PRECISION_KEY) == "bf16" and bf16_capable() else "f32"
+        self.sess = OpenVINOSplit(enc, dec, threads, precision)
         self.files = [enc, dec]
-        self.size = int(read_metadata(dec)["input_size"][0])
+        self.size = int(meta["input_size"][0])
         k = self.sess.enc.inputs[0].get_partial_shape()[1]
         self.shots = k.get_length() if k.is_static else None
         import onnx
         outputs = onnx.load(str(enc), load_external_data=False).graph.output      # the dynamic axes' names
         self.features = {o.name: {i: d.dim_param for i, d in enumerate(o.type.tensor_type.shape.dim) if d.dim_param}
                          for o in outputs}
-        self.name = f"openvino {self.sess.version.split('-')[0]} (CPU{', INT8 decoder' if int8 else ''})"
+        self.name = (f"openvino {self.sess.version.split('-')[0]} (CPU{', INT8 decoder' if int8 else ''}"
+                     f"{', bfloat16 elsewhere' if precision == 'bf16' else ''})")
         if int8:
             self.kind = "openvino-int8"       # the support features are the FP32 encoder's, but kept apart
 

@@ -116,6 +116,10 @@ def int8_decoder(cfg, fold: int, shot: int, out: Path, enc: Path, dec: Path, siz
                                             "export.int8_max_drop %.2f; kept as %s for inspection", result["int8_miou"],
                                             result["fp32_miou"], result["drop"], cfg.export.int8_max_drop,
                                             out / int8.REJECTED)
+    bf16 = result["bf16"]
+    bf16["kept"] = result["kept"] and bf16.get("drop", float("inf")) <= cfg.export.int8_max_drop
+    if bf16["kept"]:
+        int8.allow_bf16(path)
     result["file"] = str(out / (int8.FILE if result["kept"] else int8.REJECTED))
     return result
 

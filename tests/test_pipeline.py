@@ -173,6 +173,12 @@ def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path
     assert i8["built"] and i8["episodes"] == TINY["eval"]["episodes"] and 0 <= i8["argmax_agreement"] <= 1
     assert i8["drop"] == round(i8["fp32_miou"] - i8["int8_miou"], 2)
     assert i8["kept"] == (i8["drop"] <= 1.0) and Path(i8["file"]).name in ("query_decoder.onnx", "query_decoder.rejected.onnx")
+    from export.int8 import PRECISION_KEY
+    from export.onnx_export import read_metadata
+    from export.openvino_session import bf16_capable
+    bf = i8["bf16"]                      # bfloat16 beside INT8: measured where the CPU has it, marked in the file if kept
+    assert ("miou" in bf) == bf16_capable() and bf["kept"] == (i8["kept"] and bf.get("drop", 99) <= 1.0)
+    assert (read_metadata(a / i8["file"]).get(PRECISION_KEY) == "bf16") == bf["kept"]
     pv = export["preview"]               # the smaller working size: its own checked graphs, scored and timed
     assert pv["built"] and pv["size"] == 40 and pv["split_parity"] < 1e-4
     assert pv["miou_cost"] == round(pv["full_miou"] - pv["preview_miou"], 2) and pv["speedup"] > 0
@@ -183,7 +189,7 @@ def test_bam_base_learner_resumes_exactly_and_the_chain_runs(data_root, tmp_path
         b = load_backend(out, "openvino-int8")
         s = np.zeros((1, b.shots or 1, 3, b.size, b.size), np.float32)
         m = np.ones((1, b.shots or 1, b.size, b.size), np.float32)
-        assert "INT8" in b.name and b.decode(np.zeros((1, 3, b.size, b.size), np.float32), b.encode(s, m)).shape[1] == 2
+        assert "INT8" in b.name and ("bfloat16" in b.name) == bf["kept"] and b.decode(np.zeros((1, 3, b.size, b.size), np.float32), b.encode(s, m)).shape[1] == 2
     ev = json.loads((out / "evaluate.json").read_text())
     assert {"1shot", "2shot_by1"} <= set(ev)
     adapter = torch.load(out / "adapter.pt", weights_only=True)
