@@ -1,4 +1,5 @@
-"""CPU latency of a real-size model through every CPU path the service offers, ratios measured in one run.
+"""CPU latency of a real-size model through every CPU path the service offers, ratios measured in one run
+(`--device cuda`: PyTorch and ONNX Runtime's CUDA provider on a GPU, the same table).
 
     .venv/bin/python benchmarks/cpu_latency.py --head pfenet --backbone resnet50_deep --size 473 --threads 2 [--runs 3]
 
@@ -60,7 +61,7 @@ def build(head: str, backbone: str, size: int):
     from stages.released import preset_config
     preset = f"{'coco' if size >= 641 else 'pascal'}_{head}_frozen" + ("_vgg" if backbone == "vgg16_bn" else "")
     cfg = preset_config(preset, {"pfenet": "pfenet", "bam": "bam", "baseline": "svf"}[head], 0)
-    cfg.model.pretrained, cfg.model.backbone = "none", backbone
+    cfg.model.pretrained, cfg.model.backbone, cfg.eval.test_size = "none", backbone, size   # PyTorch's size too
     torch.manual_seed(0)
     model, _ = build_model(cfg, finetune="frozen", base={"classes": 61 if size >= 641 else 16} if head == "bam"
                            else None, shots=1)
@@ -93,13 +94,13 @@ def quantize(d: Path) -> Path:
     return int8.quantize_decoder(d / "query_decoder.onnx", out, int8.calibration_feeds(enc, episodes))
 
 
-def worker(name: str, d: Path, threads: int, batches: list[int], runs: int) -> dict:
+def worker(name: str, d: Path, threads: int, batches: list[int], runs: int, device: str = "cpu") -> dict:
     """One backend in this process: encode and decode timings (ms, best of ``runs`` after a warm-up), peak RSS."""
     import torch
     torch.set_num_threads(threads)
     if name in ("torch", "aoti"):
         from serving.backends import AotiBackend, TorchBackend
-        b = TorchBackend(d, device="cpu") if name == "torch" else AotiBackend(d)
+        b = TorchBackend(d, device=device) if name == "torch" else AotiBackend(d)
         enc, dec = b.encode, b.decode      # the package holds the whole network: it encodes the set every query
         size = b.size
     else:
@@ -110,7 +111,9 @@ def worker(name: str, d: Path, threads: int, batches: list[int], runs: int) -> d
             s = OpenVINOSplit(d / "support_encoder.onnx", decoder, threads,
                               "bf16" if name.endswith("bf16") else "f32")
         else:
-            s = SplitSession(d / "support_encoder.onnx", decoder, prefer_cuda=False, threads=threads)
+            s = SplitSession(d / "support_encoder.onnx", decoder, prefer_cuda=device == "cuda", threads=threads)
+            if device == "cuda" and "CUDAExecutionProvider" not in s.get_providers():
+                raise RuntimeError(f"ONNX Runtime has no CUDA provider here ({s.get_providers()})")
         from serving.backends import broadcast
         enc = lambda sup, m: tuple(s.encode(sup, m))                          # noqa: E731
         dec = lambda q, f: s.decode(q, *broadcast(f, q.shape[0]))             # noqa: E731
@@ -127,6 +130,8 @@ def worker(name: str, d: Path, threads: int, batches: list[int], runs: int) -> d
         for _ in range(runs):
             t0 = time.perf_counter()
             fn()
+            if device == "cuda":
+                torch.cuda.synchronize()      # the features the encoder left on the GPU are ready
             times.append(time.perf_counter() - t0)
         return min(times) * 1000
 
@@ -153,12 +158,14 @@ def main():
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS + COMPILED)
     ap.add_argument("--preview", type=int, default=0, help="also time the backends at this smaller working size "
                     "(export.preview_size), in ratio to ONNX Runtime FP32 at --size")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: PyTorch and ONNX Runtime's CUDA provider on the GPU (the ratios then to ONNX Runtime CUDA)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "svf-fss" / "cpu_latency"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, Path(args.dir), args.threads[0], args.batches, args.runs)))
+        print(json.dumps(worker(args.worker, Path(args.dir), args.threads[0], args.batches, args.runs, args.device)))
         return
     t0 = time.perf_counter()
     dirs = {args.size: export(args.head, args.backbone, args.size, Path(args.cache))}
@@ -176,7 +183,8 @@ def main():
     for threads, size, name in [(t, s, n) for t in args.threads for s in dirs for n in args.backends]:
         label = name if size == args.size else f"{name} @{size}"
         r = subprocess.run([sys.executable, __file__, "--worker", name, "--dir", str(dirs[size]), "--threads",
-                            str(threads), "--runs", str(args.runs), "--batches", *map(str, args.batches)],
+                            str(threads), "--runs", str(args.runs), "--device", args.device,
+                            "--batches", *map(str, args.batches)],
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         if r.returncode:
             print(f"{label} ({threads} threads) failed: {r.stderr.strip().splitlines()[-1][:300]}", flush=True)
@@ -199,7 +207,7 @@ def main():
     ref = rows.get(("onnxruntime", threads), {}).get(key)
     if ref:
         best = min((r[key], n) for (n, t), r in rows.items() if t == threads and "@" not in n)
-        print(f"best: {best[1]} {ref / best[0]:.2f}x vs onnxruntime fp32")
+        print(f"best: {best[1]} {ref / best[0]:.2f}x vs onnxruntime fp32{' (cuda)' if args.device == 'cuda' else ''}")
         if args.preview:
             best = min((r[key], n) for (n, t), r in rows.items() if t == threads and "@" in n)
             print(f"best with the preview size: {best[1]} {ref / best[0]:.2f}x vs onnxruntime fp32 at {args.size} px")

@@ -4,7 +4,8 @@
 #   sizes (float32 / AMP bf16 / AMP fp16, both SVF forms), PFENet + SVF and baseline + SVF on VGG-16 beside
 #   ResNet-50 at 473 and 641 px (the paper's PASCAL and COCO crops), the data path's scale benchmark on the
 #   machine's cores (benchmarks/data_scale.py: prepare, the uint8 loader, validation's data), unmerged
-#   against merged inference, and the service under load at the recipe's sizes (torch backend, 500x500 JPEG uploads) where its packages exist.
+#   against merged inference, the service under load at the recipe's sizes (torch backend, 500x500 JPEG uploads) where its
+#   packages exist, and a query's latency at 473 px in PyTorch and ONNX Runtime CUDA (benchmarks/cpu_latency.py).
 # usage: benchmarks/gpu.sh [log folder (default gpu_logs)] [size (473)] [batch (8)]
 set -uo pipefail
 out=${1:-gpu_logs}; size=${2:-473}; batch=${3:-8}
@@ -45,4 +46,7 @@ else
   echo "serve_load skipped: the service's packages (fastapi, uvicorn, httptools, python-multipart, psutil) are not importable" \
     | tee "$out/serve_load.txt"
 fi
+# issue "a real-size model at labelling speed": the CPU latency table's GPU counterpart (PyTorch, ONNX Runtime CUDA)
+$py benchmarks/cpu_latency.py --device cuda --backends torch onnxruntime --threads 4 --batches 1 8 --runs 5 2>&1 \
+  | tee "$out/gpu_latency.txt" || status=1
 exit $status
