@@ -36,7 +36,7 @@ COMPILED = ("aoti",)     # chosen by name only: minutes of g++ before the first 
 
 def export(head: str, backbone: str, size: int, cache: Path) -> Path:
     """merged.pt and the split graphs of the head's preset at random weights, made once."""
-    d = cache / f"{head}-{backbone}-{size}"
+    d = cache / f"{preset_of(head, backbone, size)}-{size}"
     if (d / "done.json").exists():
         return d
     from export import onnx_export
@@ -53,13 +53,17 @@ def export(head: str, backbone: str, size: int, cache: Path) -> Path:
     return d
 
 
+def preset_of(head: str, backbone: str, size: int) -> str:
+    return f"{'coco' if size >= 641 else 'pascal'}_{head}_frozen" + ("_vgg" if backbone == "vgg16_bn" else "")
+
+
 def build(head: str, backbone: str, size: int):
     """(model, config, preset name): the head's PASCAL preset, COCO's at 641 px, at random weights (seed 0)."""
     import torch
 
     from pipeline.models import build_model
     from stages.released import preset_config
-    preset = f"{'coco' if size >= 641 else 'pascal'}_{head}_frozen" + ("_vgg" if backbone == "vgg16_bn" else "")
+    preset = preset_of(head, backbone, size)
     cfg = preset_config(preset, {"pfenet": "pfenet", "bam": "bam", "baseline": "svf"}[head], 0)
     cfg.model.pretrained, cfg.model.backbone, cfg.eval.test_size = "none", backbone, size   # PyTorch's size too
     torch.manual_seed(0)
@@ -68,13 +72,14 @@ def build(head: str, backbone: str, size: int):
     return model.eval(), cfg, preset
 
 
-def compile_aoti(d: Path, head: str, backbone: str, size: int) -> None:
-    """aoti/model.pt2 (export/aoti.py) of the same model, compiled once; prints how long g++ took."""
+def compile_aoti(d: Path, size: int) -> None:
+    """aoti/model.pt2 (export/aoti.py) of the cached merged.pt, compiled once; prints how long g++ took."""
     if (d / "aoti" / "model.pt2").exists():
         return
     from export.aoti import export_aoti
+    from pipeline.adapter import load_merged
     t0 = time.perf_counter()
-    export_aoti(build(head, backbone, size)[0], d / "aoti" / "model.pt2", size)
+    export_aoti(load_merged(d / "merged.pt")[0], d / "aoti" / "model.pt2", size)
     print(f"AOTInductor package compiled in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -167,6 +172,8 @@ def main():
     if args.worker:
         print(json.dumps(worker(args.worker, Path(args.dir), args.threads[0], args.batches, args.runs, args.device)))
         return
+    if args.device == "cuda" and set(args.backends) - {"torch", "onnxruntime"}:
+        ap.error(f"--device cuda times torch and onnxruntime only, not {sorted(set(args.backends) - {'torch', 'onnxruntime'})}")
     t0 = time.perf_counter()
     dirs = {args.size: export(args.head, args.backbone, args.size, Path(args.cache))}
     if args.preview:
@@ -175,7 +182,7 @@ def main():
         if any("int8" in b for b in args.backends):
             quantize(d)
         if "aoti" in args.backends:
-            compile_aoti(d, args.head, args.backbone, size)
+            compile_aoti(d, size)
     made = json.loads((dirs[args.size] / "done.json").read_text())
     print(f"{args.head} on {args.backbone} at {args.size} px ({made['preset']}, random weights; exported by "
           f"{made['exporter']}); {os.cpu_count()} cores; ready in {time.perf_counter() - t0:.0f} s", flush=True)

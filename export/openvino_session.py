@@ -3,9 +3,8 @@
 service take either.
 
 OpenVINO reads the ONNX files as they are (dynamic batch and shots kept) and compiles them for the CPU with the
-latency hint. On the 2-core AMD EPYC development machine (AVX2, no AVX-512 or VNNI), PFENet on the deep-stem
-ResNet-50 at 473 px: see benchmarks/cpu_latency.py and the README's CPU table for the measured ratio to ONNX
-Runtime.
+latency hint. PFENet on the deep-stem ResNet-50 at 473 px on the 2-core AMD EPYC development machine (AVX-512
+with VNNI and BF16): benchmarks/cpu_latency.py and docs/serving.md give the measured ratios to ONNX Runtime.
 """
 from __future__ import annotations
 

@@ -177,7 +177,8 @@ class OpenVINOBackend(OnnxBackend):
         from export.int8 import PRECISION_KEY
         from export.openvino_session import bf16_capable
         meta = read_metadata(dec)
-        # bfloat16 in the INT8 decoder's other layers only where the export measured it within int8_max_drop
+        # bfloat16 for the encoder and the INT8 decoder's other layers only where the export measured it so within
+        # int8_max_drop
         precision = "bf16" if int8 and meta.get(PRECISION_KEY) == "bf16" and bf16_capable() else "f32"
         self.sess = OpenVINOSplit(enc, dec, threads, precision)
         self.files = [enc, dec]
@@ -191,7 +192,7 @@ class OpenVINOBackend(OnnxBackend):
         self.name = (f"openvino {self.sess.version.split('-')[0]} (CPU{', INT8 decoder' if int8 else ''}"
                      f"{', bfloat16 elsewhere' if precision == 'bf16' else ''})")
         if int8:
-            self.kind = "openvino-int8"       # the support features are the FP32 encoder's, but kept apart
+            self.kind = "openvino-int8"       # its support features are kept apart from the FP32 backends
 
 
 def faster_on_cpu(model_dir: Path, candidates: list[Backend]) -> Backend:

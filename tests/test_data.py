@@ -243,8 +243,8 @@ def test_a_verified_download_is_never_fetched_again_and_archives_can_go(tmp_path
 
 def test_data_already_on_disk_is_adopted_checked_and_never_deleted(tmp_path):
     """data.local: an extracted VOC + SBD tree is checked against its own lists and linked, archives are taken by
-    checksum, nothing is downloaded (the URLs point at a closed port), and prepare reads the adopted tree; a
-    missing image is named; a local archive failing its checksum is named and left untouched; an archive in
+    checksum, nothing is downloaded (the URLs point at a closed port), and prepare reads the adopted tree; a VOC
+    tree with SegmentationClassAug needs no SBD, and a label missing from it is named; a missing image is named; a local archive failing its checksum is named and left untouched; an archive in
     data/raw/<benchmark>/archives failing its checksum is moved aside, not deleted."""
     import tarfile
     archives = tmp_path / "mirror"
@@ -263,6 +263,23 @@ def test_data_already_on_disk_is_adopted_checked_and_never_deleted(tmp_path):
     assert record["VOCtrainval_11-May-2012.tar"]["checked"] == {"images": 4, "labels": 4}
     assert prepare("pascal", raw, prepared_dir(tmp_path / "data", "pascal"), workers=1)["train_images"] == 4
     assert sources.fetch_benchmark("pascal", tmp_path / "data", resources=dead, local=tree) == raw   # kept
+
+    aug = tmp_path / "AUG"                        # VOC with PFENet's SegmentationClassAug: no SBD archive is needed
+    shutil.copytree(tree / "VOCdevkit", aug / "VOCdevkit", ignore=shutil.ignore_patterns("SegmentationClass"))
+    shutil.copy(tree / "train_noval.txt", aug)
+    (aug / "VOCdevkit/VOC2012/SegmentationClassAug").mkdir()
+    for i in ("2007_a", "2007_b", "2008_s1", "2008_s2", "2009_v1", "2009_v2"):
+        Image.fromarray(PASCAL_LABELS[i]).save(aug / f"VOCdevkit/VOC2012/SegmentationClassAug/{i}.png")
+    raw = sources.fetch_benchmark("pascal", tmp_path / "d6", resources=dead, local=aug)
+    assert "benchmark.tgz" not in json.loads((raw / "verified.json").read_text())
+    out = prepared_dir(tmp_path / "d6", "pascal")
+    assert prepare("pascal", raw, out, workers=1)["train_images"] == 4
+    assert np.array_equal(np.array(Image.open(out / "labels/2007_b.png")), PASCAL_LABELS["2007_b"])   # Aug's, no band
+    (aug / "VOCdevkit/VOC2012/SegmentationClassAug/2008_s2.png").unlink()
+    with pytest.raises(PrepareError, match=r"1 of the 6 labels .* missing from .*SegmentationClassAug, e.g. 2008_s2"):
+        prepare("pascal", raw, prepared_dir(tmp_path / "d7", "pascal"), workers=1)
+    with pytest.raises(FileNotFoundError, match=r"1 of the 6 SegmentationClassAug labels the lists name are missing"):
+        sources.fetch_benchmark("pascal", tmp_path / "d8", resources=dead, local=aug)
 
     (tree / "VOCdevkit/VOC2012/JPEGImages/2009_v2.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of the 4 VOC images the lists name are missing .*2009_v2.jpg"):

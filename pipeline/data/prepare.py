@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .benchmarks import SYNTHETIC_CLASSES, VOC_CLASSES, check_benchmark
+from .benchmarks import AUG, SYNTHETIC_CLASSES, VOC_CLASSES, check_benchmark
 from .download import link_or_copy as _link
 from .folder import class_report, coco_instances, folder_jobs
 
@@ -200,8 +200,13 @@ def _jobs_pascal(raw: Path, out: Path):
         if i not in seen:
             seen.add(i)
             train.append(i)
-    aug = voc / "SegmentationClassAug"
+    aug = raw / AUG
     if aug.is_dir():       # data.local's converted labels, as the authors' lists name them, for every image
+        missing = [i for i in train + voc_val if not (aug / f"{i}.png").is_file()]
+        if missing:        # the user's own tree: say what it lacks (train_noval.txt may have come after its check)
+            raise PrepareError(f"{len(missing)} of the {len(train + voc_val)} labels VOC's lists and train_noval.txt "
+                               f"name are missing from {aug.resolve()}, e.g. {', '.join(missing[:3])}: complete that "
+                               "folder, or set data.local to a tree without SegmentationClassAug (SBD's labels)")
         log.info("pascal: every label from %s", aug)
         return [(i, voc / "JPEGImages" / f"{i}.jpg", "png", aug / f"{i}.png", out, 20) for i in train + voc_val], \
             train, voc_val, VOC_CLASSES

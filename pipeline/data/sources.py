@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .benchmarks import check_benchmark, data_workers, raw_dir
+from .benchmarks import AUG, check_benchmark, data_workers, raw_dir
 from .download import ChecksumError, Resource, download, extract, mirrored, require_space
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ COCO_ANN = Resource("http://images.cocodataset.org/annotations/annotations_train
 
 # (resource, marker path that exists once extracted; None: not an archive)
 PASCAL = [(VOC2012, "VOCdevkit/VOC2012/JPEGImages"), (SBD, "benchmark_RELEASE/dataset/cls"), (SBD_TRAIN_NOVAL, None)]
-# PFENet's converted labels (VOC and SBD as greyscale PNGs): a VOC tree holding them needs no benchmark.tgz
-AUG = "VOCdevkit/VOC2012/SegmentationClassAug"
 COCO = [(COCO_TRAIN, "train2014"), (COCO_VAL, "val2014"), (COCO_ANN, "annotations/instances_val2014.json")]
 
 
@@ -72,14 +70,16 @@ def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, work
         return raw
     if resources is None:
         resources = PASCAL if benchmark == "pascal" else COCO
-    if benchmark == "pascal" and ((local and (Path(local) / AUG).is_dir()) or (raw / AUG).is_dir()):
-        resources = [(r, m) for r, m in resources if not (m or "").startswith("benchmark_RELEASE")]
-        log.info("pascal: labels from %s (the authors' converted labels); SBD's benchmark.tgz is not needed", AUG)
     verified = Verified(raw / VERIFIED)
     todo = [(res, marker) for res, marker in resources if not verified.done(res, raw, marker)]
-    require_space(raw, disk_needed([r for r, m in todo if m], keep_archives) + sum(r.size or 0 for r, m in todo if not m),
-                  f"{benchmark} ({len(todo)} of {len(resources)} files to fetch)")
+    aug = benchmark == "pascal" and ((local and (Path(local) / AUG).is_dir()) or (raw / AUG).is_dir())
+    fetch = [(r, m) for r, m in todo if not (aug and is_sbd(m))]      # an estimate: decided below, once VOC is in raw
+    require_space(raw, disk_needed([r for r, m in fetch if m], keep_archives) + sum(r.size or 0 for r, m in fetch if not m),
+                  f"{benchmark} ({len(fetch)} of {len(resources)} files to fetch)")
     for res, marker in resources:
+        if is_sbd(marker) and (raw / AUG).is_dir():   # what prepare reads: the VOC tree in raw decides
+            log.info("%s: not needed, every label comes from %s (the authors' converted labels)", res.filename, AUG)
+            continue
         if (res, marker) not in todo:
             log.info("%s: verified%s before, kept", res.filename, " and extracted" if marker else "")
         elif local and adopt_local(benchmark, res, marker, Path(local), raw, verified):
@@ -102,6 +102,10 @@ def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, work
 
 
 VERIFIED = "verified.json"
+
+
+def is_sbd(marker: str | None) -> bool:
+    return (marker or "").startswith("benchmark_RELEASE")
 
 
 def adopt_local(benchmark: str, res: Resource, marker: str | None, local: Path, raw: Path, verified) -> bool:
@@ -157,13 +161,13 @@ def check_tree(benchmark: str, local: Path, marker: str) -> dict:
         voc = local / "VOCdevkit" / "VOC2012"
         ids = {i for name in ("train", "val") for i in
                _ids(voc / "ImageSets" / "Segmentation" / f"{name}.txt")}
+        labels, what = voc / "SegmentationClass", "VOC labels"
         if (local / AUG).is_dir():      # every label from there, SBD's images (train_noval.txt) included
             if (local / SBD_TRAIN_NOVAL.filename).is_file():
                 ids |= set(_ids(local / SBD_TRAIN_NOVAL.filename))
-            return {"images": need([voc / "JPEGImages" / f"{i}.jpg" for i in sorted(ids)], "VOC images"),
-                    "labels": need([local / AUG / f"{i}.png" for i in sorted(ids)], "SegmentationClassAug labels")}
+            labels, what = local / AUG, "SegmentationClassAug labels"
         return {"images": need([voc / "JPEGImages" / f"{i}.jpg" for i in sorted(ids)], "VOC images"),
-                "labels": need([voc / "SegmentationClass" / f"{i}.png" for i in sorted(ids)], "VOC labels")}
+                "labels": need([labels / f"{i}.png" for i in sorted(ids)], what)}
     if benchmark == "pascal":
         sbd = local / "benchmark_RELEASE" / "dataset"
         ids = sorted(set(_ids(sbd / "train.txt")))
