@@ -9,7 +9,8 @@ runs in a process of its own (its peak memory is its own): PyTorch (the merged m
 FP32 and BF16 (on a CPU with AVX-512 BF16), and INT8: the decoder quantized statically (ONNX Runtime's QDQ, per
 channel, calibrated on random inputs: latency only, the accuracy cost is the export's `export.int8` measure) run by
 ONNX Runtime and by OpenVINO (f32 for its other layers, and bf16: what the service's openvino-int8 runs on a
-CPU with native bfloat16 once the export's accuracy check of it passed). `--backends ... aoti` adds the AOTInductor package (the whole network, compiled
+CPU with native bfloat16 once the export's accuracy check of it passed). `--backends ... openvino-nncf-int8` adds NNCF's INT8 of the decoder (with `pip install nncf`, not in the lock), the
+alternative to the QDQ file. `--backends ... aoti` adds the AOTInductor package (the whole network, compiled
 with g++ once, minutes; not in the default list). At 641 px (COCO-20i's size) the model is the COCO preset.
 Per backend: the encoding of a support set (1 shot), a query decoded against the
 cached set at batch 1 and 8 (per query), and the peak resident memory. The last line names the fastest path per
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8", "openvino-int8",
             "openvino-int8-bf16")
 COMPILED = ("aoti",)     # chosen by name only: minutes of g++ before the first figure
+OPTIONAL = ("openvino-nncf-int8",)   # chosen by name only: NNCF is not in the lock
 
 
 def export(head: str, backbone: str, size: int, cache: Path) -> Path:
@@ -83,11 +85,8 @@ def compile_aoti(d: Path, size: int) -> None:
     print(f"AOTInductor package compiled in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def quantize(d: Path) -> Path:
-    """query_decoder_int8.onnx: the export's static QDQ INT8 (export/int8.py), calibrated on random episodes."""
-    out = d / "query_decoder_int8.onnx"
-    if out.exists():
-        return out
+def calibration(d: Path) -> list[dict]:
+    """The decoder's inputs of 4 random episodes (the FP32 encoder's features): latency needs no real images."""
     import torch
 
     from export import int8
@@ -96,7 +95,29 @@ def quantize(d: Path) -> Path:
     enc = SplitSession(d / "support_encoder.onnx", d / "query_decoder.onnx", prefer_cuda=False)
     size = enc.enc.get_inputs()[0].shape[-1]
     episodes = [(q, s, (m > 0).to(torch.float32)) for q, s, m in random_episodes(size, [1], 4)]
-    return int8.quantize_decoder(d / "query_decoder.onnx", out, int8.calibration_feeds(enc, episodes))
+    return int8.calibration_feeds(enc, episodes)
+
+
+def quantize(d: Path) -> Path:
+    """query_decoder_int8.onnx: the export's static QDQ INT8 (export/int8.py), calibrated on random episodes."""
+    out = d / "query_decoder_int8.onnx"
+    if out.exists():
+        return out
+    from export import int8
+    return int8.quantize_decoder(d / "query_decoder.onnx", out, calibration(d))
+
+
+def quantize_nncf(d: Path) -> Path:
+    """query_decoder_nncf.xml: NNCF's post-training INT8 of the same decoder for OpenVINO (its defaults), on the
+    same calibration inputs: the alternative to the QDQ file. NNCF is not in the lock (`pip install nncf`)."""
+    out = d / "query_decoder_nncf.xml"
+    if out.exists():
+        return out
+    import nncf
+    import openvino as ov
+    model = ov.Core().read_model(str(d / "query_decoder.onnx"))
+    ov.save_model(nncf.quantize(model, nncf.Dataset(calibration(d)), subset_size=4), str(out))
+    return out
 
 
 def worker(name: str, d: Path, threads: int, batches: list[int], runs: int, device: str = "cpu") -> dict:
@@ -111,7 +132,8 @@ def worker(name: str, d: Path, threads: int, batches: list[int], runs: int, devi
     else:
         from export.onnx_export import SplitSession
         from export.openvino_session import OpenVINOSplit
-        decoder = d / ("query_decoder_int8.onnx" if "int8" in name else "query_decoder.onnx")
+        decoder = d / ("query_decoder_nncf.xml" if "nncf" in name else
+                       "query_decoder_int8.onnx" if "int8" in name else "query_decoder.onnx")
         if name.startswith("openvino"):
             s = OpenVINOSplit(d / "support_encoder.onnx", decoder, threads,
                               "bf16" if name.endswith("bf16") else "f32")
@@ -160,7 +182,7 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS + COMPILED)
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS + COMPILED + OPTIONAL)
     ap.add_argument("--preview", type=int, default=0, help="also time the backends at this smaller working size "
                     "(export.preview_size), in ratio to ONNX Runtime FP32 at --size")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -179,8 +201,10 @@ def main():
     if args.preview:
         dirs[args.preview] = export(args.head, args.backbone, args.preview, Path(args.cache))
     for size, d in dirs.items():
-        if any("int8" in b for b in args.backends):
+        if any("int8" in b and "nncf" not in b for b in args.backends):
             quantize(d)
+        if "openvino-nncf-int8" in args.backends:
+            quantize_nncf(d)
         if "aoti" in args.backends:
             compile_aoti(d, size)
     made = json.loads((dirs[args.size] / "done.json").read_text())
