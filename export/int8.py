@@ -4,8 +4,8 @@ Post-training static quantization in ONNX Runtime's QDQ form (INT8 weights per o
 activations, calibrated on the decoder's own inputs: training episodes of the benchmark the model was trained
 on, encoded by the FP32 support encoder). The QDQ file runs in ONNX Runtime and in OpenVINO; OpenVINO runs it
 fastest here (benchmarks/cpu_latency.py: at 97 px on the 2-core AMD EPYC with AVX-512 VNNI, 3.6x ONNX Runtime
-FP32 per query against 1.9x for ONNX Runtime INT8), so the accuracy is measured through OpenVINO where it is
-installed. The support encoder stays FP32 (bfloat16 in the option below): a set is encoded once and reused by
+FP32 per query against 1.9x for ONNX Runtime INT8; NNCF's INT8 for OpenVINO was as fast at 473 px, 281 against
+290 ms, and needs a further package), so the accuracy is measured through OpenVINO where it is installed. The support encoder stays FP32 (bfloat16 in the option below): a set is encoded once and reused by
 every query.
 
 The export stage (``export.int8: true``) writes ``int8/query_decoder.onnx`` beside the FP32 graphs and scores
