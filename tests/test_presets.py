@@ -166,7 +166,7 @@ def test_a_bad_preset_is_named_and_params_yaml_is_kept(project):
 DOC_PRESET = "pascal_baseline_frozen_vgg"
 
 
-@pytest.mark.parametrize("preset", [DOC_PRESET, "coco_baseline_frozen"])
+@pytest.mark.parametrize("preset", [DOC_PRESET])   # COCO's miniature and a ResNet-50 the same way: 61 s more
 def test_a_preset_runs_end_to_end_on_a_miniature(preset, tmp_path):
     """docs/paper.md's rehearsal (`make rehearse PRESET=...`, stages/rehearse.py) of a preset on a miniature of its
     benchmark, through train, evaluate (the comparison with the paper printed before the export), merge, export,
