@@ -9,11 +9,12 @@ runs in a process of its own (its peak memory is its own): PyTorch (the merged m
 FP32 and BF16 (on a CPU with AVX-512 BF16), and INT8: the decoder quantized statically (ONNX Runtime's QDQ, per
 channel, calibrated on random inputs: latency only, the accuracy cost is the export's `export.int8` measure) run by
 ONNX Runtime and by OpenVINO (f32 for its other layers, and bf16: what the service's openvino-int8 runs on a
-CPU with native bfloat16 once the export's accuracy check of it passed). `--backends ... openvino-nncf-int8` adds NNCF's INT8 of the decoder (with `pip install nncf`, not in the lock), the
-alternative to the QDQ file. `--backends ... aoti` adds the AOTInductor package (the whole network, compiled
-with g++ once, minutes; not in the default list). At 641 px (COCO-20i's size) the model is the COCO preset.
-Per backend: the encoding of a support set (1 shot), a query decoded against the
-cached set at batch 1 and 8 (per query), and the peak resident memory. The last line names the fastest path per
+CPU with native bfloat16 once the export's accuracy check of it passed). `--backends ... openvino-nncf-int8`
+adds NNCF's INT8 of the decoder (with `pip install nncf`, not in the lock), the alternative to the QDQ file;
+`--backends ... aoti` the AOTInductor package (the whole network, compiled with g++ once, minutes; not in the
+default list). At 641 px (COCO-20i's size) the model is the COCO preset. Per backend: the encoding of a
+support set (1 shot), a query decoded against the cached set at batch 1 and 8 (per query), and the peak
+resident memory. The last line names the fastest path per
 query at batch 1: `best: <backend> <r>x vs onnxruntime fp32`.
 """
 from __future__ import annotations
@@ -186,7 +187,7 @@ def main():
     ap.add_argument("--preview", type=int, default=0, help="also time the backends at this smaller working size "
                     "(export.preview_size), in ratio to ONNX Runtime FP32 at --size")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                    help="cuda: PyTorch and ONNX Runtime's CUDA provider on the GPU (the ratios then to ONNX Runtime CUDA)")
+                    help="cuda: PyTorch and ONNX Runtime's CUDA provider on the GPU (ratios to ONNX Runtime CUDA)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "svf-fss" / "cpu_latency"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
@@ -195,7 +196,8 @@ def main():
         print(json.dumps(worker(args.worker, Path(args.dir), args.threads[0], args.batches, args.runs, args.device)))
         return
     if args.device == "cuda" and set(args.backends) - {"torch", "onnxruntime"}:
-        ap.error(f"--device cuda times torch and onnxruntime only, not {sorted(set(args.backends) - {'torch', 'onnxruntime'})}")
+        other = sorted(set(args.backends) - {"torch", "onnxruntime"})
+        ap.error(f"--device cuda times torch and onnxruntime only, not {other}")
     t0 = time.perf_counter()
     dirs = {args.size: export(args.head, args.backbone, args.size, Path(args.cache))}
     if args.preview:

@@ -5,16 +5,16 @@ activations, calibrated on the decoder's own inputs: training episodes of the be
 on, encoded by the FP32 support encoder). The QDQ file runs in ONNX Runtime and in OpenVINO; OpenVINO runs it
 fastest here (benchmarks/cpu_latency.py: at 97 px on the 2-core AMD EPYC with AVX-512 VNNI, 3.6x ONNX Runtime
 FP32 per query against 1.9x for ONNX Runtime INT8; NNCF's INT8 for OpenVINO was as fast at 473 px, 281 against
-290 ms, and needs a further package), so the accuracy is measured through OpenVINO where it is installed. The support encoder stays FP32 (bfloat16 in the option below): a set is encoded once and reused by
-every query.
+290 ms, and needs a further package), so the accuracy is measured through OpenVINO where it is installed. The
+support encoder stays FP32 (bfloat16 in the option below): a set is encoded once and reused by every query.
 
 The export stage (``export.int8: true``) writes ``int8/query_decoder.onnx`` beside the FP32 graphs and scores
 FP32 and INT8 on the same evaluation episodes; above ``export.int8_max_drop`` mIoU points the file is kept as
 ``int8/query_decoder.rejected.onnx`` and no backend loads it. On a CPU with native bfloat16 the INT8 decoder is
 also scored with OpenVINO running everything else (the support encoder, the decoder's unquantized layers) in
-bfloat16 (1.28x faster again at 473 px, 1.44x at 641 px on
-the PFENet ResNet-50, benchmarks/cpu_latency.py); within the same limit the file says so (``PRECISION_KEY``) and
-the ``openvino-int8`` backend runs it that way on such a CPU.
+bfloat16: 1.28x faster again at 473 px, 1.44x at 641 px on the PFENet ResNet-50 (benchmarks/cpu_latency.py).
+Within the same limit the file says so (``PRECISION_KEY``) and the ``openvino-int8`` backend runs it that way
+on such a CPU.
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ class AsModel:
 def accuracy(encoder: Path, fp32: Path, int8: Path, dataset, classes: list[int]) -> dict:
     """mIoU (%) of the FP32 and the INT8 decoder on the same episodes, their difference, and the share of pixels
     whose decision (object or not) both take alike (over the first 50 episodes: the predictions are kept); on a
-    CPU with native bfloat16, the same for INT8 with OpenVINO's other layers in bfloat16 (``bf16``)."""
+    CPU with native bfloat16, the same for INT8 with everything else in bfloat16 (``bf16``)."""
     from pipeline.evaluate import evaluate
 
     from .openvino_session import bf16_capable
@@ -110,7 +110,7 @@ def accuracy(encoder: Path, fp32: Path, int8: Path, dataset, classes: list[int])
 
 
 def allow_bf16(path: Path) -> None:
-    """Record in the INT8 file that its accuracy was measured, and kept, with bfloat16 in its other layers."""
+    """Record in the INT8 file that its accuracy was measured, and kept, with bfloat16 everywhere else."""
     import onnx
     proto = onnx.load(str(path), load_external_data=False)       # weights stored beside it stay where they are
     kept = [p for p in proto.metadata_props if p.key != PRECISION_KEY]

@@ -12,7 +12,7 @@ BENCHMARKS = ("synthetic", "pascal", "coco", "folder")
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor"]
-# PFENet's converted PASCAL labels (VOC and SBD as greyscale PNGs), under raw/pascal or data.local: every label from there
+# PFENet's converted PASCAL labels (VOC and SBD as greyscale PNGs) in raw/pascal or data.local: every label from there
 AUG = "VOCdevkit/VOC2012/SegmentationClassAug"
 SYNTHETIC_CLASSES = ["disc", "square", "triangle", "star", "cross", "ring", "hexagon", "ellipse", "diamond",
                      "crescent", "arrow", "pentagon", "ell", "tee", "trapezoid", "semicircle", "heart",

@@ -74,7 +74,8 @@ def fetch_benchmark(benchmark: str, root, mirror: str = "", synthetic=None, work
     todo = [(res, marker) for res, marker in resources if not verified.done(res, raw, marker)]
     aug = benchmark == "pascal" and ((local and (Path(local) / AUG).is_dir()) or (raw / AUG).is_dir())
     fetch = [(r, m) for r, m in todo if not (aug and is_sbd(m))]      # an estimate: decided below, once VOC is in raw
-    require_space(raw, disk_needed([r for r, m in fetch if m], keep_archives) + sum(r.size or 0 for r, m in fetch if not m),
+    plain = sum(r.size or 0 for r, m in fetch if not m)
+    require_space(raw, disk_needed([r for r, m in fetch if m], keep_archives) + plain,
                   f"{benchmark} ({len(fetch)} of {len(resources)} files to fetch)")
     for res, marker in resources:
         if is_sbd(marker) and (raw / AUG).is_dir():   # what prepare reads: the VOC tree in raw decides
