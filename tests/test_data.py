@@ -280,6 +280,14 @@ def test_data_already_on_disk_is_adopted_checked_and_never_deleted(tmp_path):
         prepare("pascal", raw, prepared_dir(tmp_path / "d7", "pascal"), workers=1)
     with pytest.raises(FileNotFoundError, match=r"1 of the 6 SegmentationClassAug labels the lists name are missing"):
         sources.fetch_benchmark("pascal", tmp_path / "d8", resources=dead, local=aug)
+    # a list naming a file outside its folder (lists in a user's tree carry no checksum): refused, nothing written
+    (aug / "train_noval.txt").write_text("2008_s1\n../../../escape\n")
+    with pytest.raises(ValueError, match=r"train_noval.txt: 1 id\(s\) that are not plain file names, e.g. '../../../escape'"):
+        sources.fetch_benchmark("pascal", tmp_path / "d9", resources=dead, local=aug)
+    (raw / "train_noval.txt").write_text("2008_s1\n..\\..\\escape\n")
+    with pytest.raises(PrepareError, match="not plain file names"):
+        prepare("pascal", raw, prepared_dir(tmp_path / "d7", "pascal"), workers=1)
+    assert not list(tmp_path.rglob("escape*"))
 
     (tree / "VOCdevkit/VOC2012/JPEGImages/2009_v2.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of the 4 VOC images the lists name are missing .*2009_v2.jpg"):

@@ -138,3 +138,14 @@ def prepared_dir(root, benchmark) -> Path:
 def split_dir(root, benchmark, fold=None) -> Path:
     d = Path(root) / "splits" / benchmark
     return d if fold is None else d / f"fold{fold}"
+
+
+def read_ids(path: Path) -> list[str]:
+    """The image ids of a list file (the first word of each line). An id is a file name's stem: one that would
+    name a file outside its folder (a separator, a leading dot) is refused, as lists from a user's tree are
+    not checksummed and prepare writes <prepared>/images/<id>.jpg."""
+    ids = [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+    bad = [i for i in ids if "/" in i or "\\" in i or i.startswith(".")]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} id(s) that are not plain file names, e.g. {bad[0]!r}")
+    return ids

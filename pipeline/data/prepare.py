@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .benchmarks import AUG, SYNTHETIC_CLASSES, VOC_CLASSES, check_benchmark
+from .benchmarks import AUG, SYNTHETIC_CLASSES, VOC_CLASSES, check_benchmark, read_ids
 from .download import link_or_copy as _link
 from .folder import class_report, coco_instances, folder_jobs
 
@@ -179,7 +179,10 @@ def _is_gray_png(path) -> bool:
 def _read_list(path: Path) -> list[str]:
     if not path.exists():
         raise PrepareError(f"list file {path} is missing; run `dvc repro download` first")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return read_ids(path)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
 
 
 def _jobs_synthetic(raw: Path, out: Path):

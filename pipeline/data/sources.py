@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .benchmarks import AUG, check_benchmark, data_workers, raw_dir
+from .benchmarks import AUG, check_benchmark, data_workers, raw_dir, read_ids
 from .download import ChecksumError, Resource, download, extract, mirrored, require_space
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def check_tree(benchmark: str, local: Path, marker: str) -> dict:
 def _ids(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"data.local: {path} is missing (the tree's own list of its images)")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return read_ids(path)
 
 
 def disk_needed(archives: list[Resource], keep_archives: bool) -> int:
